@@ -1,0 +1,12 @@
+//! sea-orm entities of kci-receiver: one module per table created in `migration/`.
+//!
+//! Closed sets of values (correlation, KCI outcome, outbox status) are `DeriveActiveEnum`s stored as
+//! strings. Gateway statuses stay plain strings: the gateway's status enums are open-ended
+//! (spec section 3) and an unknown status must be stored, not rejected.
+
+pub mod audit_log;
+pub mod conversation;
+pub mod kci;
+pub mod outbox_event;
+pub mod state_transition;
+pub mod tracked_entity;

@@ -1,0 +1,52 @@
+//! One event waiting to be (or already) published to RabbitMQ: the transactional outbox.
+
+use sea_orm::entity::prelude::*;
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[sea_orm(table_name = "outbox_event")]
+pub struct Model {
+    /// Insertion order: per entity, events are published in this order.
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    /// The AMQP `message_id`, stable across re-publishes so consumers can de-duplicate.
+    #[sea_orm(unique)]
+    pub event_id: Uuid,
+    pub tracked_entity_id: i64,
+    pub kci_ref: i64,
+    /// `kci.<entity_type>.<update_type>.<reason>`, lower case.
+    pub routing_key: String,
+    /// The AMQP `type` property: the entity type.
+    pub message_type: String,
+    /// AMQP headers, as a JSON object of strings and numbers.
+    #[sea_orm(column_type = "JsonBinary")]
+    pub headers: Json,
+    /// The message body: the envelope of design.md's AMQP contract.
+    #[sea_orm(column_type = "JsonBinary")]
+    pub payload: Json,
+    pub status: OutboxStatus,
+    pub attempts: i32,
+    pub next_attempt_at: DateTimeUtc,
+    #[sea_orm(column_type = "Text", nullable)]
+    pub last_error: Option<String>,
+    pub created_at: DateTimeUtc,
+    pub published_at: Option<DateTimeUtc>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OutboxStatus {
+    #[sea_orm(string_value = "PENDING")]
+    Pending,
+    #[sea_orm(string_value = "PUBLISHED")]
+    Published,
+    /// Given up after the configured number of attempts; retryable by an operator.
+    #[sea_orm(string_value = "DEAD")]
+    Dead,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

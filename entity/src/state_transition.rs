@@ -1,0 +1,46 @@
+//! One entry of an entity's history: what one KCI (or one conflicting redelivery) did to it.
+
+use sea_orm::entity::prelude::*;
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[sea_orm(table_name = "state_transition")]
+pub struct Model {
+    #[sea_orm(primary_key)]
+    pub id: i64,
+    pub tracked_entity_id: i64,
+    /// The `kci` row this entry is about.
+    pub kci_ref: i64,
+    pub kci_id: Uuid,
+    /// The audit record of the delivery that produced this entry.
+    pub audit_log_id: Option<i64>,
+    pub sequence_number: i64,
+    /// The entity's last applied sequence number before this KCI (none for its first KCI).
+    pub previous_sequence_number: Option<i64>,
+    /// The status before (none for the entity's first KCI).
+    pub from_status: Option<String>,
+    /// The status the KCI carried.
+    pub to_status: String,
+    /// Whether the current state moved to `to_status`.
+    pub applied: bool,
+    pub update_type: String,
+    pub reason: String,
+    pub flag_stale: bool,
+    pub flag_gap: bool,
+    pub flag_illegal: bool,
+    pub flag_duplicate: bool,
+    pub flag_anomaly: bool,
+    pub flag_unknown_value: bool,
+    /// Human-readable detail of the flags (which values are unknown, which fields differ, ...).
+    #[sea_orm(column_type = "Text", nullable)]
+    pub note: Option<String>,
+    pub issued_on: Option<DateTimeUtc>,
+    pub received_on: Option<DateTimeUtc>,
+    pub delivered_on: DateTimeUtc,
+    pub recorded_at: DateTimeUtc,
+}
+
+#[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+pub enum Relation {}
+
+impl ActiveModelBehavior for ActiveModel {}

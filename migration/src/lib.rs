@@ -1,0 +1,19 @@
+//! Database schema of kci-receiver, as sea-orm migrations.
+//!
+//! Migrations are written against sea-query only (not the `entity` crate) so that an old migration
+//! keeps compiling after the entities move on. They run on SQLite (the embedded default) and on
+//! PostgreSQL (production); `kci-receiver migrate` applies them, and `serve` applies them only when
+//! `database.migrate_on_start` is true.
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261122_000001_intake_tables;
+
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261122_000001_intake_tables::Migration)]
+    }
+}

@@ -1,0 +1,155 @@
+//! Who may call what.
+//!
+//! The gateway authenticates on `POST /kcis` with HTTP Basic or an OAuth2 bearer JWT, as
+//! configured (design.md, "Authentication, configurable"). The operations API has its own HTTP
+//! Basic credentials with a read and an admin role. Credentials that are valid but belong to the
+//! other side are 403, not 401: the caller is known, just not allowed.
+
+mod basic;
+pub mod jwt;
+
+use actix_web::http::header::{AUTHORIZATION, HeaderMap};
+use secrecy::SecretString;
+
+use crate::config::{GatewayAuthMethod, GatewayAuthSettings, OperationsAuthSettings};
+use crate::error::ApiError;
+use basic::BasicCredential;
+pub use jwt::JwtVerifier;
+
+/// An operations API role; admin includes read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum OpsRole {
+    Read,
+    Admin,
+}
+
+enum GatewayAuth {
+    Basic(BasicCredential),
+    Jwt(JwtVerifier),
+}
+
+pub struct Authenticator {
+    gateway: GatewayAuth,
+    operations: Vec<(BasicCredential, OpsRole)>,
+}
+
+/// The `WWW-Authenticate` challenge to send with a 401 on `POST /kcis`.
+pub fn gateway_challenge(method: GatewayAuthMethod) -> &'static str {
+    match method {
+        GatewayAuthMethod::Basic => "Basic realm=\"kci-receiver\", charset=\"UTF-8\"",
+        GatewayAuthMethod::Jwt => "Bearer realm=\"kci-receiver\"",
+    }
+}
+
+impl Authenticator {
+    pub fn new(
+        gateway: &GatewayAuthSettings,
+        operations: &OperationsAuthSettings,
+    ) -> anyhow::Result<Self> {
+        let gateway_auth = match gateway.method {
+            GatewayAuthMethod::Basic => GatewayAuth::Basic(BasicCredential::new(
+                &gateway.basic_username,
+                gateway.basic_password.as_ref(),
+            )),
+            GatewayAuthMethod::Jwt => GatewayAuth::Jwt(JwtVerifier::new(&gateway.jwt)?),
+        };
+        let mut users = Vec::new();
+        let configured: [(&String, &Option<SecretString>, OpsRole); 2] = [
+            (
+                &operations.read_username,
+                &operations.read_password,
+                OpsRole::Read,
+            ),
+            (
+                &operations.admin_username,
+                &operations.admin_password,
+                OpsRole::Admin,
+            ),
+        ];
+        for (username, password, role) in configured {
+            if let Some(password) = password.as_ref().filter(|_| !username.is_empty()) {
+                users.push((BasicCredential::new(username, Some(password)), role));
+            }
+        }
+        Ok(Authenticator {
+            gateway: gateway_auth,
+            operations: users,
+        })
+    }
+
+    /// Starts background work the verifier needs (JWKS refresh). Call inside a tokio runtime.
+    pub async fn start(&self) {
+        if let GatewayAuth::Jwt(verifier) = &self.gateway {
+            verifier.start().await;
+        }
+    }
+
+    /// Authenticates the gateway on `POST /kcis`; returns who it is (for the audit log).
+    pub async fn gateway(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+        let authorization = authorization(headers)?;
+        match &self.gateway {
+            GatewayAuth::Basic(expected) => {
+                let (username, password) = basic::parse(authorization)?;
+                if expected.matches(&username, &password) {
+                    return Ok(username);
+                }
+                if self
+                    .operations
+                    .iter()
+                    .any(|(user, _)| user.matches(&username, &password))
+                {
+                    return Err(ApiError::Forbidden(
+                        "These credentials are not permitted to post KCIs".to_owned(),
+                    ));
+                }
+                Err(ApiError::Unauthenticated("Invalid credentials".to_owned()))
+            }
+            GatewayAuth::Jwt(verifier) => {
+                let token = authorization
+                    .strip_prefix("Bearer ")
+                    .or_else(|| authorization.strip_prefix("bearer "))
+                    .ok_or_else(|| {
+                        ApiError::Unauthenticated("A bearer token is required".to_owned())
+                    })?;
+                verifier.verify(token.trim()).await
+            }
+        }
+    }
+
+    /// Authenticates an operations API caller holding at least `required`.
+    pub fn operations(&self, headers: &HeaderMap, required: OpsRole) -> Result<String, ApiError> {
+        let (username, password) = basic::parse(authorization(headers)?)?;
+        let role = self
+            .operations
+            .iter()
+            .find(|(user, _)| user.matches(&username, &password))
+            .map(|(_, role)| *role);
+        match role {
+            Some(role) if role >= required => Ok(username),
+            Some(_) => Err(ApiError::Forbidden(format!(
+                "{username} may not do this: the {required:?} role is required"
+            ))),
+            None => {
+                if let GatewayAuth::Basic(gateway) = &self.gateway
+                    && gateway.matches(&username, &password)
+                {
+                    return Err(ApiError::Forbidden(
+                        "The gateway's credentials are not permitted on the operations API"
+                            .to_owned(),
+                    ));
+                }
+                Err(ApiError::Unauthenticated("Invalid credentials".to_owned()))
+            }
+        }
+    }
+}
+
+fn authorization(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
+        .get(AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthenticated("The Authorization header is missing".to_owned()))?
+        .to_str()
+        .map_err(|_| {
+            ApiError::Unauthenticated("The Authorization header is not readable".to_owned())
+        })
+}

@@ -1,0 +1,258 @@
+//! Typed, validated configuration.
+//!
+//! Layers, later wins: `config/default.toml`; `config/<KCI_ENVIRONMENT>.toml` when that file
+//! exists (e.g. `local`, `production`); the file given with `--config`; then environment variables
+//! `KCI__<SECTION>__<KEY>` (for example `KCI__DATABASE__URL`, `KCI__GATEWAY_AUTH__BASIC_PASSWORD`).
+//! Every key is documented in `config/default.toml`. Secrets (passwords, the database URL) are
+//! [`SecretString`]s: they never appear in `Debug` output or logs.
+
+use std::path::{Path, PathBuf};
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// Name of this deployment, shown in logs and support requests (e.g. `production`, `cvt`).
+    pub environment: String,
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub gateway_auth: GatewayAuthSettings,
+    pub operations_auth: OperationsAuthSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub host: String,
+    /// 0 picks a free port (tests).
+    pub port: u16,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+    /// Largest `POST /kcis` body accepted; larger gets 413.
+    pub max_body_bytes: usize,
+    /// `Retry-After` seconds sent with 503.
+    pub retry_after_seconds: u32,
+    /// Largest request body kept in the audit log; larger bodies are recorded by size only.
+    pub audit_body_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// `sqlite://path/to/file.db` (created on first run) or `postgres://user:pass@host/db`.
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    /// How long a request waits for a pooled connection before answering 503.
+    pub acquire_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Apply pending migrations when `serve` starts. Off: run `kci-receiver migrate` yourself.
+    pub migrate_on_start: bool,
+    /// SQLite only: how long a writer waits for the lock before the request gets 503.
+    pub sqlite_busy_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatewayAuthMethod {
+    Basic,
+    Jwt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GatewayAuthSettings {
+    /// `basic` or `jwt`.
+    pub method: GatewayAuthMethod,
+    pub basic_username: String,
+    pub basic_password: Option<SecretString>,
+    pub jwt: JwtSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JwtSettings {
+    /// Expected `iss`.
+    pub issuer: String,
+    /// Expected `aud` (one of).
+    pub audience: Vec<String>,
+    /// Scope the token must carry (in `scope`, space separated, or `scp`); missing gives 403.
+    pub required_scope: String,
+    /// Accepted signing algorithms, e.g. `["RS256"]`.
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds.
+    pub leeway_seconds: u64,
+    /// Where to fetch the signing keys (JWK Set); optional when `keys` are given.
+    pub jwks_url: Option<String>,
+    /// How often the JWK Set is refreshed; an unknown `kid` also triggers a refresh (at most
+    /// once per `jwks_min_refresh_seconds`).
+    pub jwks_refresh_seconds: u64,
+    pub jwks_min_refresh_seconds: u64,
+    /// Statically configured keys.
+    #[serde(default)]
+    pub keys: Vec<JwtKeySettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct JwtKeySettings {
+    /// Matches the token header's `kid`; a key without `kid` is tried for any token.
+    pub kid: Option<String>,
+    /// `RS256`, `RS384`, `RS512`, `PS256`, `ES256`, `ES384`, `EdDSA`, `HS256`, `HS384`, `HS512`.
+    pub algorithm: String,
+    /// PEM public key (RSA, EC or Ed25519).
+    pub pem: Option<String>,
+    /// Shared secret for HS* algorithms.
+    pub secret: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct OperationsAuthSettings {
+    /// HTTP Basic user with read access to the operations API.
+    pub read_username: String,
+    pub read_password: Option<SecretString>,
+    /// HTTP Basic user with admin access (register conversations, retry and replay).
+    pub admin_username: String,
+    pub admin_password: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// `tracing` filter directives; `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+/// Where the layered files are read from: `KCI_CONFIG_DIR`, else `./config`.
+pub fn config_dir() -> PathBuf {
+    std::env::var_os("KCI_CONFIG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("config"))
+}
+
+impl Settings {
+    /// Reads the layers described in the module documentation and validates the result.
+    pub fn load(extra_file: Option<&Path>) -> anyhow::Result<Settings> {
+        let dir = config_dir();
+        let environment = std::env::var("KCI_ENVIRONMENT").unwrap_or_else(|_| "local".to_owned());
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(dir.join("default.toml")).required(true))
+            .add_source(
+                config::File::from(dir.join(format!("{environment}.toml"))).required(false),
+            );
+        if let Some(file) = extra_file {
+            builder = builder.add_source(config::File::from(file).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("KCI")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .list_separator(",")
+                    .with_list_parse_key("gateway_auth.jwt.audience")
+                    .with_list_parse_key("gateway_auth.jwt.algorithms")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what the types cannot; names every problem at once.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let mut problems = Vec::new();
+        if self.database.url.expose_secret().trim().is_empty() {
+            problems.push("database.url must be set".to_owned());
+        }
+        if self.database.max_connections == 0 {
+            problems.push("database.max_connections must be at least 1".to_owned());
+        }
+        if self.server.max_body_bytes < 1024 {
+            problems.push("server.max_body_bytes must be at least 1024".to_owned());
+        }
+        match self.gateway_auth.method {
+            GatewayAuthMethod::Basic => {
+                if self.gateway_auth.basic_username.is_empty()
+                    || is_unset(&self.gateway_auth.basic_password)
+                {
+                    problems.push(
+                        "gateway_auth.method is basic: set gateway_auth.basic_username and gateway_auth.basic_password (KCI__GATEWAY_AUTH__BASIC_PASSWORD)".to_owned(),
+                    );
+                }
+            }
+            GatewayAuthMethod::Jwt => {
+                let jwt = &self.gateway_auth.jwt;
+                if jwt.issuer.is_empty() {
+                    problems.push("gateway_auth.jwt.issuer must be set".to_owned());
+                }
+                if jwt.audience.is_empty() {
+                    problems.push("gateway_auth.jwt.audience must be set".to_owned());
+                }
+                if jwt.keys.is_empty() && jwt.jwks_url.as_deref().unwrap_or("").is_empty() {
+                    problems.push("gateway_auth.jwt needs keys or a jwks_url".to_owned());
+                }
+                if jwt.algorithms.is_empty() {
+                    problems.push(
+                        "gateway_auth.jwt.algorithms must list at least one algorithm".to_owned(),
+                    );
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
+        }
+    }
+}
+
+fn is_unset(secret: &Option<SecretString>) -> bool {
+    secret.as_ref().is_none_or(|s| s.expose_secret().is_empty())
+}
+
+/// A URL with its password replaced by `***`, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = rest
+        .split_once('/')
+        .map_or((rest, None), |(a, p)| (a, Some(p)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    match path {
+        Some(path) => format!("{scheme}://{authority}/{path}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://kci:s3cret@db.internal:5432/kci?sslmode=require"),
+            "postgres://kci:***@db.internal:5432/kci?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("sqlite://data/kci.db?mode=rwc"),
+            "sqlite://data/kci.db?mode=rwc"
+        );
+        assert_eq!(
+            redact_url("amqp://guest@localhost"),
+            "amqp://guest@localhost"
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! Errors as the gateway sees them: the Fibre Cafe error body `{uuid, code, messages}` (spec 1.3)
+//! with the status codes of design.md's HTTP contract.
+//!
+//! The caller's faults carry messages meant for the caller. Ours (500, 503) carry a generic
+//! message only; the cause is logged with the error uuid so that the two can be joined.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::store::StoreError;
+
+/// The gateway's error code enum (Tenant Updates 1.14, spec 1.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    GatewayFault,
+    InvalidRequest,
+    MalformedRequest,
+    NotAuthorised,
+    NotFound,
+    NotImplemented,
+    SupplierFault,
+    SupplierTimedOut,
+    TenantFault,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::GatewayFault => "GATEWAY_FAULT",
+            ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::MalformedRequest => "MALFORMED_REQUEST",
+            ErrorCode::NotAuthorised => "NOT_AUTHORISED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::NotImplemented => "NOT_IMPLEMENTED",
+            ErrorCode::SupplierFault => "SUPPLIER_FAULT",
+            ErrorCode::SupplierTimedOut => "SUPPLIER_TIMED_OUT",
+            ErrorCode::TenantFault => "TENANT_FAULT",
+        }
+    }
+}
+
+/// The error body shared by all Fibre Cafe APIs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub uuid: Uuid,
+    pub code: ErrorCode,
+    pub messages: Vec<String>,
+}
+
+/// Everything a request can fail with, classified once.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("not authenticated: {0}")]
+    Unauthenticated(String),
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    #[error("malformed request: {}", .0.join("; "))]
+    Malformed(Vec<String>),
+    #[error("body larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("invalid request: {}", .0.join("; "))]
+    Invalid(Vec<String>),
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("database unavailable")]
+    Unavailable(#[source] StoreError),
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ApiError::Unauthenticated(_) | ApiError::Forbidden(_) => ErrorCode::NotAuthorised,
+            ApiError::Malformed(_) | ApiError::PayloadTooLarge { .. } => {
+                ErrorCode::MalformedRequest
+            }
+            ApiError::Invalid(_) => ErrorCode::InvalidRequest,
+            ApiError::NotFound(_) => ErrorCode::NotFound,
+            ApiError::Unavailable(_) | ApiError::Internal(_) => ErrorCode::TenantFault,
+        }
+    }
+
+    /// What the caller is told: their own mistakes in full, never our internals.
+    pub fn messages(&self) -> Vec<String> {
+        match self {
+            ApiError::Unauthenticated(message)
+            | ApiError::Forbidden(message)
+            | ApiError::NotFound(message) => vec![message.clone()],
+            ApiError::Malformed(messages) | ApiError::Invalid(messages) => messages.clone(),
+            ApiError::PayloadTooLarge { limit } => {
+                vec![format!("Request body is larger than the {limit} bytes accepted")]
+            }
+            ApiError::Unavailable(_) => vec![
+                "Tenant Update API is temporarily unavailable - the update was not recorded, please retry".to_owned(),
+            ],
+            ApiError::Internal(_) => vec!["Unexpected system error".to_owned()],
+        }
+    }
+
+    /// Whether the fault is ours (logged at error level with its cause chain).
+    pub fn is_server_fault(&self) -> bool {
+        self.status().is_server_error()
+    }
+
+    /// Builds the body with a fresh uuid and logs the error under that uuid.
+    pub fn to_body(&self) -> ErrorBody {
+        let body = ErrorBody {
+            uuid: Uuid::new_v4(),
+            code: self.code(),
+            messages: self.messages(),
+        };
+        if self.is_server_fault() {
+            tracing::error!(error.uuid = %body.uuid, error.code = body.code.as_str(), error = ?anyhow::Error::from(self.clone_for_log()), "request failed");
+        } else {
+            tracing::info!(error.uuid = %body.uuid, error.code = body.code.as_str(), error = %self, "request rejected");
+        }
+        body
+    }
+
+    /// A copy of the error with its whole cause chain rendered, for `{:?}` logging.
+    fn clone_for_log(&self) -> anyhow::Error {
+        let mut chain = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            chain.push_str(": ");
+            chain.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        anyhow::anyhow!(chain)
+    }
+
+    /// The full response: status, error body and, for 503, `Retry-After`.
+    pub fn response(&self, body: &ErrorBody, retry_after_seconds: u32) -> HttpResponse {
+        let mut response = HttpResponse::build(self.status());
+        if matches!(self, ApiError::Unavailable(_)) {
+            response.insert_header(("Retry-After", retry_after_seconds.to_string()));
+        }
+        response.json(body)
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        if error.is_unavailable() {
+            ApiError::Unavailable(error)
+        } else {
+            ApiError::Internal(error.into())
+        }
+    }
+}
+
+/// Endpoints other than `POST /kcis` answer errors through actix. `Retry-After` uses the
+/// default of `config/default.toml`.
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        self.response(&self.to_body(), 5)
+    }
+}

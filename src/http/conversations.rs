@@ -1,0 +1,35 @@
+//! `POST /api/v1/conversations`: register an original request made outside the egress proxy.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use entity::conversation::ConversationSource;
+use serde_json::json;
+
+use super::AppState;
+use crate::auth::OpsRole;
+use crate::error::ApiError;
+use crate::intake::conversations::{NewConversation, register as register_conversation};
+
+pub async fn register(
+    request: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.operations(request.headers(), OpsRole::Admin)?;
+    let new: NewConversation =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(vec![format!("body: {e}")]))?;
+    let problems = new.problems();
+    if !problems.is_empty() {
+        return Err(ApiError::Invalid(problems));
+    }
+    let registration = register_conversation(&state.db, &new, ConversationSource::Api).await?;
+    let body = json!({
+        "conversation": registration.conversation,
+        "created": registration.created,
+        "matchedEntities": registration.matched_entities,
+    });
+    Ok(if registration.created {
+        HttpResponse::Created().json(body)
+    } else {
+        HttpResponse::Ok().json(body)
+    })
+}

@@ -1,0 +1,245 @@
+//! `POST /kcis`: the Tenant Updates API 1.14 endpoint the gateway calls (spec section 1,
+//! design.md "HTTP contract").
+//!
+//! Order of checks: credentials, then the two required headers, then content type and size,
+//! then JSON, then the schema. Only a committed KCI gets 204. Every response echoes
+//! `X-Request-ID` and `X-Conversation-ID`, and every request is in the audit log.
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::Utc;
+use futures_util::StreamExt;
+use serde_json::Value;
+
+use super::AppState;
+use crate::auth::gateway_challenge;
+use crate::error::ApiError;
+use crate::intake::{self, Delivery};
+use crate::kci::parse_kci;
+use crate::store::audit::{AuditRecord, sanitized_headers};
+
+const X_REQUEST_ID: &str = "x-request-id";
+const X_CONVERSATION_ID: &str = "x-conversation-id";
+/// Longest correlation header we store; the docs give no limit (spec 1.1).
+const MAX_ID_HEADER_LEN: usize = 255;
+
+pub async fn post_kci(
+    request: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    let mut audit = AuditRecord {
+        request_id: header_text(&request, X_REQUEST_ID),
+        conversation_id: header_text(&request, X_CONVERSATION_ID),
+        method: request.method().to_string(),
+        path: request.path().to_owned(),
+        remote_addr: request.peer_addr().map(|a| a.ip().to_string()),
+        principal: None,
+        headers: sanitized_headers(request.headers()),
+        body: None,
+        body_size: 0,
+        response_status: StatusCode::NO_CONTENT.as_u16(),
+        response_body: None,
+        error_uuid: None,
+        error_code: None,
+        outcome: "REJECTED".to_owned(),
+        kci_id: None,
+        received_at: Utc::now(),
+    };
+
+    let mut response = match accept(&request, payload, &state, &mut audit).await {
+        Ok(recorded) => {
+            tracing::info!(
+                kci.outcome = ?recorded.outcome,
+                entity = recorded.tracked_entity_id,
+                event = ?recorded.event_id,
+                "KCI recorded"
+            );
+            HttpResponse::NoContent().finish()
+        }
+        Err(error) => reject(&error, &state, audit).await,
+    };
+    echo_correlation_headers(&request, &mut response);
+    response
+}
+
+/// Everything up to the commit. On `Ok` the KCI, its effects and its audit record are committed.
+async fn accept(
+    request: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+    audit: &mut AuditRecord,
+) -> Result<intake::Recorded, ApiError> {
+    audit.principal = Some(state.auth.gateway(request.headers()).await?);
+
+    let request_id = required_id_header(request, X_REQUEST_ID)?;
+    let conversation_id = required_id_header(request, X_CONVERSATION_ID)?;
+    require_json_content_type(request)?;
+
+    let server = &state.settings.server;
+    let body = read_body(
+        request,
+        payload,
+        server.max_body_bytes,
+        server.audit_body_limit_bytes,
+        audit,
+    )
+    .await?;
+    let value: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::Malformed(vec![format!("The body is not valid JSON: {e}")]))?;
+    let kci = parse_kci(&value).map_err(|problems| {
+        ApiError::Invalid(problems.iter().map(ToString::to_string).collect())
+    })?;
+    audit.kci_id = Some(kci.id);
+    let raw_body = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::Malformed(vec!["The body is not UTF-8".to_owned()]))?;
+
+    let delivery = Delivery {
+        kci,
+        raw_body,
+        request_id,
+        conversation_id,
+        audit: audit.clone(),
+    };
+    Ok(intake::record(&state.db, &delivery).await?)
+}
+
+/// Answers an error in the gateway's format, and audits it (except when the database is what
+/// failed: then the log is the only record).
+async fn reject(error: &ApiError, state: &AppState, mut audit: AuditRecord) -> HttpResponse {
+    let body = error.to_body();
+    let mut response = error.response(&body, state.settings.server.retry_after_seconds);
+    if error.status() == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            actix_web::http::header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(gateway_challenge(state.settings.gateway_auth.method)),
+        );
+    }
+    audit.response_status = error.status().as_u16();
+    audit.response_body = serde_json::to_string(&body).ok();
+    audit.error_uuid = Some(body.uuid);
+    audit.error_code = Some(body.code.as_str().to_owned());
+    audit.outcome = match error {
+        ApiError::Unavailable(_) => "UNAVAILABLE",
+        ApiError::Internal(_) => "FAILED",
+        _ => "REJECTED",
+    }
+    .to_owned();
+    if matches!(error, ApiError::Unavailable(_)) {
+        tracing::warn!(audit = ?audit_summary(&audit), "not audited in the database: it is unavailable");
+    } else if let Err(audit_error) = audit.insert(&state.db).await {
+        tracing::error!(error = %audit_error, audit = ?audit_summary(&audit), "could not write the audit record");
+    }
+    response
+}
+
+fn audit_summary(audit: &AuditRecord) -> (Option<&str>, Option<&str>, u16, Option<uuid::Uuid>) {
+    (
+        audit.request_id.as_deref(),
+        audit.conversation_id.as_deref(),
+        audit.response_status,
+        audit.error_uuid,
+    )
+}
+
+fn header_text(request: &HttpRequest, name: &str) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+fn required_id_header(request: &HttpRequest, name: &'static str) -> Result<String, ApiError> {
+    let display = if name == X_REQUEST_ID {
+        "X-Request-ID"
+    } else {
+        "X-Conversation-ID"
+    };
+    let Some(raw) = request.headers().get(name) else {
+        return Err(ApiError::Malformed(vec![format!(
+            "The {display} header is required"
+        )]));
+    };
+    let value = raw
+        .to_str()
+        .map_err(|_| {
+            ApiError::Malformed(vec![format!(
+                "The {display} header must be printable ASCII"
+            )])
+        })?
+        .trim();
+    if value.is_empty() || value.len() > MAX_ID_HEADER_LEN {
+        return Err(ApiError::Malformed(vec![format!(
+            "The {display} header must be 1 to {MAX_ID_HEADER_LEN} characters"
+        )]));
+    }
+    Ok(value.to_owned())
+}
+
+fn require_json_content_type(request: &HttpRequest) -> Result<(), ApiError> {
+    let content_type = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if media_type.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::Malformed(vec![format!(
+            "Content-Type must be application/json, found {:?}",
+            content_type
+        )]))
+    }
+}
+
+/// Reads the body, refusing (413) as soon as it is known to exceed the limit.
+async fn read_body(
+    request: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+    audit_limit: usize,
+    audit: &mut AuditRecord,
+) -> Result<web::Bytes, ApiError> {
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if let Some(declared) = declared {
+        audit.body_size = declared as i64;
+        if declared > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::Malformed(vec![format!("The body could not be read: {e}")]))?;
+        if body.len() + chunk.len() > limit {
+            audit.body_size = (body.len() + chunk.len()) as i64;
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    audit.body_size = body.len() as i64;
+    let body = body.freeze();
+    if body.len() <= audit_limit {
+        audit.body = Some(String::from_utf8_lossy(&body).into_owned());
+    }
+    Ok(body)
+}
+
+fn echo_correlation_headers(request: &HttpRequest, response: &mut HttpResponse) {
+    for name in [X_REQUEST_ID, X_CONVERSATION_ID] {
+        if let Some(value) = request.headers().get(name) {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value.clone());
+        }
+    }
+}

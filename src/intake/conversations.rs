@@ -1,0 +1,224 @@
+//! Original requests: the Tenant API calls whose `X-Conversation-ID` later KCIs carry.
+//!
+//! Registering one matches, at once, every entity that arrived earlier with that conversation id
+//! and is still unmatched (design.md, "Correlation").
+
+use chrono::Utc;
+use entity::conversation::{self, ConversationSource};
+use entity::tracked_entity::{self, Correlation};
+use sea_orm::sea_query::Expr;
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, EntityTrait, QueryFilter, Set,
+};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::begin_write;
+use crate::store::StoreError;
+
+/// An original request to register.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NewConversation {
+    /// The `X-Conversation-ID` the request carried.
+    pub conversation_id: String,
+    /// Its `X-Request-ID`.
+    pub request_id: Option<String>,
+    /// `METHOD /path` of the Tenant API call, e.g. `POST /service-orders`.
+    pub operation: String,
+    /// The request body as sent to the Tenant API.
+    pub request_body: Option<Value>,
+    /// `id` from the Tenant API's response, when known (a number or a string).
+    pub gateway_id: Option<Value>,
+    /// The Tenant API's response status, when known.
+    pub response_status: Option<u16>,
+}
+
+impl NewConversation {
+    /// Lists what is wrong with the request, each with its field.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let id = self.conversation_id.trim();
+        if id.is_empty() || id.len() > 255 {
+            problems.push("conversationId: must be 1 to 255 characters".to_owned());
+        }
+        let valid_operation = self
+            .operation
+            .split_once(' ')
+            .is_some_and(|(method, path)| {
+                ["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method)
+                    && path.starts_with('/')
+                    && !path.contains(char::is_whitespace)
+            });
+        if !valid_operation {
+            problems.push(
+                "operation: must be \"METHOD /path\", e.g. \"POST /service-orders\"".to_owned(),
+            );
+        }
+        if self.gateway_id().is_err() {
+            problems.push("gatewayId: must be a positive number or a non-empty string".to_owned());
+        }
+        problems
+    }
+
+    fn gateway_id(&self) -> Result<Option<String>, ()> {
+        match &self.gateway_id {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n >= 1) => Ok(Some(n.to_string())),
+            Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
+            Some(_) => Err(()),
+        }
+    }
+
+    /// The KCI `entityType` that the operation creates, when it creates one (Tenant API 1.17,
+    /// spec section 4). `POST /service-orders` is provide, cease or modify by its `orderType`.
+    pub fn created_entity_type(&self) -> Option<&'static str> {
+        let path = self
+            .operation
+            .split_once(' ')
+            .map(|(_, path)| path.trim_end_matches('/'))?;
+        let path = path.split('?').next().unwrap_or(path);
+        let ends_with = |suffix: &str| path == suffix || path.ends_with(&format!("/v1{suffix}"));
+        if ends_with("/service-orders") {
+            let order_type = self
+                .request_body
+                .as_ref()
+                .and_then(|body| body.get("orderType"))
+                .and_then(Value::as_str);
+            Some(match order_type {
+                Some("CEASE") => "CEASE_ORDER",
+                Some("MODIFY") => "MODIFY_ORDER",
+                _ => "PROVIDE_ORDER",
+            })
+        } else if ends_with("/ethernet/service-orders") {
+            Some("PROVIDE_ETHERNET_ORDER")
+        } else if ends_with("/service-tests") {
+            Some("SERVICE_TEST")
+        } else if ends_with("/service-problems") {
+            Some("SERVICE_PROBLEM")
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub conversation: conversation::Model,
+    /// False when the conversation was already registered (registering is idempotent).
+    pub created: bool,
+    /// Entities that were unmatched and are matched now.
+    pub matched_entities: u64,
+}
+
+/// Registers an original request (idempotent on the conversation id) and matches the entities
+/// waiting for it.
+pub async fn register(
+    db: &DatabaseConnection,
+    new: &NewConversation,
+    source: ConversationSource,
+) -> Result<Registration, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match register_once(db, new, source).await {
+            Err(error) if error.is_retryable() && attempt < 5 => attempt += 1,
+            result => return result,
+        }
+    }
+}
+
+async fn register_once(
+    db: &DatabaseConnection,
+    new: &NewConversation,
+    source: ConversationSource,
+) -> Result<Registration, StoreError> {
+    let txn = begin_write(db).await?;
+    let conversation_id = new.conversation_id.trim();
+    let gateway_id = new.gateway_id().ok().flatten();
+    let entity_type = new.created_entity_type();
+    let existing = conversation::Entity::find()
+        .filter(conversation::Column::ConversationId.eq(conversation_id))
+        .one(&txn)
+        .await?;
+    let (conversation, created) = match existing {
+        // A repeat registration may add what the first did not know yet (the gateway id once
+        // the Tenant API answered); it never overwrites what is recorded.
+        Some(existing) => {
+            let mut update: conversation::ActiveModel = existing.clone().into();
+            let mut changed = false;
+            if existing.gateway_id.is_none() && gateway_id.is_some() {
+                update.gateway_id = Set(gateway_id.clone());
+                changed = true;
+            }
+            if existing.response_status.is_none() && new.response_status.is_some() {
+                update.response_status = Set(new.response_status.map(i32::from));
+                changed = true;
+            }
+            let model = if changed {
+                update.update(&txn).await?
+            } else {
+                existing
+            };
+            (model, false)
+        }
+        None => {
+            let model = conversation::ActiveModel {
+                conversation_id: Set(conversation_id.to_owned()),
+                request_id: Set(new.request_id.clone()),
+                operation: Set(new.operation.clone()),
+                entity_type: Set(entity_type.map(str::to_owned)),
+                gateway_id: Set(gateway_id.clone()),
+                request_body: Set(new.request_body.clone()),
+                response_status: Set(new.response_status.map(i32::from)),
+                source: Set(source),
+                registered_at: Set(Utc::now()),
+                ..Default::default()
+            }
+            .insert(&txn)
+            .await?;
+            (model, true)
+        }
+    };
+
+    // Unmatched entities that carried this conversation id, or (when the response told us the
+    // gateway id) the very entity this request created.
+    let mut waiting =
+        Condition::any().add(tracked_entity::Column::ConversationId.eq(conversation_id));
+    if let (Some(entity_type), Some(gateway_id)) = (
+        conversation.entity_type.as_deref(),
+        conversation.gateway_id.as_deref(),
+    ) {
+        waiting = waiting.add(
+            Condition::all()
+                .add(tracked_entity::Column::EntityType.eq(entity_type))
+                .add(tracked_entity::Column::GatewayId.eq(gateway_id)),
+        );
+    }
+    let matched = tracked_entity::Entity::update_many()
+        .col_expr(
+            tracked_entity::Column::Correlation,
+            Expr::value(Correlation::Matched),
+        )
+        .col_expr(
+            tracked_entity::Column::ConversationRef,
+            Expr::value(conversation.id),
+        )
+        .filter(tracked_entity::Column::Correlation.eq(Correlation::Unmatched))
+        .filter(waiting)
+        .exec(&txn)
+        .await?
+        .rows_affected;
+    txn.commit().await?;
+    if matched > 0 {
+        tracing::info!(
+            conversation_id,
+            matched,
+            "registered conversation matched waiting entities"
+        );
+    }
+    Ok(Registration {
+        conversation,
+        created,
+        matched_entities: matched,
+    })
+}

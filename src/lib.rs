@@ -1,0 +1,24 @@
+//! kci-receiver: receives the Fibre Cafe gateway's KCIs (Tenant Updates API 1.14), records them
+//! with the state history of the entity they are about, and republishes them through an outbox.
+//!
+//! Where things are:
+//! - [`http`]: the HTTP surface (`POST /kcis`, operations API, health);
+//! - [`kci`]: where a KCI body is parsed and validated into typed data;
+//! - [`lifecycle`]: the entity lifecycles, as data;
+//! - [`intake`]: where a KCI is stored, in one transaction with its effects;
+//! - [`outbox`]: what is published to RabbitMQ, and (later) the relay that publishes it;
+//! - [`store`]: database connection, migrations, error classification, audit log;
+//! - [`auth`], [`config`], [`telemetry`], [`startup`], [`cli`].
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod intake;
+pub mod kci;
+pub mod lifecycle;
+pub mod outbox;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

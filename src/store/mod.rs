@@ -1,0 +1,170 @@
+//! The database: connecting (SQLite or PostgreSQL, chosen by the URL), migrating, and classifying
+//! database errors in one place.
+
+pub mod audit;
+
+use std::time::Duration;
+
+use migration::MigratorTrait;
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr, SqlErr};
+use secrecy::ExposeSecret;
+
+use crate::config::{DatabaseSettings, redact_url};
+
+/// A database error, classified once: unavailable (the caller should retry later), retryable at
+/// once (a lost race), or a fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {source}")]
+pub struct StoreError {
+    pub kind: StoreErrorKind,
+    #[source]
+    pub source: DbErr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorKind {
+    /// The database cannot be reached, is shutting down, or is too busy.
+    Unavailable,
+    /// A unique constraint lost a race with a concurrent transaction: run the work again.
+    Conflict,
+    /// Deadlock or serialization failure: run the work again.
+    Retryable,
+    /// Anything else: a bug or a schema problem.
+    Fault,
+}
+
+impl std::fmt::Display for StoreErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StoreErrorKind::Unavailable => "database unavailable",
+            StoreErrorKind::Conflict => "conflict with a concurrent transaction",
+            StoreErrorKind::Retryable => "transaction must be retried",
+            StoreErrorKind::Fault => "database fault",
+        })
+    }
+}
+
+impl StoreError {
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == StoreErrorKind::Unavailable
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self.kind,
+            StoreErrorKind::Conflict | StoreErrorKind::Retryable
+        )
+    }
+}
+
+impl From<DbErr> for StoreError {
+    fn from(source: DbErr) -> Self {
+        StoreError {
+            kind: classify(&source),
+            source,
+        }
+    }
+}
+
+/// Sorts a database error into [`StoreErrorKind`].
+pub fn classify(error: &DbErr) -> StoreErrorKind {
+    use sea_orm::RuntimeErr;
+    use sea_orm::sqlx::Error as Sqlx;
+
+    if let Some(SqlErr::UniqueConstraintViolation(_)) = error.sql_err() {
+        return StoreErrorKind::Conflict;
+    }
+    let sqlx_error = match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return StoreErrorKind::Unavailable,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
+        _ => return StoreErrorKind::Fault,
+    };
+    match sqlx_error.as_ref() {
+        Sqlx::Io(_)
+        | Sqlx::Tls(_)
+        | Sqlx::Protocol(_)
+        | Sqlx::PoolTimedOut
+        | Sqlx::PoolClosed
+        | Sqlx::WorkerCrashed => StoreErrorKind::Unavailable,
+        Sqlx::Database(database_error) => {
+            let code = database_error.code().unwrap_or_default();
+            match code.as_ref() {
+                // PostgreSQL: serialization failure, deadlock.
+                "40001" | "40P01" => StoreErrorKind::Retryable,
+                // PostgreSQL: admin/crash shutdown, cannot connect now, too many connections,
+                // disk full, out of memory.
+                "57P01" | "57P02" | "57P03" | "53300" | "53100" | "53200" => {
+                    StoreErrorKind::Unavailable
+                }
+                // PostgreSQL connection exceptions (class 08).
+                code if code.starts_with("08") => StoreErrorKind::Unavailable,
+                // SQLite: BUSY and LOCKED (with their extended codes), IOERR, FULL, CANTOPEN.
+                "5" | "6" | "261" | "262" | "517" | "10" | "13" | "14" => {
+                    StoreErrorKind::Unavailable
+                }
+                code if code.parse::<u32>().is_ok_and(|c| c & 0xff == 10) => {
+                    StoreErrorKind::Unavailable
+                }
+                _ => StoreErrorKind::Fault,
+            }
+        }
+        _ => StoreErrorKind::Fault,
+    }
+}
+
+/// Opens the connection pool. SQLite files are created when missing, in WAL mode with
+/// `synchronous=FULL` so that a commit is on disk before we answer 204.
+pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, DbErr> {
+    let url = settings.url.expose_secret();
+    if let Some(path) = sqlite_file(url)
+        && let Some(parent) = std::path::Path::new(path).parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", parent.display())))?;
+    }
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(settings.max_connections)
+        .min_connections(settings.min_connections.min(settings.max_connections))
+        .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
+        // A pooled connection whose server went away is noticed before use, not by a request.
+        .test_before_acquire(true)
+        .sqlx_logging(false);
+    let busy_timeout = Duration::from_millis(settings.sqlite_busy_timeout_ms);
+    options.map_sqlx_sqlite_opts(move |sqlite| {
+        use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+        sqlite
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(busy_timeout)
+            .foreign_keys(true)
+    });
+    tracing::info!(database = %redact_url(url), "connecting to the database");
+    Database::connect(options).await
+}
+
+/// The path of a `sqlite:` URL, if it is one.
+fn sqlite_file(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+/// Applies every pending migration.
+pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
+    migration::Migrator::up(db, None).await
+}
+
+/// Whether pending migrations exist (used by `serve` when it does not migrate itself).
+pub async fn pending_migrations(db: &DatabaseConnection) -> Result<usize, DbErr> {
+    Ok(migration::Migrator::get_pending_migrations(db).await?.len())
+}
+
+pub fn is_postgres(db: &DatabaseConnection) -> bool {
+    db.get_database_backend() == DbBackend::Postgres
+}
