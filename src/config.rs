@@ -163,6 +163,15 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Only `config/default.toml`, without environment overrides or validation: the base that
+    /// tests and tools adjust in code.
+    pub fn defaults() -> anyhow::Result<Settings> {
+        Ok(config::Config::builder()
+            .add_source(config::File::from(config_dir().join("default.toml")).required(true))
+            .build()?
+            .try_deserialize()?)
+    }
+
     /// Checks what the types cannot; names every problem at once.
     pub fn validate(&self) -> anyhow::Result<()> {
         let mut problems = Vec::new();

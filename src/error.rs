@@ -127,15 +127,15 @@ impl ApiError {
             messages: self.messages(),
         };
         if self.is_server_fault() {
-            tracing::error!(error.uuid = %body.uuid, error.code = body.code.as_str(), error = ?anyhow::Error::from(self.clone_for_log()), "request failed");
+            tracing::error!(error.uuid = %body.uuid, error.code = body.code.as_str(), error = %self.cause_chain(), "request failed");
         } else {
             tracing::info!(error.uuid = %body.uuid, error.code = body.code.as_str(), error = %self, "request rejected");
         }
         body
     }
 
-    /// A copy of the error with its whole cause chain rendered, for `{:?}` logging.
-    fn clone_for_log(&self) -> anyhow::Error {
+    /// The error and all its causes, `: `-separated, for the log.
+    fn cause_chain(&self) -> String {
         let mut chain = self.to_string();
         let mut source = std::error::Error::source(self);
         while let Some(cause) = source {
@@ -143,7 +143,7 @@ impl ApiError {
             chain.push_str(&cause.to_string());
             source = cause.source();
         }
-        anyhow::anyhow!(chain)
+        chain
     }
 
     /// The full response: status, error body and, for 503, `Retry-After`.

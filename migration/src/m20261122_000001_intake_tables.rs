@@ -1,6 +1,11 @@
 //! The tables of KCI intake (design.md, "The flow of one KCI", steps 1-3 and 5): original requests,
 //! tracked entities, KCIs, their state history, the outbox and the audit log.
 
+#![allow(
+    clippy::enum_variant_names,
+    reason = "identifier enums name the columns: conversation.conversation_id, kci.kci_id"
+)]
+
 use sea_orm_migration::{prelude::*, schema::*};
 
 #[derive(DeriveMigrationName)]

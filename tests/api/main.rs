@@ -1,1 +1,17 @@
+//! Black-box tests of kci-receiver: the real application on port 0, against SQLite and against a
+//! fresh PostgreSQL database per test (dropped afterwards). One test binary, so it links once.
+//!
+//! PostgreSQL is found at `KCI_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`); the tests fail, never skip, when it is not there.
 
+mod helpers;
+
+mod auth;
+mod cli;
+mod concurrency;
+mod conversations;
+mod errors;
+mod fixtures;
+mod outage;
+mod properties;
+mod semantics;

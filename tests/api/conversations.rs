@@ -1,0 +1,79 @@
+//! `POST /api/v1/conversations`: registering original requests.
+
+use serde_json::{Value, json};
+
+use crate::errors::assert_gateway_error;
+use crate::helpers::{Backend, kci, spawn_app};
+
+#[tokio::test]
+async fn registering_a_conversation_is_idempotent_and_fills_in_what_was_missing() {
+    let app = spawn_app(Backend::Postgres).await;
+    let first = json!({"conversationId": "conv-idem", "requestId": "r1", "operation": "POST /service-tests"});
+    let response = app.register_conversation(&first).await;
+    assert_eq!(response.status().as_u16(), 201);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["created"], true);
+    assert_eq!(created["conversation"]["entity_type"], "SERVICE_TEST");
+
+    let mut again = first.clone();
+    again["gatewayId"] = json!("4242");
+    again["operation"] = json!("POST /something-else");
+    let response = app.register_conversation(&again).await;
+    assert_eq!(response.status().as_u16(), 200);
+    let existing: Value = response.json().await.unwrap();
+    assert_eq!(existing["created"], false);
+    assert_eq!(
+        existing["conversation"]["operation"], "POST /service-tests",
+        "never overwritten"
+    );
+    assert_eq!(existing["conversation"]["gateway_id"], "4242", "filled in");
+    assert_eq!(app.count("FROM conversation").await, 1);
+}
+
+#[tokio::test]
+async fn a_registration_with_the_gateway_id_matches_the_entity_even_under_another_conversation_id()
+{
+    let app = spawn_app(Backend::Sqlite).await;
+    let body = kci("CEASE_ORDER", 9001, 1, "SENT_TO_SUPPLIER", "UPDATE");
+    assert_eq!(
+        app.post_kci(&body, "conv-unexpected")
+            .await
+            .status()
+            .as_u16(),
+        204
+    );
+    let registration = json!({
+        "conversationId": "conv-cease",
+        "operation": "POST /service-orders",
+        "requestBody": {"orderType": "CEASE"},
+        "gatewayId": 9001
+    });
+    let answer: Value = app
+        .register_conversation(&registration)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["matchedEntities"], 1);
+    assert_eq!(
+        app.entity("CEASE_ORDER", "9001").await["correlation"],
+        "MATCHED"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_registration_names_its_problems() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let response = app
+        .register_conversation(
+            &json!({"conversationId": "", "operation": "create order", "gatewayId": -3}),
+        )
+        .await;
+    let body = assert_gateway_error(response, 422, "INVALID_REQUEST").await;
+    let messages = body["messages"].to_string();
+    for field in ["conversationId", "operation", "gatewayId"] {
+        assert!(messages.contains(field), "{messages}");
+    }
+    let response = app.register_conversation(&json!({"operation": 5})).await;
+    assert_gateway_error(response, 422, "INVALID_REQUEST").await;
+}

@@ -1,0 +1,463 @@
+//! Starting the real application, each test with its own database, and talking to it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use kci_receiver::config::{GatewayAuthMethod, Settings};
+use kci_receiver::startup::Application;
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use secrecy::SecretString;
+use serde_json::Value;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub const GATEWAY_USER: &str = "fibrecafe";
+pub const GATEWAY_PASSWORD: &str = "gateway-test-password";
+pub const ADMIN_USER: &str = "ops-admin";
+pub const ADMIN_PASSWORD: &str = "admin-test-password";
+pub const READ_USER: &str = "ops-read";
+pub const READ_PASSWORD: &str = "read-test-password";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
+
+fn postgres_admin_url() -> String {
+    std::env::var("KCI_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A database made for one test, removed when the test ends (also when it panics).
+pub struct TestDatabase {
+    pub backend: Backend,
+    /// What the application connects to.
+    pub url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create(backend: Backend) -> TestDatabase {
+        let name = format!("kci_test_{}", Uuid::new_v4().simple());
+        match backend {
+            Backend::Sqlite => {
+                let path = std::env::temp_dir().join(format!("{name}.db"));
+                TestDatabase {
+                    backend,
+                    url: format!("sqlite://{}?mode=rwc", path.display()),
+                    name,
+                }
+            }
+            Backend::Postgres => {
+                let admin_url = postgres_admin_url();
+                let admin = Database::connect(&admin_url).await.unwrap_or_else(|e| {
+                    panic!(
+                        "PostgreSQL is required for these tests and is not reachable at {admin_url}: {e}. \
+                         Start it (pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start) \
+                         or set KCI_TEST_POSTGRES_URL."
+                    )
+                });
+                admin
+                    .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+                    .await
+                    .expect("create the test database");
+                admin.close().await.ok();
+                let url = replace_database(&admin_url, &name);
+                TestDatabase { backend, url, name }
+            }
+        }
+    }
+
+    /// Address of the PostgreSQL server (for routing it through a [`TcpProxy`]).
+    pub fn postgres_addr(&self) -> SocketAddr {
+        let url = postgres_admin_url();
+        let (_, _, host, _) = url_parts(&url);
+        let host = host.replace("localhost", "127.0.0.1");
+        let host = if host.contains(':') {
+            host
+        } else {
+            format!("{host}:5432")
+        };
+        host.parse()
+            .expect("KCI_TEST_POSTGRES_URL must name an IP address")
+    }
+
+    /// The same database, reached through another port on 127.0.0.1 (a proxy).
+    pub fn url_via_port(&self, port: u16) -> String {
+        build_url(
+            &postgres_admin_url(),
+            Some(&format!("127.0.0.1:{port}")),
+            &self.name,
+        )
+    }
+}
+
+/// Splits `scheme://[userinfo@]host:port/database?query` into its parts.
+fn url_parts(url: &str) -> (&str, Option<&str>, &str, Option<&str>) {
+    let (scheme, rest) = url.split_once("://").expect("a URL with a scheme");
+    let (authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, host) = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => (Some(userinfo), host),
+        None => (None, authority),
+    };
+    let query = tail.split_once('?').map(|(_, query)| query);
+    (scheme, userinfo, host, query)
+}
+
+fn build_url(url: &str, host: Option<&str>, database: &str) -> String {
+    let (scheme, userinfo, original_host, query) = url_parts(url);
+    let mut built = format!("{scheme}://");
+    if let Some(userinfo) = userinfo {
+        built.push_str(userinfo);
+        built.push('@');
+    }
+    built.push_str(host.unwrap_or(original_host));
+    built.push('/');
+    built.push_str(database);
+    if let Some(query) = query {
+        built.push('?');
+        built.push_str(query);
+    }
+    built
+}
+
+fn replace_database(url: &str, name: &str) -> String {
+    build_url(url, None, name)
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        match self.backend {
+            Backend::Sqlite => {
+                let path = std::env::temp_dir().join(format!("{}.db", self.name));
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut file = path.clone().into_os_string();
+                    file.push(suffix);
+                    let _ = std::fs::remove_file(PathBuf::from(file));
+                }
+            }
+            Backend::Postgres => {
+                let name = self.name.clone();
+                // Drop runs inside the test's runtime: use a thread with a runtime of its own.
+                let dropped = std::thread::spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()?;
+                    runtime.block_on(async move {
+                        let admin = Database::connect(&postgres_admin_url()).await?;
+                        admin
+                            .execute_unprepared(&format!(
+                                "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                            ))
+                            .await?;
+                        admin.close().await?;
+                        Ok::<_, anyhow::Error>(())
+                    })
+                })
+                .join();
+                if !matches!(dropped, Ok(Ok(()))) {
+                    eprintln!("warning: could not drop test database {}", self.name);
+                }
+            }
+        }
+    }
+}
+
+/// Settings for a test app: the committed defaults, port 0, the test credentials.
+pub fn test_settings(database_url: &str) -> Settings {
+    let mut settings = Settings::defaults().expect("config/default.toml");
+    settings.server.port = 0;
+    settings.server.workers = 2;
+    settings.database.url = SecretString::from(database_url.to_owned());
+    settings.database.max_connections = 10;
+    settings.database.acquire_timeout_ms = 1500;
+    settings.database.connect_timeout_ms = 1500;
+    settings.gateway_auth.method = GatewayAuthMethod::Basic;
+    settings.gateway_auth.basic_username = GATEWAY_USER.to_owned();
+    settings.gateway_auth.basic_password = Some(SecretString::from(GATEWAY_PASSWORD));
+    settings.operations_auth.admin_password = Some(SecretString::from(ADMIN_PASSWORD));
+    settings.operations_auth.read_password = Some(SecretString::from(READ_PASSWORD));
+    settings.validate().expect("test settings are valid");
+    settings
+}
+
+/// The application running in this test, with its own database.
+pub struct TestApp {
+    pub address: String,
+    /// A connection of the test's own, for looking at what the app stored.
+    pub db: DatabaseConnection,
+    pub client: reqwest::Client,
+    /// Held so that the database is dropped when the test ends, not before.
+    _database: TestDatabase,
+}
+
+pub async fn spawn_app(backend: Backend) -> TestApp {
+    spawn_app_with(backend, |_| {}).await
+}
+
+/// Starts the app after `adjust` has changed its settings.
+pub async fn spawn_app_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let database = TestDatabase::create(backend).await;
+    let mut settings = test_settings(&database.url);
+    adjust(&mut settings);
+    spawn_on(database, settings).await
+}
+
+pub async fn spawn_on(database: TestDatabase, settings: Settings) -> TestApp {
+    init_test_logging();
+    let application = Application::build(settings)
+        .await
+        .expect("the application starts");
+    let address = format!("http://127.0.0.1:{}", application.port());
+    tokio::spawn(application.run_until_stopped());
+    let db = Database::connect(database.url.as_str())
+        .await
+        .expect("connect to the test database");
+    TestApp {
+        address,
+        db,
+        client: reqwest::Client::new(),
+        _database: database,
+    }
+}
+
+/// Logs of the app under test when `TEST_LOG` is set.
+fn init_test_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_test_writer()
+            .try_init();
+    }
+}
+
+/// One of the example KCIs in `tests/fixtures/kcis` (copied from the Fibre Cafe docs examples).
+pub fn fixture(name: &str) -> Value {
+    let path = fixtures_dir().join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixtures are JSON")
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    std::env::var_os("KCI_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/kcis")
+        })
+}
+
+/// All fixture names, sorted.
+pub fn fixture_names() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(fixtures_dir())
+        .expect("the fixtures folder")
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            entry
+                .file_name()
+                .to_str()?
+                .strip_suffix(".json")
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// A KCI body about one entity, varied by the arguments.
+pub fn kci(entity_type: &str, gateway_id: u64, sequence: i64, status: &str, reason: &str) -> Value {
+    serde_json::json!({
+        "id": Uuid::new_v4().to_string(),
+        "supplier": "FIBRECO",
+        "sequenceNumber": sequence,
+        "issuedOn": "2024-04-10T10:15:22.044Z",
+        "receivedOn": "2024-04-10T10:15:23.101Z",
+        "deliveredOn": "2024-04-10T10:15:24.310Z",
+        "updateType": "INFORMATIONAL",
+        "entityType": entity_type,
+        "entity": {"id": gateway_id, "status": status, "supplier": "FIBRECO"},
+        "information": {"type": reason}
+    })
+}
+
+impl TestApp {
+    /// POSTs a KCI with the gateway's credentials and fresh correlation headers.
+    pub async fn post_kci(&self, body: &Value, conversation_id: &str) -> reqwest::Response {
+        self.post_kci_as(body, conversation_id, &Uuid::new_v4().to_string())
+            .await
+    }
+
+    pub async fn post_kci_as(
+        &self,
+        body: &Value,
+        conversation_id: &str,
+        request_id: &str,
+    ) -> reqwest::Response {
+        self.client
+            .post(format!("{}/kcis", self.address))
+            .basic_auth(GATEWAY_USER, Some(GATEWAY_PASSWORD))
+            .header("X-Request-ID", request_id)
+            .header("X-Conversation-ID", conversation_id)
+            .json(body)
+            .send()
+            .await
+            .expect("POST /kcis")
+    }
+
+    /// GET a path of the app, without credentials.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .send()
+            .await
+            .expect("GET")
+    }
+
+    pub async fn register_conversation(&self, body: &Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/v1/conversations", self.address))
+            .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /api/v1/conversations")
+    }
+
+    /// Rows of a query on the app's database, as JSON objects.
+    pub async fn rows(&self, sql: &str) -> Vec<Value> {
+        use sea_orm::{FromQueryResult, JsonValue, Statement};
+        let statement = Statement::from_string(self.db.get_database_backend(), sql.to_owned());
+        JsonValue::find_by_statement(statement)
+            .all(&self.db)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    pub async fn count(&self, sql_from_where: &str) -> i64 {
+        use sea_orm::Statement;
+        let sql = format!("SELECT COUNT(*) AS n {sql_from_where}");
+        let statement = Statement::from_string(self.db.get_database_backend(), sql.clone());
+        let row = self
+            .db
+            .query_one_raw(statement)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        row.expect("a row")
+            .try_get::<i64>("", "n")
+            .expect("a count")
+    }
+
+    /// A UUID as an SQL literal: PostgreSQL stores `uuid`, SQLite a 16-byte blob.
+    pub fn uuid_sql(&self, id: &str) -> String {
+        let id = Uuid::parse_str(id).expect("a UUID");
+        match self.db.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => format!("X'{}'", id.simple()),
+            _ => format!("'{id}'"),
+        }
+    }
+
+    /// The tracked entity row for (entity type, gateway id).
+    pub async fn entity(&self, entity_type: &str, gateway_id: &str) -> Value {
+        let rows = self
+            .rows(&format!(
+                "SELECT * FROM tracked_entity WHERE entity_type = '{entity_type}' AND gateway_id = '{gateway_id}'"
+            ))
+            .await;
+        assert_eq!(rows.len(), 1, "one entity {entity_type} {gateway_id}");
+        rows.into_iter().next().unwrap()
+    }
+
+    /// Its history, oldest first.
+    pub async fn history(&self, entity_id: i64) -> Vec<Value> {
+        self.rows(&format!(
+            "SELECT * FROM state_transition WHERE tracked_entity_id = {entity_id} ORDER BY id"
+        ))
+        .await
+    }
+}
+
+/// A boolean column read back from either backend (SQLite gives 0/1).
+pub fn flag(row: &Value, column: &str) -> bool {
+    match &row[column] {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_i64() == Some(1),
+        other => panic!("{column} is not a boolean: {other}"),
+    }
+}
+
+/// A TCP proxy the test controls: cut it to make the server behind it unreachable (new
+/// connections are refused, open ones are closed), restore it to bring it back.
+pub struct TcpProxy {
+    pub port: u16,
+    open: Arc<AtomicBool>,
+    cut_signal: watch::Sender<u64>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: SocketAddr) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(AtomicBool::new(true));
+        let (cut_signal, _) = watch::channel(0u64);
+        let accept_open = open.clone();
+        let accept_signal = cut_signal.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !accept_open.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut = accept_signal.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        TcpProxy {
+            port,
+            open,
+            cut_signal,
+        }
+    }
+
+    pub fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        self.cut_signal.send_modify(|n| *n += 1);
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Retries `check` until it holds or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
