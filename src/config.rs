@@ -19,7 +19,47 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub gateway_auth: GatewayAuthSettings,
     pub operations_auth: OperationsAuthSettings,
+    pub amqp: AmqpSettings,
+    pub relay: RelaySettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:5672/vhost` (`%2f` is the default vhost); `amqps://` for TLS.
+    pub url: SecretString,
+    /// The topic exchange KCIs are published to.
+    pub exchange: String,
+    /// Where the main exchange sends what no binding wanted (a fanout exchange).
+    pub alternate_exchange: String,
+    /// The queue that keeps the alternate exchange's messages.
+    pub unrouted_queue: String,
+    /// `classic` or `quorum` (RabbitMQ clusters) for the unrouted queue.
+    pub queue_type: String,
+    /// Declare the exchanges and the unrouted queue on every (re)connect. Off when the broker's
+    /// topology is managed elsewhere (the relay then needs no configure permission).
+    pub declare_topology: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelaySettings {
+    /// Run the relay inside `serve`. Off: run `kci-receiver relay` separately.
+    pub enabled: bool,
+    /// Most entities whose next event is published in one round (one event per entity per
+    /// round keeps per-entity order).
+    pub batch_size: u32,
+    /// Safety-net poll when no wake-up arrives.
+    pub poll_interval_ms: u64,
+    /// How long to wait for the broker's confirms of one round.
+    pub confirm_timeout_ms: u64,
+    /// Broker refusals (nack, return, channel error) before an event is dead.
+    pub max_attempts: i32,
+    /// Retry backoff after a refusal: doubles from the initial value up to the maximum.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// Reconnect backoff while the broker is unreachable.
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -211,6 +251,15 @@ impl Settings {
                     );
                 }
             }
+        }
+        if self.amqp.url.expose_secret().trim().is_empty() {
+            problems.push("amqp.url must be set".to_owned());
+        }
+        if !["classic", "quorum"].contains(&self.amqp.queue_type.as_str()) {
+            problems.push("amqp.queue_type must be classic or quorum".to_owned());
+        }
+        if self.relay.batch_size == 0 || self.relay.max_attempts < 1 {
+            problems.push("relay.batch_size and relay.max_attempts must be at least 1".to_owned());
         }
         if problems.is_empty() {
             Ok(())

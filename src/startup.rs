@@ -1,4 +1,5 @@
-//! Building and running the application: connect, migrate (if configured), bind, serve.
+//! Building and running the application: connect, migrate (if configured), bind, serve, and
+//! publish the outbox (if configured).
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -6,11 +7,15 @@ use std::sync::Arc;
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 use sea_orm::DatabaseConnection;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing_actix_web::TracingLogger;
 
 use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::http::{AppState, routes};
+use crate::outbox::relay::{Relay, RelayHealth};
+use crate::outbox::signal::OutboxSignal;
 use crate::store;
 use crate::telemetry::KciRootSpan;
 
@@ -19,26 +24,49 @@ pub struct Application {
     port: u16,
     server: Server,
     db: DatabaseConnection,
+    relay: Option<JoinHandle<()>>,
+    shutdown: CancellationToken,
+}
+
+/// Connects to the database and checks (or applies) its migrations.
+pub async fn open_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+    let db = store::connect(&settings.database).await?;
+    if settings.database.migrate_on_start {
+        store::migrate(&db).await?;
+    } else {
+        let pending = store::pending_migrations(&db).await?;
+        if pending > 0 {
+            anyhow::bail!(
+                "{pending} database migration(s) pending: run `kci-receiver migrate` first"
+            );
+        }
+    }
+    Ok(db)
 }
 
 impl Application {
     /// Connects to the database, applies migrations when `database.migrate_on_start` is set
-    /// (refuses to start on an out-of-date schema otherwise) and binds the listener. Port 0
-    /// picks a free port; [`Application::port`] tells which.
+    /// (refuses to start on an out-of-date schema otherwise), binds the listener and, with
+    /// `relay.enabled`, starts the outbox relay. Port 0 picks a free port; [`Application::port`]
+    /// tells which.
     pub async fn build(settings: Settings) -> anyhow::Result<Application> {
-        let db = store::connect(&settings.database).await?;
-        if settings.database.migrate_on_start {
-            store::migrate(&db).await?;
-        } else {
-            let pending = store::pending_migrations(&db).await?;
-            if pending > 0 {
-                anyhow::bail!(
-                    "{pending} database migration(s) pending: run `kci-receiver migrate` first"
-                );
-            }
-        }
+        let db = open_database(&settings).await?;
         let auth = Authenticator::new(&settings.gateway_auth, &settings.operations_auth)?;
         auth.start().await;
+
+        let shutdown = CancellationToken::new();
+        let outbox_signal = OutboxSignal::default();
+        let relay_health = RelayHealth::default();
+        let relay = settings.relay.enabled.then(|| {
+            let relay = Relay::new(
+                db.clone(),
+                settings.amqp.clone(),
+                settings.relay.clone(),
+                outbox_signal.clone(),
+                relay_health.clone(),
+            );
+            tokio::spawn(relay.run(shutdown.child_token()))
+        });
 
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
         let port = listener.local_addr()?.port();
@@ -47,6 +75,8 @@ impl Application {
             db: db.clone(),
             auth,
             settings: Arc::new(settings),
+            outbox_signal,
+            relay_health,
         });
         let mut server = HttpServer::new(move || {
             App::new()
@@ -63,6 +93,8 @@ impl Application {
             port,
             server: server.run(),
             db,
+            relay,
+            shutdown,
         })
     }
 
@@ -74,8 +106,55 @@ impl Application {
         &self.db
     }
 
-    /// Serves until SIGTERM/SIGINT; in-flight requests finish first.
+    /// Serves until SIGTERM/SIGINT: in-flight requests finish, then the relay finishes its
+    /// round (confirms awaited and recorded) and stops.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let served = self.server.await;
+        self.shutdown.cancel();
+        if let Some(relay) = self.relay {
+            let _ = relay.await;
+        }
+        served
     }
+}
+
+/// Runs the relay alone (`kci-receiver relay`) until SIGTERM/SIGINT.
+pub async fn run_relay(settings: Settings) -> anyhow::Result<()> {
+    let db = open_database(&settings).await?;
+    let shutdown = CancellationToken::new();
+    let relay = Relay::new(
+        db,
+        settings.amqp.clone(),
+        settings.relay.clone(),
+        OutboxSignal::default(),
+        RelayHealth::default(),
+    );
+    let running = tokio::spawn(relay.run(shutdown.child_token()));
+    shutdown_signal().await;
+    tracing::info!("stopping the relay");
+    shutdown.cancel();
+    running.await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
 }

@@ -31,6 +31,9 @@ pub struct Model {
     pub last_error: Option<String>,
     pub created_at: DateTimeUtc,
     pub published_at: Option<DateTimeUtc>,
+    /// How many times the broker confirmed this event (more than 1 after a replay, or after a
+    /// relay died between the broker's confirm and its own commit).
+    pub publish_count: i32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize)]

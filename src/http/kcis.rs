@@ -50,6 +50,9 @@ pub async fn post_kci(
 
     let mut response = match accept(&request, payload, &state, &mut audit).await {
         Ok(recorded) => {
+            if recorded.event_id.is_some() {
+                state.outbox_signal.notify();
+            }
             tracing::info!(
                 kci.outcome = ?recorded.outcome,
                 entity = recorded.tracked_entity_id,

@@ -21,8 +21,9 @@ use entity::state_transition;
 use entity::tracked_entity::{self, Correlation};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, DatabaseConnection, DatabaseTransaction, EntityTrait, ExprTrait,
-    QueryFilter, QuerySelect, Set, SqliteTransactionMode, TransactionOptions, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseConnection, DatabaseTransaction,
+    EntityTrait, ExprTrait, QueryFilter, QuerySelect, Set, SqliteTransactionMode,
+    TransactionOptions, TransactionTrait,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -444,6 +445,11 @@ async fn record_new(
     }
     .insert(txn)
     .await?;
+    // Relays in other processes LISTEN for this; it is delivered only if the transaction commits.
+    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+        txn.execute_unprepared(&format!("NOTIFY {}", crate::outbox::signal::NOTIFY_CHANNEL))
+            .await?;
+    }
 
     Ok(Recorded {
         outcome,

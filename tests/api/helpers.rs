@@ -30,6 +30,11 @@ pub enum Backend {
 
 pub const BACKENDS: [Backend; 2] = [Backend::Sqlite, Backend::Postgres];
 
+pub fn amqp_url() -> String {
+    std::env::var("KCI_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
 fn postgres_admin_url() -> String {
     std::env::var("KCI_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
@@ -184,6 +189,9 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings.gateway_auth.basic_password = Some(SecretString::from(GATEWAY_PASSWORD));
     settings.operations_auth.admin_password = Some(SecretString::from(ADMIN_PASSWORD));
     settings.operations_auth.read_password = Some(SecretString::from(READ_PASSWORD));
+    // Only the relay tests publish, each to exchanges of its own (see `relay.rs`).
+    settings.relay.enabled = false;
+    settings.amqp.url = SecretString::from(amqp_url());
     settings.validate().expect("test settings are valid");
     settings
 }
@@ -248,9 +256,7 @@ pub fn fixture(name: &str) -> Value {
 pub fn fixtures_dir() -> PathBuf {
     std::env::var_os("KCI_FIXTURES_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/kcis")
-        })
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kcis"))
 }
 
 /// All fixture names, sorted.

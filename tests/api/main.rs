@@ -7,6 +7,7 @@
 mod helpers;
 
 mod auth;
+mod broker;
 mod cli;
 mod concurrency;
 mod conversations;
@@ -14,4 +15,5 @@ mod errors;
 mod fixtures;
 mod outage;
 mod properties;
+mod relay;
 mod semantics;

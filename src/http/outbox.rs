@@ -1,0 +1,125 @@
+//! `/api/v1/outbox`: dead events, retrying them, replaying what was published.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::AppState;
+use crate::auth::OpsRole;
+use crate::error::ApiError;
+use crate::outbox::store::{self, Selection};
+
+const DEFAULT_PAGE: u64 = 100;
+const MAX_PAGE: u64 = 1000;
+
+#[derive(Debug, Deserialize)]
+pub struct DeadQuery {
+    /// Cursor: the `nextCursor` of the previous page.
+    after: Option<i64>,
+    limit: Option<u64>,
+}
+
+/// `GET /api/v1/outbox/dead`: events the broker kept refusing, oldest first.
+pub async fn list_dead(
+    request: HttpRequest,
+    query: web::Query<DeadQuery>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.operations(request.headers(), OpsRole::Read)?;
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let items = store::dead_events(&state.db, query.after, limit).await?;
+    let next_cursor = (items.len() as u64 == limit)
+        .then(|| items.last().map(|e| e.id))
+        .flatten();
+    Ok(HttpResponse::Ok().json(json!({"items": items, "nextCursor": next_cursor})))
+}
+
+/// `POST /api/v1/outbox/dead/{eventId}/retry`
+pub async fn retry_one(
+    request: HttpRequest,
+    path: web::Path<Uuid>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.operations(request.headers(), OpsRole::Admin)?;
+    let requeued = requeue(&state, Selection::DeadEvent(path.into_inner())).await?;
+    if requeued == 0 {
+        return Err(ApiError::NotFound("No dead event with this id".to_owned()));
+    }
+    Ok(HttpResponse::Ok().json(json!({"requeued": requeued})))
+}
+
+/// `POST /api/v1/outbox/dead/retry`: every dead event.
+pub async fn retry_all(
+    request: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.operations(request.headers(), OpsRole::Admin)?;
+    let requeued = requeue(&state, Selection::AllDead).await?;
+    Ok(HttpResponse::Ok().json(json!({"requeued": requeued})))
+}
+
+/// What to replay: exactly one of an entity, a conversation, or a time range.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplayRequest {
+    entity_type: Option<String>,
+    gateway_id: Option<String>,
+    conversation_id: Option<String>,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+}
+
+impl ReplayRequest {
+    pub fn selection(self) -> Result<Selection, ApiError> {
+        match self {
+            ReplayRequest {
+                entity_type: Some(entity_type),
+                gateway_id: Some(gateway_id),
+                conversation_id: None,
+                from: None,
+                to: None,
+            } => Ok(Selection::Entity { entity_type, gateway_id }),
+            ReplayRequest {
+                entity_type: None,
+                gateway_id: None,
+                conversation_id: Some(conversation_id),
+                from: None,
+                to: None,
+            } => Ok(Selection::Conversation(conversation_id)),
+            ReplayRequest {
+                entity_type: None,
+                gateway_id: None,
+                conversation_id: None,
+                from: Some(from),
+                to: Some(to),
+            } if from < to => Ok(Selection::TimeRange { from, to }),
+            _ => Err(ApiError::Invalid(vec![
+                "give exactly one of: entityType + gatewayId, conversationId, or from + to (from before to)".to_owned(),
+            ])),
+        }
+    }
+}
+
+/// `POST /api/v1/outbox/replay`: publish again (same message ids) what was already published.
+pub async fn replay(
+    request: HttpRequest,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    state.auth.operations(request.headers(), OpsRole::Admin)?;
+    let replay: ReplayRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(vec![format!("body: {e}")]))?;
+    let requeued = requeue(&state, replay.selection()?).await?;
+    Ok(HttpResponse::Ok().json(json!({"requeued": requeued})))
+}
+
+async fn requeue(state: &AppState, selection: Selection) -> Result<u64, ApiError> {
+    let requeued = store::requeue_and_notify(&state.db, &selection).await?;
+    if requeued > 0 {
+        state.outbox_signal.notify();
+        tracing::info!(?selection, requeued, "outbox events requeued");
+    }
+    Ok(requeued)
+}

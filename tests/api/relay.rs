@@ -1,0 +1,623 @@
+//! Publishing the outbox to a real RabbitMQ: the AMQP contract to the letter, the alternate
+//! exchange, broker outages, several relays, a relay killed mid-batch, dead events, replays.
+
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use kci_receiver::config::Settings;
+use kci_receiver::outbox::relay::{Relay, RelayHealth};
+use kci_receiver::outbox::signal::OutboxSignal;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Captured, TestBroker};
+use crate::helpers::{
+    ADMIN_PASSWORD, ADMIN_USER, Backend, TcpProxy, TestApp, TestDatabase, eventually, fixture,
+    fixture_names, kci, spawn_app_with, spawn_on, test_settings,
+};
+
+/// Every message's body, keyed by message id, keeping the first arrival.
+fn first_arrivals(messages: &[Captured]) -> Vec<&Captured> {
+    let mut seen = HashSet::new();
+    messages
+        .iter()
+        .filter(|m| seen.insert(m.message_id.clone()))
+        .collect()
+}
+
+/// Per entity, the first arrivals come in increasing sequence order.
+fn assert_per_entity_order(messages: &[Captured]) {
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for message in first_arrivals(messages) {
+        let (entity, sequence) = message.entity_and_sequence();
+        if let Some(previous) = last.get(&entity) {
+            assert!(
+                sequence > *previous,
+                "{entity}: sequence {sequence} arrived after {previous}"
+            );
+        }
+        last.insert(entity, sequence);
+    }
+}
+
+fn duplicates(messages: &[Captured]) -> usize {
+    messages.len() - first_arrivals(messages).len()
+}
+
+/// Event ids the database marks published.
+async fn published_event_ids(app: &TestApp) -> HashSet<String> {
+    app.rows("SELECT event_id FROM outbox_event WHERE status = 'PUBLISHED'")
+        .await
+        .iter()
+        .map(|row| uuid_text(&row["event_id"]))
+        .collect()
+}
+
+/// A uuid column as text (SQLite gives its 16 bytes as an array).
+fn uuid_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Array(bytes) => {
+            let bytes: Vec<u8> = bytes
+                .iter()
+                .map(|b| b.as_u64().unwrap_or(0) as u8)
+                .collect();
+            uuid::Uuid::from_slice(&bytes)
+                .map(|u| u.to_string())
+                .unwrap_or_default()
+        }
+        other => other.to_string(),
+    }
+}
+
+fn expected_routing_key(body: &Value) -> String {
+    let update_type = body["updateType"].as_str().unwrap();
+    let reason = match update_type {
+        "INFORMATIONAL" => &body["information"]["type"],
+        "ACTION_REQUIRED" => &body["action"]["type"],
+        _ => &body["error"]["code"],
+    };
+    format!(
+        "kci.{}.{}.{}",
+        body["entityType"].as_str().unwrap().to_lowercase(),
+        update_type.to_lowercase(),
+        reason.as_str().unwrap().to_lowercase()
+    )
+}
+
+#[tokio::test]
+async fn every_fixture_is_published_exactly_as_the_amqp_contract_says() {
+    let broker = TestBroker::new(true).await;
+    let capture = broker.capture("kci.#").await;
+    let app = spawn_app_with(Backend::Sqlite, |settings| broker.apply(settings)).await;
+    let registration = json!({
+        "conversationId": "conv-ProvideServiceOrderUpdate-1",
+        "requestId": "req-create-12345",
+        "operation": "POST /service-orders",
+        "requestBody": {"orderType": "NEW"},
+        "gatewayId": 12345,
+    });
+    assert_eq!(
+        app.register_conversation(&registration)
+            .await
+            .status()
+            .as_u16(),
+        201
+    );
+
+    let mut sent: HashMap<String, (Value, String, String)> = HashMap::new();
+    for name in fixture_names() {
+        let body = fixture(&name);
+        // The provide order's KCIs all carry the conversation of the request that created it.
+        let conversation = if name.starts_with("ProvideServiceOrder") {
+            "conv-ProvideServiceOrderUpdate-1".to_owned()
+        } else {
+            format!("conv-{name}")
+        };
+        let request_id = format!("req-{name}");
+        assert_eq!(
+            app.post_kci_as(&body, &conversation, &request_id)
+                .await
+                .status()
+                .as_u16(),
+            204
+        );
+        sent.entry(body["id"].as_str().unwrap().to_owned())
+            .or_insert((body, conversation, request_id));
+    }
+
+    let messages = capture.wait_for(sent.len(), Duration::from_secs(20)).await;
+    assert_eq!(
+        messages.len(),
+        sent.len(),
+        "one message per accepted KCI (19 distinct ids)"
+    );
+    for message in &messages {
+        let kci_id = message.body["kci"]["id"].as_str().unwrap();
+        let (body, conversation, request_id) = &sent[kci_id];
+        assert_eq!(message.body["kci"], *body, "the KCI as received");
+        assert_eq!(message.routing_key, expected_routing_key(body));
+        assert_eq!(
+            message.message_id.as_deref(),
+            message.body["eventId"].as_str()
+        );
+        assert_eq!(
+            message.correlation_id.as_deref(),
+            Some(conversation.as_str())
+        );
+        assert_eq!(message.content_type.as_deref(), Some("application/json"));
+        assert_eq!(message.delivery_mode, Some(2), "persistent");
+        assert!(message.timestamp.is_some_and(|t| t > 1_700_000_000));
+        assert_eq!(message.kind.as_deref(), body["entityType"].as_str());
+        let headers = &message.headers;
+        assert_eq!(headers["x-request-id"], request_id.as_str());
+        assert_eq!(headers["supplier"], body["supplier"]);
+        assert_eq!(
+            headers["entity-id"],
+            body["entity"]["id"].to_string().trim_matches('"')
+        );
+        assert_eq!(headers["sequence-number"], body["sequenceNumber"]);
+        assert_eq!(headers["new-status"], message.body["entity"]["newStatus"]);
+        assert_eq!(
+            headers["previous-status"],
+            message.body["entity"]["previousStatus"]
+                .as_str()
+                .unwrap_or("")
+        );
+        let correlation = &message.body["correlation"];
+        assert_eq!(correlation["conversationId"], conversation.as_str());
+        assert_eq!(correlation["requestId"], request_id.as_str());
+        if body["entityType"] == "PROVIDE_ORDER" {
+            assert_eq!(correlation["matched"], true);
+            assert_eq!(
+                correlation["originalRequest"]["requestId"],
+                "req-create-12345"
+            );
+            assert_eq!(
+                correlation["originalRequest"]["operation"],
+                "POST /service-orders"
+            );
+        }
+    }
+    assert_per_entity_order(&messages);
+    let pending_or_dead = app
+        .count("FROM outbox_event WHERE status <> 'PUBLISHED'")
+        .await;
+    assert_eq!(pending_or_dead, 0);
+    assert_eq!(
+        app.count("FROM outbox_event WHERE publish_count = 1").await,
+        sent.len() as i64
+    );
+}
+
+#[tokio::test]
+async fn a_message_no_binding_wants_lands_in_the_alternate_exchanges_queue() {
+    let broker = TestBroker::new(true).await;
+    let orders = broker.capture("kci.provide_order.#").await;
+    let unrouted = broker.capture_unrouted().await;
+    let app = spawn_app_with(Backend::Sqlite, |settings| broker.apply(settings)).await;
+    assert_eq!(
+        app.post_kci(&fixture("ProvideServiceOrderUpdate-2"), "c1")
+            .await
+            .status()
+            .as_u16(),
+        204
+    );
+    assert_eq!(
+        app.post_kci(&fixture("ServiceTestUpdate-3"), "c2")
+            .await
+            .status()
+            .as_u16(),
+        204
+    );
+    let wanted = orders.wait_for(1, Duration::from_secs(10)).await;
+    let kept = unrouted.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(wanted.len(), 1);
+    assert_eq!(
+        wanted[0].routing_key,
+        "kci.provide_order.informational.committed"
+    );
+    assert_eq!(kept.len(), 1, "the unroutable message is kept, not dropped");
+    assert_eq!(
+        kept[0].routing_key,
+        "kci.service_test.informational.completed"
+    );
+    assert_eq!(
+        app.count("FROM outbox_event WHERE status = 'PUBLISHED'")
+            .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn a_broker_down_at_start_up_or_cut_mid_run_stops_nothing_and_loses_nothing() {
+    let broker = TestBroker::new(true).await;
+    let capture = broker.capture("kci.#").await;
+    let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+    proxy.cut(); // the broker is unreachable when the service starts
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let mut settings = test_settings(&database.url);
+    broker.apply(&mut settings);
+    settings.amqp.url =
+        secrecy::SecretString::from(format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port));
+    let app = spawn_on(database, settings).await;
+
+    let bodies: Vec<Value> = (1..=8)
+        .flat_map(|sequence| {
+            (0..10).map(move |entity| {
+                kci(
+                    "PROVIDE_ORDER",
+                    300 + entity,
+                    sequence,
+                    "IN_PROGRESS",
+                    "UPDATE",
+                )
+            })
+        })
+        .collect();
+    // Intake goes on without the broker.
+    for body in &bodies[..20] {
+        assert_eq!(
+            app.post_kci(body, "conv-broker").await.status().as_u16(),
+            204
+        );
+    }
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["broker"]["status"], "down");
+    assert_eq!(ready["outbox"]["pending"], 20);
+    assert!(capture.messages().is_empty());
+
+    // The broker comes back; then goes away again while KCIs keep arriving.
+    proxy.restore();
+    for (index, body) in bodies[20..].iter().enumerate() {
+        if index == 15 {
+            proxy.cut();
+        }
+        if index == 40 {
+            proxy.restore();
+        }
+        assert_eq!(
+            app.post_kci(body, "conv-broker").await.status().as_u16(),
+            204
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let messages = capture
+        .wait_for_distinct(bodies.len(), Duration::from_secs(30))
+        .await;
+    let arrived: HashSet<String> = messages
+        .iter()
+        .filter_map(|m| m.message_id.clone())
+        .collect();
+    assert_eq!(arrived.len(), bodies.len(), "every accepted KCI arrived");
+    let published = published_event_ids(&app).await;
+    assert!(
+        published.is_subset(&arrived),
+        "nothing is marked published that the broker did not take"
+    );
+    assert_eq!(published.len(), bodies.len());
+    assert_per_entity_order(&messages);
+    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    assert_eq!(ready["broker"]["status"], "up");
+}
+
+/// Starts a relay with a database pool of its own, as another process would have.
+async fn start_relay(settings: &Settings, shutdown: &CancellationToken) -> RelayHealth {
+    let db = kci_receiver::store::connect(&settings.database)
+        .await
+        .unwrap();
+    let health = RelayHealth::default();
+    let relay = Relay::new(
+        db,
+        settings.amqp.clone(),
+        settings.relay.clone(),
+        OutboxSignal::default(),
+        health.clone(),
+    );
+    tokio::spawn(relay.run(shutdown.child_token()));
+    health
+}
+
+/// Posts `per_entity` KCIs for each of `entities` entities: entities in parallel, each entity's
+/// KCIs in order.
+async fn post_lifecycles(app: &TestApp, first_gateway_id: u64, entities: u64, per_entity: i64) {
+    join_all((0..entities).map(|entity| async move {
+        for sequence in 1..=per_entity {
+            let body = kci(
+                "SERVICE_PROBLEM",
+                first_gateway_id + entity,
+                sequence,
+                "IN_PROGRESS",
+                "UPDATE",
+            );
+            assert_eq!(
+                app.post_kci(&body, "conv-many").await.status().as_u16(),
+                204
+            );
+        }
+    }))
+    .await;
+}
+
+#[tokio::test]
+async fn two_relays_on_one_postgres_share_the_work_and_keep_per_entity_order() {
+    let broker = TestBroker::new(true).await;
+    let capture = broker.capture("kci.#").await;
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let mut settings = test_settings(&database.url);
+    broker.apply(&mut settings);
+    settings.relay.enabled = false; // the two relays below do the publishing
+    settings.relay.batch_size = 20;
+    let app = spawn_on(database, settings.clone()).await;
+    let shutdown = CancellationToken::new();
+    let first = start_relay(&settings, &shutdown).await;
+    let second = start_relay(&settings, &shutdown).await;
+
+    post_lifecycles(&app, 5000, 50, 20).await;
+    let messages = capture
+        .wait_for_distinct(1000, Duration::from_secs(60))
+        .await;
+    shutdown.cancel();
+    assert_eq!(first_arrivals(&messages).len(), 1000, "every event arrived");
+    assert_per_entity_order(&messages);
+    let duplicated = duplicates(&messages);
+    println!(
+        "two relays, 1000 events over 50 entities: {} + {} published, {duplicated} duplicates",
+        first.published(),
+        second.published()
+    );
+    assert!(
+        first.published() > 0 && second.published() > 0,
+        "both relays did part of the work"
+    );
+    assert_eq!(
+        first.published() + second.published(),
+        1000,
+        "no event was published twice"
+    );
+    assert_eq!(duplicated, 0, "no duplicates in the normal case");
+    assert_eq!(
+        app.count("FROM outbox_event WHERE status = 'PUBLISHED'")
+            .await,
+        1000
+    );
+}
+
+fn relay_process(settings: &Settings, database_url: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_kci-receiver"))
+        .arg("relay")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("KCI_ENVIRONMENT", "test-no-such-file")
+        .env("KCI__GATEWAY_AUTH__BASIC_PASSWORD", "unused")
+        .env("KCI__DATABASE__URL", database_url)
+        .env("KCI__AMQP__URL", crate::helpers::amqp_url())
+        .env("KCI__AMQP__EXCHANGE", &settings.amqp.exchange)
+        .env(
+            "KCI__AMQP__ALTERNATE_EXCHANGE",
+            &settings.amqp.alternate_exchange,
+        )
+        .env("KCI__AMQP__UNROUTED_QUEUE", &settings.amqp.unrouted_queue)
+        .env("KCI__RELAY__BATCH_SIZE", "10")
+        .env("KCI__LOG__FILTER", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start kci-receiver relay")
+}
+
+#[tokio::test]
+async fn a_relay_killed_mid_batch_and_restarted_delivers_every_event_at_least_once() {
+    let broker = TestBroker::new(true).await;
+    let capture = broker.capture("kci.#").await;
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let database_url = database.url.clone();
+    let mut settings = test_settings(&database.url);
+    broker.apply(&mut settings);
+    settings.relay.enabled = false;
+    let app = spawn_on(database, settings.clone()).await;
+    post_lifecycles(&app, 7000, 30, 10).await;
+
+    let mut relay = relay_process(&settings, &database_url);
+    let started = capture.wait_for(25, Duration::from_secs(30)).await;
+    relay.kill().expect("SIGKILL the relay");
+    relay.wait().unwrap();
+    let before_restart = first_arrivals(&capture.messages()).len();
+    println!(
+        "relay killed after {} of 300 events ({} seen when the kill was sent)",
+        before_restart,
+        started.len()
+    );
+
+    let mut relay = relay_process(&settings, &database_url);
+    let messages = capture
+        .wait_for_distinct(300, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        first_arrivals(&messages).len(),
+        300,
+        "every event arrived at least once"
+    );
+    assert_per_entity_order(&messages);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            app.count("FROM outbox_event WHERE status = 'PUBLISHED'")
+                .await
+                == 300
+        })
+        .await
+    );
+
+    // SIGTERM: the relay finishes its round and exits cleanly.
+    let pid = relay.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = relay.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay stops within 15 s of SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "graceful exit: {status}");
+}
+
+#[tokio::test]
+async fn events_the_broker_refuses_become_dead_and_are_published_once_retried() {
+    // No topology: the exchange does not exist, so the broker refuses every publish.
+    let broker = TestBroker::new(false).await;
+    let app = spawn_app_with(Backend::Sqlite, |settings| {
+        broker.apply(settings);
+        settings.amqp.declare_topology = false;
+        settings.relay.max_attempts = 3;
+    })
+    .await;
+    let first = kci("SERVICE_TEST", 801, 1, "SENT_TO_SUPPLIER", "UPDATE");
+    let second = kci("SERVICE_TEST", 802, 1, "SENT_TO_SUPPLIER", "UPDATE");
+    for body in [&first, &second] {
+        assert_eq!(app.post_kci(body, "conv-dead").await.status().as_u16(), 204);
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            app.count("FROM outbox_event WHERE status = 'DEAD'").await == 2
+        })
+        .await,
+        "both events die after 3 refusals"
+    );
+    let dead = app
+        .rows("SELECT attempts, last_error FROM outbox_event")
+        .await;
+    for row in &dead {
+        assert_eq!(row["attempts"], 3);
+        assert!(
+            row["last_error"].as_str().unwrap().contains("NOT_FOUND")
+                || row["last_error"].as_str().unwrap().contains("404"),
+            "{row}"
+        );
+    }
+
+    let listed: Value = app
+        .client
+        .get(format!("{}/api/v1/outbox/dead", app.address))
+        .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = listed["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    let first_event = items[0]["event_id"].as_str().unwrap().to_owned();
+
+    // The operator fixes the broker, then retries one event, then all.
+    broker.declare_topology().await;
+    let capture = broker.capture("kci.#").await;
+    let admin_post = |path: String| {
+        app.client
+            .post(format!("{}{path}", app.address))
+            .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+            .send()
+    };
+    let retried = admin_post(format!("/api/v1/outbox/dead/{first_event}/retry"))
+        .await
+        .unwrap();
+    assert_eq!(retried.status().as_u16(), 200);
+    let one = capture.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].message_id.as_deref(), Some(first_event.as_str()));
+    let again = admin_post(format!("/api/v1/outbox/dead/{first_event}/retry"))
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 404, "no longer dead");
+    let all: Value = admin_post("/api/v1/outbox/dead/retry".to_owned())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all["requeued"], 1);
+    let both = capture.wait_for(2, Duration::from_secs(15)).await;
+    assert_eq!(both.len(), 2);
+    assert_eq!(
+        app.count("FROM outbox_event WHERE status = 'PUBLISHED'")
+            .await,
+        2
+    );
+}
+
+#[tokio::test]
+async fn replaying_an_entity_publishes_its_events_again_with_the_same_message_ids_in_order() {
+    let broker = TestBroker::new(true).await;
+    let capture = broker.capture("kci.#").await;
+    let app = spawn_app_with(Backend::Postgres, |settings| broker.apply(settings)).await;
+    for sequence in 1..=3 {
+        let body = kci("MODIFY_ORDER", 901, sequence, "IN_PROGRESS", "UPDATE");
+        assert_eq!(
+            app.post_kci(&body, "conv-replay").await.status().as_u16(),
+            204
+        );
+    }
+    let other = kci("MODIFY_ORDER", 902, 1, "IN_PROGRESS", "UPDATE");
+    assert_eq!(
+        app.post_kci(&other, "conv-other").await.status().as_u16(),
+        204
+    );
+    let first_round = capture.wait_for(4, Duration::from_secs(15)).await;
+    assert_eq!(first_round.len(), 4);
+
+    let replay = |body: Value| {
+        app.client
+            .post(format!("{}/api/v1/outbox/replay", app.address))
+            .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+            .json(&body)
+            .send()
+    };
+    let answer: Value = replay(json!({"entityType": "MODIFY_ORDER", "gatewayId": "901"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["requeued"], 3);
+    let messages = capture.wait_for(7, Duration::from_secs(15)).await;
+    let ids = |messages: &[Captured]| -> Vec<Option<String>> {
+        messages
+            .iter()
+            .filter(|m| m.body["entity"]["gatewayId"] == "901")
+            .map(|m| m.message_id.clone())
+            .collect()
+    };
+    assert_eq!(
+        ids(&messages[4..]),
+        ids(&first_round),
+        "same message ids, same order"
+    );
+    assert_eq!(
+        app.count("FROM outbox_event WHERE publish_count = 2").await,
+        3
+    );
+
+    let by_conversation: Value = replay(json!({"conversationId": "conv-other"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(by_conversation["requeued"], 1);
+    let bad = replay(json!({"conversationId": "x", "entityType": "MODIFY_ORDER"}))
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 422);
+}
