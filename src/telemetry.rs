@@ -10,13 +10,15 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
 
-/// Installs the global subscriber. `RUST_LOG` overrides the configured filter.
+/// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides the configured filter.
 pub fn init(settings: &LogSettings) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.filter));
+    // stderr: stdout is for what commands print (`outbox dead` lines, `check-config`).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_writer(std::io::stderr);
     let result = match settings.format {
         LogFormat::Json => builder
             .json()

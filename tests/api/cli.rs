@@ -83,3 +83,129 @@ async fn migrate_creates_the_schema_and_serve_refuses_an_unmigrated_database_whe
         0
     );
 }
+
+#[tokio::test]
+async fn the_outbox_subcommands_show_the_backlog_list_dead_events_and_requeue_them() {
+    use crate::helpers::{kci, spawn_app};
+    let app = spawn_app(Backend::Sqlite).await;
+    for gateway_id in [1, 2] {
+        let body = kci("PROVIDE_ORDER", gateway_id, 1, "SENT_TO_SUPPLIER", "UPDATE");
+        assert_eq!(app.post_kci(&body, "conv-cli").await.status().as_u16(), 204);
+    }
+    let run = |args: &[&str]| {
+        let output = kci_receiver()
+            .args(args)
+            .env("KCI__GATEWAY_AUTH__BASIC_PASSWORD", "x")
+            .env("KCI__DATABASE__URL", app.database_url())
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+
+    let (ok, stdout, stderr) = run(&["outbox", "backlog"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("\"pending\":2"), "{stdout}");
+
+    sea_orm::ConnectionTrait::execute_unprepared(
+        &app.db,
+        "UPDATE outbox_event SET status = 'DEAD', attempts = 10",
+    )
+    .await
+    .unwrap();
+    let (ok, stdout, _) = run(&["outbox", "dead"]);
+    assert!(ok);
+    assert_eq!(
+        stdout.lines().count(),
+        2,
+        "one JSON line per dead event: {stdout}"
+    );
+    let first: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    let event_id = first["event_id"].as_str().unwrap().to_owned();
+
+    let (ok, stdout, _) = run(&["outbox", "retry", &event_id]);
+    assert!(ok);
+    assert!(stdout.contains("\"requeued\":1"), "{stdout}");
+    let (ok, stdout, _) = run(&["outbox", "retry", "--all"]);
+    assert!(ok);
+    assert!(stdout.contains("\"requeued\":1"), "{stdout}");
+    assert_eq!(
+        app.count("FROM outbox_event WHERE status = 'PENDING' AND attempts = 0")
+            .await,
+        2
+    );
+
+    let (ok, _, stderr) = run(&[
+        "outbox",
+        "replay",
+        "--conversation-id",
+        "c",
+        "--from",
+        "2024-01-01T00:00:00Z",
+        "--to",
+        "2025-01-01T00:00:00Z",
+    ]);
+    assert!(!ok, "one selection at a time");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+}
+
+#[test]
+fn the_asyncapi_document_names_every_routing_key_word_and_header_the_relay_publishes() {
+    let document =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/asyncapi.yaml"))
+            .unwrap();
+    for entity_type in kci_receiver::kci::EntityType::ALL {
+        assert!(
+            document.contains(&entity_type.as_str().to_lowercase()),
+            "{}",
+            entity_type.as_str()
+        );
+    }
+    let body = serde_json::json!({
+        "id": "0c6f2b8e-5a51-4d0b-9a0e-7d2f3c1b4e21", "supplier": "FIBRECO", "sequenceNumber": 1,
+        "deliveredOn": "2024-04-10T10:15:24.310Z", "updateType": "INFORMATIONAL", "entityType": "SERVICE_TEST",
+        "entity": {"id": 1, "status": "SENT_TO_SUPPLIER"}, "information": {"type": "UPDATE"}
+    });
+    let kci = kci_receiver::kci::parse_kci(&body).unwrap();
+    let message =
+        kci_receiver::outbox::envelope::build(&kci_receiver::outbox::envelope::EnvelopeFacts {
+            event_id: uuid::Uuid::nil(),
+            kci: &kci,
+            request_id: "r",
+            conversation_id: "c",
+            previous_status: None,
+            new_status: "SENT_TO_SUPPLIER",
+            applied: true,
+            correlation: entity::tracked_entity::Correlation::Unmatched,
+            original_request: None,
+            previous_sequence_number: None,
+            stale: false,
+            gap: false,
+            duplicate: false,
+            illegal: false,
+            accepted_at: chrono::Utc::now(),
+        });
+    for header in message.headers.as_object().unwrap().keys() {
+        assert!(
+            document.contains(&format!("{header}:")),
+            "header {header} is documented"
+        );
+    }
+    for (section, fields) in message.payload.as_object().unwrap() {
+        assert!(
+            document.contains(&format!("{section}:")),
+            "{section} is documented"
+        );
+        if let Some(fields) = fields.as_object().filter(|_| section != "kci") {
+            for field in fields.keys() {
+                assert!(
+                    document.contains(&format!("{field}:")),
+                    "{section}.{field} is documented"
+                );
+            }
+        }
+    }
+}

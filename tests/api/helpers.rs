@@ -182,7 +182,7 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings.server.workers = 2;
     settings.database.url = SecretString::from(database_url.to_owned());
     settings.database.max_connections = 10;
-    settings.database.acquire_timeout_ms = 1500;
+    settings.database.acquire_timeout_ms = 5000;
     settings.database.connect_timeout_ms = 1500;
     settings.gateway_auth.method = GatewayAuthMethod::Basic;
     settings.gateway_auth.basic_username = GATEWAY_USER.to_owned();
@@ -314,6 +314,11 @@ impl TestApp {
             .send()
             .await
             .expect("POST /kcis")
+    }
+
+    /// The URL the app's database is reached at.
+    pub fn database_url(&self) -> &str {
+        &self._database.url
     }
 
     /// GET a path of the app, without credentials.

@@ -14,7 +14,9 @@ use crate::helpers::{Backend, TcpProxy, TestDatabase, eventually, kci, spawn_on,
 async fn losing_the_database_gives_503_never_204_and_the_service_recovers_by_itself() {
     let database = TestDatabase::create(Backend::Postgres).await;
     let proxy = TcpProxy::start(database.postgres_addr()).await;
-    let settings = test_settings(&database.url_via_port(proxy.port));
+    let mut settings = test_settings(&database.url_via_port(proxy.port));
+    // Requests give up on the pool quickly while the database is gone.
+    settings.database.acquire_timeout_ms = 1500;
     let app = spawn_on(database, settings).await;
     let mut accepted: Vec<Value> = Vec::new();
     let mut next_id = 0u64;
