@@ -15,6 +15,8 @@ use serde::Deserialize;
 pub struct Settings {
     /// Name of this deployment, shown in logs and support requests (e.g. `production`, `cvt`).
     pub environment: String,
+    /// The CP's tenant name at the Fibre Cafe gateway, shown in support requests.
+    pub tenant: String,
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub gateway_auth: GatewayAuthSettings,

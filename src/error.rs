@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::store::StoreError;
 
 /// The gateway's error code enum (Tenant Updates 1.14, spec 1.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ErrorCode {
     GatewayFault,
@@ -43,7 +43,7 @@ impl ErrorCode {
 }
 
 /// The error body shared by all Fibre Cafe APIs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub uuid: Uuid,
     pub code: ErrorCode,

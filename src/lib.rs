@@ -7,6 +7,7 @@
 //! - [`lifecycle`]: the entity lifecycles, as data;
 //! - [`intake`]: where a KCI is stored, in one transaction with its effects;
 //! - [`outbox`]: what is published to RabbitMQ, and (later) the relay that publishes it;
+//! - [`operations`]: the read model behind the operations API and the dashboard;
 //! - [`store`]: database connection, migrations, error classification, audit log;
 //! - [`auth`], [`config`], [`telemetry`], [`startup`], [`cli`].
 
@@ -18,6 +19,7 @@ pub mod http;
 pub mod intake;
 pub mod kci;
 pub mod lifecycle;
+pub mod operations;
 pub mod outbox;
 pub mod startup;
 pub mod store;

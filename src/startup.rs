@@ -77,9 +77,11 @@ impl Application {
             settings: Arc::new(settings),
             outbox_signal,
             relay_health,
+            metrics: crate::http::metrics::Metrics::new(),
         });
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(crate::http::timing)
                 .wrap(TracingLogger::<KciRootSpan>::new())
                 .app_data(state.clone())
                 .configure(routes)

@@ -2,9 +2,12 @@
 
 use sea_orm::entity::prelude::*;
 use serde::Serialize;
+use utoipa::ToSchema;
 
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, ToSchema)]
 #[sea_orm(table_name = "audit_log")]
+#[serde(rename_all = "camelCase")]
+#[schema(as = AuditLog)]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
@@ -17,6 +20,7 @@ pub struct Model {
     pub principal: Option<String>,
     /// Request headers with credentials removed.
     #[sea_orm(column_type = "JsonBinary")]
+    #[schema(value_type = Object)]
     pub request_headers: Json,
     /// The body as received (lossy UTF-8); none when it was too large to keep.
     #[sea_orm(column_type = "Text", nullable)]
@@ -29,7 +33,7 @@ pub struct Model {
     pub error_code: Option<String>,
     pub outcome: String,
     pub kci_id: Option<Uuid>,
-    pub received_at: DateTimeUtc,
+    pub received_at: chrono::DateTime<chrono::Utc>,
     pub duration_ms: i64,
 }
 

@@ -2,9 +2,12 @@
 
 use sea_orm::entity::prelude::*;
 use serde::Serialize;
+use utoipa::ToSchema;
 
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, ToSchema)]
 #[sea_orm(table_name = "conversation")]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Conversation)]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
@@ -18,14 +21,15 @@ pub struct Model {
     /// The gateway id from the call's response (`id`), when known.
     pub gateway_id: Option<String>,
     #[sea_orm(column_type = "JsonBinary", nullable)]
+    #[schema(value_type = Object)]
     pub request_body: Option<Json>,
     pub response_status: Option<i32>,
     pub source: ConversationSource,
-    pub registered_at: DateTimeUtc,
+    pub registered_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// How the original request became known to us.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, ToSchema)]
 #[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ConversationSource {

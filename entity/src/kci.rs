@@ -2,9 +2,12 @@
 
 use sea_orm::entity::prelude::*;
 use serde::Serialize;
+use utoipa::ToSchema;
 
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, ToSchema)]
 #[sea_orm(table_name = "kci")]
+#[serde(rename_all = "camelCase")]
+#[schema(as = Kci)]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
@@ -19,26 +22,27 @@ pub struct Model {
     /// `information.type`, `action.type` or `error.code`, by update type.
     pub reason: String,
     pub sequence_number: i64,
-    pub issued_on: Option<DateTimeUtc>,
-    pub received_on: Option<DateTimeUtc>,
-    pub delivered_on: DateTimeUtc,
+    pub issued_on: Option<chrono::DateTime<chrono::Utc>>,
+    pub received_on: Option<chrono::DateTime<chrono::Utc>>,
+    pub delivered_on: chrono::DateTime<chrono::Utc>,
     /// The body exactly as received.
     #[sea_orm(column_type = "Text")]
     pub raw_body: String,
     /// The request headers, credentials removed.
     #[sea_orm(column_type = "JsonBinary")]
+    #[schema(value_type = Object)]
     pub headers: Json,
     pub outcome: KciOutcome,
     /// Identical redeliveries answered 204 without any change.
     pub redelivery_count: i32,
-    pub last_redelivered_at: Option<DateTimeUtc>,
+    pub last_redelivered_at: Option<chrono::DateTime<chrono::Utc>>,
     /// Redeliveries of this `id` whose content differed: recorded as anomalies, not applied.
     pub anomaly_count: i32,
-    pub received_at: DateTimeUtc,
+    pub received_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What processing did with a KCI.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, ToSchema)]
 #[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum KciOutcome {

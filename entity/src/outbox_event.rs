@@ -2,9 +2,12 @@
 
 use sea_orm::entity::prelude::*;
 use serde::Serialize;
+use utoipa::ToSchema;
 
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, ToSchema)]
 #[sea_orm(table_name = "outbox_event")]
+#[serde(rename_all = "camelCase")]
+#[schema(as = OutboxEvent)]
 pub struct Model {
     /// Insertion order: per entity, events are published in this order.
     #[sea_orm(primary_key)]
@@ -20,23 +23,25 @@ pub struct Model {
     pub message_type: String,
     /// AMQP headers, as a JSON object of strings and numbers.
     #[sea_orm(column_type = "JsonBinary")]
+    #[schema(value_type = Object)]
     pub headers: Json,
     /// The message body: the envelope of design.md's AMQP contract.
     #[sea_orm(column_type = "JsonBinary")]
+    #[schema(value_type = Object)]
     pub payload: Json,
     pub status: OutboxStatus,
     pub attempts: i32,
-    pub next_attempt_at: DateTimeUtc,
+    pub next_attempt_at: chrono::DateTime<chrono::Utc>,
     #[sea_orm(column_type = "Text", nullable)]
     pub last_error: Option<String>,
-    pub created_at: DateTimeUtc,
-    pub published_at: Option<DateTimeUtc>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    pub published_at: Option<chrono::DateTime<chrono::Utc>>,
     /// How many times the broker confirmed this event (more than 1 after a replay, or after a
     /// relay died between the broker's confirm and its own commit).
     pub publish_count: i32,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, ToSchema)]
 #[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OutboxStatus {

@@ -2,9 +2,12 @@
 
 use sea_orm::entity::prelude::*;
 use serde::Serialize;
+use utoipa::ToSchema;
 
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, ToSchema)]
 #[sea_orm(table_name = "state_transition")]
+#[serde(rename_all = "camelCase")]
+#[schema(as = StateTransition)]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
@@ -34,10 +37,10 @@ pub struct Model {
     /// Human-readable detail of the flags (which values are unknown, which fields differ, ...).
     #[sea_orm(column_type = "Text", nullable)]
     pub note: Option<String>,
-    pub issued_on: Option<DateTimeUtc>,
-    pub received_on: Option<DateTimeUtc>,
-    pub delivered_on: DateTimeUtc,
-    pub recorded_at: DateTimeUtc,
+    pub issued_on: Option<chrono::DateTime<chrono::Utc>>,
+    pub received_on: Option<chrono::DateTime<chrono::Utc>>,
+    pub delivered_on: chrono::DateTime<chrono::Utc>,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

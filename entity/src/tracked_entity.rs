@@ -3,9 +3,12 @@
 
 use sea_orm::entity::prelude::*;
 use serde::Serialize;
+use utoipa::ToSchema;
 
-#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel, Serialize, ToSchema)]
 #[sea_orm(table_name = "tracked_entity")]
+#[serde(rename_all = "camelCase")]
+#[schema(as = TrackedEntity)]
 pub struct Model {
     #[sea_orm(primary_key)]
     pub id: i64,
@@ -21,6 +24,7 @@ pub struct Model {
     pub status: String,
     /// `entity` of the newest applied KCI: every KCI carries the full latest snapshot.
     #[sea_orm(column_type = "JsonBinary")]
+    #[schema(value_type = Object)]
     pub snapshot: Json,
     pub last_sequence_number: i64,
     pub last_kci_id: Uuid,
@@ -38,15 +42,15 @@ pub struct Model {
     pub flag_unknown_value: bool,
     /// KCIs recorded for this entity (redeliveries are counted on the KCI, not here).
     pub kci_count: i64,
-    pub first_seen_at: DateTimeUtc,
+    pub first_seen_at: chrono::DateTime<chrono::Utc>,
     /// When the newest KCI about this entity arrived, applied or not ("stuck" is measured from it).
-    pub last_kci_at: DateTimeUtc,
+    pub last_kci_at: chrono::DateTime<chrono::Utc>,
     /// When the current state was last applied.
-    pub updated_at: DateTimeUtc,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Whether the entity is linked to the original request that started it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, ToSchema)]
 #[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Correlation {

@@ -9,6 +9,13 @@ use crate::auth::OpsRole;
 use crate::error::ApiError;
 use crate::intake::conversations::{NewConversation, register as register_conversation};
 
+#[utoipa::path(post, path = "/api/v1/conversations", tag = "operations",
+    request_body = NewConversation,
+    responses((status = 201, description = "Registered; `matchedEntities` were waiting for it"),
+              (status = 200, description = "Already registered (idempotent); only missing facts were filled in"),
+              (status = 422, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+              (status = 403, body = crate::error::ErrorBody)),
+    security(("operations_basic" = [])))]
 pub async fn register(
     request: HttpRequest,
     body: web::Bytes,

@@ -9,6 +9,7 @@ use crate::outbox::relay::BrokerState;
 use crate::outbox::store as outbox_store;
 
 /// Alive: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
@@ -16,6 +17,7 @@ pub async fn healthz() -> HttpResponse {
 /// Ready: the database answers a query. The broker's state is reported but does not make the
 /// instance unready: KCIs are still accepted while the broker is down (they wait in the outbox),
 /// and taking every instance out of the load balancer would stop intake altogether.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "The database answers; broker and outbox reported"), (status = 503, description = "The database does not answer")))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let broker = match state.relay_health.state() {
         BrokerState::NotRunning => json!({"status": "not_running_here"}),

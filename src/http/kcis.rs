@@ -24,6 +24,56 @@ const X_CONVERSATION_ID: &str = "x-conversation-id";
 /// Longest correlation header we store; the docs give no limit (spec 1.1).
 const MAX_ID_HEADER_LEN: usize = 255;
 
+/// The KCI body (Tenant Updates API 1.14): one of 7 entity types x 3 update types. Only the
+/// envelope is described here; every other field is kept as received.
+#[derive(utoipa::ToSchema)]
+#[schema(example = json!({"id": "0c6f2b8e-5a51-4d0b-9a0e-7d2f3c1b4e21", "supplier": "FIBRECO", "sequenceNumber": 3,
+    "deliveredOn": "2024-04-10T10:15:24.310Z", "updateType": "INFORMATIONAL", "entityType": "PROVIDE_ORDER",
+    "entity": {"id": 12345, "status": "IN_PROGRESS"}, "information": {"type": "COMMITTED"}}))]
+#[allow(
+    dead_code,
+    reason = "describes the body for OpenAPI only; the handler parses it with crate::kci"
+)]
+pub struct KciBody {
+    /// UUID: the permanent idempotency key.
+    id: uuid::Uuid,
+    /// `^\w{1,20}$`
+    supplier: String,
+    /// Per entity, >= 1.
+    sequence_number: i64,
+    issued_on: Option<chrono::DateTime<chrono::Utc>>,
+    received_on: Option<chrono::DateTime<chrono::Utc>>,
+    delivered_on: chrono::DateTime<chrono::Utc>,
+    /// `INFORMATIONAL` (with `information`), `ACTION_REQUIRED` (with `action`) or `ERROR` (with `error`).
+    update_type: String,
+    /// `PROVIDE_ORDER`, `CEASE_ORDER`, `MODIFY_ORDER`, `UNSOLICITED_CEASE_ORDER`, `PROVIDE_ETHERNET_ORDER`, `SERVICE_TEST`, `SERVICE_PROBLEM`.
+    entity_type: String,
+    /// The latest snapshot of the entity, with at least `id` and `status`.
+    #[schema(value_type = Object)]
+    entity: serde_json::Value,
+    #[schema(value_type = Option<Object>)]
+    information: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    action: Option<serde_json::Value>,
+    #[schema(value_type = Option<Object>)]
+    error: Option<serde_json::Value>,
+}
+
+#[utoipa::path(post, path = "/kcis", tag = "tenant updates",
+    request_body(content = KciBody, content_type = "application/json"),
+    params(("X-Request-ID" = String, Header, description = "Unique per request"),
+           ("X-Conversation-ID" = String, Header, description = "Matches the header of the request that created the order, test or problem")),
+    responses(
+        (status = 204, description = "Update was received and will be processed (committed before this answer)"),
+        (status = 400, description = "Malformed: missing header, not JSON, wrong content type", body = crate::error::ErrorBody),
+        (status = 401, description = "Unauthorised", body = crate::error::ErrorBody),
+        (status = 403, description = "Not permitted", body = crate::error::ErrorBody),
+        (status = 413, description = "Body too large", body = crate::error::ErrorBody),
+        (status = 422, description = "Failed validation; every problem named by its field path", body = crate::error::ErrorBody),
+        (status = 500, description = "Unexpected system error", body = crate::error::ErrorBody),
+        (status = 503, description = "Temporarily unavailable: retry after Retry-After seconds", body = crate::error::ErrorBody),
+    ),
+    security(("gateway_basic" = []), ("gateway_bearer" = [])))]
 pub async fn post_kci(
     request: HttpRequest,
     payload: web::Payload,
@@ -48,8 +98,18 @@ pub async fn post_kci(
         received_at: Utc::now(),
     };
 
-    let mut response = match accept(&request, payload, &state, &mut audit).await {
+    // Labels of the KCI counter, known once the body is understood.
+    let mut kind = ("unknown", "unknown");
+    let mut response = match accept(&request, payload, &state, &mut audit, &mut kind).await {
         Ok(recorded) => {
+            let outcome = match recorded.outcome {
+                intake::Outcome::Applied => "applied",
+                intake::Outcome::Stale => "stale",
+                intake::Outcome::DuplicateSequence => "duplicate_sequence",
+                intake::Outcome::Redelivered => "redelivered",
+                intake::Outcome::Anomaly => "anomaly",
+            };
+            state.metrics.kci_received(kind.0, kind.1, outcome);
             if recorded.event_id.is_some() {
                 state.outbox_signal.notify();
             }
@@ -61,7 +121,11 @@ pub async fn post_kci(
             );
             HttpResponse::NoContent().finish()
         }
-        Err(error) => reject(&error, &state, audit).await,
+        Err(error) => {
+            let outcome = format!("rejected_{}", error.status().as_u16());
+            state.metrics.kci_received(kind.0, kind.1, &outcome);
+            reject(&error, &state, audit).await
+        }
     };
     echo_correlation_headers(&request, &mut response);
     response
@@ -73,6 +137,7 @@ async fn accept(
     payload: web::Payload,
     state: &AppState,
     audit: &mut AuditRecord,
+    kind: &mut (&'static str, &'static str),
 ) -> Result<intake::Recorded, ApiError> {
     audit.principal = Some(state.auth.gateway(request.headers()).await?);
 
@@ -95,6 +160,7 @@ async fn accept(
         ApiError::Invalid(problems.iter().map(ToString::to_string).collect())
     })?;
     audit.kci_id = Some(kci.id);
+    *kind = (kci.entity_type.as_str(), kci.update.update_type().as_str());
     let raw_body = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::Malformed(vec!["The body is not UTF-8".to_owned()]))?;
 

@@ -1,12 +1,22 @@
 //! The HTTP surface: routes and the state handlers share.
+//!
+//! - `POST /kcis` ([`kcis`]): the Tenant Updates API, called by the gateway;
+//! - `/api/v1/...` ([`operations`], [`conversations`], [`outbox`]): the operations API;
+//! - `/dashboard`, `/metrics`, `/openapi.json`, `/healthz`, `/readyz`.
 
 pub mod conversations;
+pub mod dashboard;
 pub mod health;
 pub mod kcis;
+pub mod metrics;
+pub mod openapi;
+pub mod operations;
 pub mod outbox;
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use actix_web::dev::Service;
 use actix_web::{HttpResponse, web};
 use sea_orm::DatabaseConnection;
 
@@ -25,19 +35,81 @@ pub struct AppState {
     pub outbox_signal: OutboxSignal,
     /// The broker as this process's relay sees it.
     pub relay_health: RelayHealth,
+    pub metrics: metrics::Metrics,
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
+    use operations as ops;
+    // Malformed query strings and paths answer in the gateway's error format too.
+    cfg.app_data(
+        web::QueryConfig::default()
+            .error_handler(|error, _| ApiError::Malformed(vec![format!("query: {error}")]).into()),
+    )
+    .app_data(
+        web::PathConfig::default()
+            .error_handler(|error, _| ApiError::Malformed(vec![format!("path: {error}")]).into()),
+    )
+    .service(
         web::resource("/kcis")
             .route(web::post().to(kcis::post_kci))
             .default_service(web::to(method_not_allowed)),
     )
     .route("/healthz", web::get().to(health::healthz))
     .route("/readyz", web::get().to(health::readyz))
+    .route("/metrics", web::get().to(metrics_doc))
+    .route("/openapi.json", web::get().to(openapi_doc))
+    .route("/dashboard", web::get().to(dashboard::dashboard))
     .service(
         web::scope("/api/v1")
+            .route("/service-orders", web::get().to(ops::list_service_orders))
+            .route(
+                "/service-orders/{id}",
+                web::get().to(ops::get_service_order),
+            )
+            .route(
+                "/service-orders/{id}/history",
+                web::get().to(ops::service_order_history),
+            )
+            .route(
+                "/ethernet/service-orders",
+                web::get().to(ops::list_ethernet_service_orders),
+            )
+            .route(
+                "/ethernet/service-orders/{id}",
+                web::get().to(ops::get_ethernet_service_order),
+            )
+            .route(
+                "/ethernet/service-orders/{id}/history",
+                web::get().to(ops::ethernet_service_order_history),
+            )
+            .route("/service-tests", web::get().to(ops::list_service_tests))
+            .route("/service-tests/{id}", web::get().to(ops::get_service_test))
+            .route(
+                "/service-tests/{id}/history",
+                web::get().to(ops::service_test_history),
+            )
+            .route(
+                "/service-problems",
+                web::get().to(ops::list_service_problems),
+            )
+            .route(
+                "/service-problems/{id}",
+                web::get().to(ops::get_service_problem),
+            )
+            .route(
+                "/service-problems/{id}/history",
+                web::get().to(ops::service_problem_history),
+            )
+            .route("/entities", web::get().to(ops::list_all_entities))
             .route("/conversations", web::post().to(conversations::register))
+            .route(
+                "/conversations/{conversation_id}",
+                web::get().to(ops::get_conversation),
+            )
+            .route("/kcis/{kci_id}", web::get().to(ops::get_kci))
+            .route("/audit/{request_id}", web::get().to(ops::get_audit))
+            .route("/attention", web::get().to(ops::get_attention))
+            .route("/search", web::get().to(ops::search))
             .route("/outbox/dead", web::get().to(outbox::list_dead))
             .route("/outbox/dead/retry", web::post().to(outbox::retry_all))
             .route(
@@ -47,6 +119,50 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .route("/outbox/replay", web::post().to(outbox::replay)),
     )
     .default_service(web::to(not_found));
+}
+
+/// Times every request into the latency histogram, labelled by route pattern (not raw path, to
+/// keep the label set small).
+pub fn timing<S, B>(
+    request: actix_web::dev::ServiceRequest,
+    service: &S,
+) -> impl std::future::Future<Output = Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>>
++ use<S, B>
+where
+    S: Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+{
+    let started = Instant::now();
+    let route = request
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().to_string();
+    let state = request.app_data::<web::Data<AppState>>().cloned();
+    let response = service.call(request);
+    async move {
+        let response = response.await?;
+        if let Some(state) = state {
+            state
+                .metrics
+                .observe_request(&route, &method, response.status().as_u16(), started);
+        }
+        Ok(response)
+    }
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics_doc(state: web::Data<AppState>) -> HttpResponse {
+    metrics::metrics(state).await
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
+async fn openapi_doc() -> HttpResponse {
+    openapi::openapi_json().await
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -22,6 +22,10 @@ pub struct DeadQuery {
 }
 
 /// `GET /api/v1/outbox/dead`: events the broker kept refusing, oldest first.
+#[utoipa::path(get, path = "/api/v1/outbox/dead", tag = "operations",
+    params(("after" = Option<i64>, Query, description = "Cursor: the previous page's nextCursor"), ("limit" = Option<u64>, Query, description = "1 to 1000, default 100")),
+    responses((status = 200, description = "Dead events, oldest first: {items, nextCursor}"), (status = 401, body = crate::error::ErrorBody)),
+    security(("operations_basic" = [])))]
 pub async fn list_dead(
     request: HttpRequest,
     query: web::Query<DeadQuery>,
@@ -37,6 +41,10 @@ pub async fn list_dead(
 }
 
 /// `POST /api/v1/outbox/dead/{eventId}/retry`
+#[utoipa::path(post, path = "/api/v1/outbox/dead/{eventId}/retry", tag = "operations",
+    params(("eventId" = uuid::Uuid, Path, description = "The event id (AMQP message_id)")),
+    responses((status = 200, description = "{requeued: 1}"), (status = 404, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
+    security(("operations_basic" = [])))]
 pub async fn retry_one(
     request: HttpRequest,
     path: web::Path<Uuid>,
@@ -51,6 +59,9 @@ pub async fn retry_one(
 }
 
 /// `POST /api/v1/outbox/dead/retry`: every dead event.
+#[utoipa::path(post, path = "/api/v1/outbox/dead/retry", tag = "operations",
+    responses((status = 200, description = "{requeued: n}"), (status = 403, body = crate::error::ErrorBody)),
+    security(("operations_basic" = [])))]
 pub async fn retry_all(
     request: HttpRequest,
     state: web::Data<AppState>,
@@ -61,7 +72,7 @@ pub async fn retry_all(
 }
 
 /// What to replay: exactly one of an entity, a conversation, or a time range.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReplayRequest {
     entity_type: Option<String>,
@@ -103,6 +114,9 @@ impl ReplayRequest {
 }
 
 /// `POST /api/v1/outbox/replay`: publish again (same message ids) what was already published.
+#[utoipa::path(post, path = "/api/v1/outbox/replay", tag = "operations", request_body = ReplayRequest,
+    responses((status = 200, description = "{requeued: n}"), (status = 422, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
+    security(("operations_basic" = [])))]
 pub async fn replay(
     request: HttpRequest,
     body: web::Bytes,

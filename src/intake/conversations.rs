@@ -17,7 +17,7 @@ use super::begin_write;
 use crate::store::StoreError;
 
 /// An original request to register.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewConversation {
     /// The `X-Conversation-ID` the request carried.
@@ -27,8 +27,10 @@ pub struct NewConversation {
     /// `METHOD /path` of the Tenant API call, e.g. `POST /service-orders`.
     pub operation: String,
     /// The request body as sent to the Tenant API.
+    #[schema(value_type = Option<Object>)]
     pub request_body: Option<Value>,
     /// `id` from the Tenant API's response, when known (a number or a string).
+    #[schema(value_type = Option<String>)]
     pub gateway_id: Option<Value>,
     /// The Tenant API's response status, when known.
     pub response_status: Option<u16>,

@@ -124,7 +124,7 @@ async fn the_outbox_subcommands_show_the_backlog_list_dead_events_and_requeue_th
         "one JSON line per dead event: {stdout}"
     );
     let first: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
-    let event_id = first["event_id"].as_str().unwrap().to_owned();
+    let event_id = first["eventId"].as_str().unwrap().to_owned();
 
     let (ok, stdout, _) = run(&["outbox", "retry", &event_id]);
     assert!(ok);

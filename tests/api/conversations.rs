@@ -13,7 +13,7 @@ async fn registering_a_conversation_is_idempotent_and_fills_in_what_was_missing(
     assert_eq!(response.status().as_u16(), 201);
     let created: Value = response.json().await.unwrap();
     assert_eq!(created["created"], true);
-    assert_eq!(created["conversation"]["entity_type"], "SERVICE_TEST");
+    assert_eq!(created["conversation"]["entityType"], "SERVICE_TEST");
 
     let mut again = first.clone();
     again["gatewayId"] = json!("4242");
@@ -26,7 +26,7 @@ async fn registering_a_conversation_is_idempotent_and_fills_in_what_was_missing(
         existing["conversation"]["operation"], "POST /service-tests",
         "never overwritten"
     );
-    assert_eq!(existing["conversation"]["gateway_id"], "4242", "filled in");
+    assert_eq!(existing["conversation"]["gatewayId"], "4242", "filled in");
     assert_eq!(app.count("FROM conversation").await, 1);
 }
 

@@ -531,7 +531,7 @@ async fn events_the_broker_refuses_become_dead_and_are_published_once_retried() 
         .unwrap();
     let items = listed["items"].as_array().unwrap();
     assert_eq!(items.len(), 2);
-    let first_event = items[0]["event_id"].as_str().unwrap().to_owned();
+    let first_event = items[0]["eventId"].as_str().unwrap().to_owned();
 
     // The operator fixes the broker, then retries one event, then all.
     broker.declare_topology().await;

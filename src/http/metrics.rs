@@ -1,0 +1,229 @@
+//! `GET /metrics`, in Prometheus' text format.
+//!
+//! Counted as things happen: KCIs received (by entity type, update type, outcome) and request
+//! latency. Read at scrape time: entities by status, the outbox backlog and its oldest age, dead
+//! events, the relay's publishes and refusals, and the database pool.
+
+use std::time::Instant;
+
+use actix_web::{HttpResponse, web};
+use chrono::Utc;
+use entity::outbox_event::{self, OutboxStatus};
+use entity::tracked_entity;
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+use sea_orm::{
+    ColumnTrait, DbBackend, EntityTrait, FromQueryResult, PaginatorTrait, QueryFilter, QuerySelect,
+};
+
+use super::AppState;
+use crate::outbox::store as outbox_store;
+
+pub struct Metrics {
+    registry: Registry,
+    kcis_received: IntCounterVec,
+    request_duration: HistogramVec,
+    entities: IntGaugeVec,
+    outbox_pending: IntGauge,
+    outbox_oldest_age: Gauge,
+    outbox_dead: IntGauge,
+    published: IntCounter,
+    refused: IntCounter,
+    pool: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry =
+            Registry::new_custom(Some("kci_receiver".to_owned()), None).expect("a valid prefix");
+        let kcis_received = IntCounterVec::new(
+            Opts::new(
+                "kcis_received_total",
+                "POST /kcis requests by KCI entity type, update type and outcome",
+            ),
+            &["entity_type", "update_type", "outcome"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new("http_request_duration_seconds", "HTTP request latency").buckets(
+                vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            ),
+            &["route", "method", "status"],
+        )
+        .expect("valid metric");
+        let entities = IntGaugeVec::new(
+            Opts::new(
+                "tracked_entities",
+                "Orders, tests and problems by entity type and current status",
+            ),
+            &["entity_type", "status"],
+        )
+        .expect("valid metric");
+        let outbox_pending = IntGauge::new(
+            "outbox_pending_events",
+            "Outbox events waiting to be published",
+        )
+        .expect("valid metric");
+        let outbox_oldest_age = Gauge::new(
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest outbox event waiting to be published (0 when none waits)",
+        )
+        .expect("valid metric");
+        let outbox_dead = IntGauge::new(
+            "outbox_dead_events",
+            "Outbox events the broker kept refusing",
+        )
+        .expect("valid metric");
+        let published = IntCounter::new(
+            "outbox_published_total",
+            "Outbox events this process's relay published (broker confirmed)",
+        )
+        .expect("valid metric");
+        let refused = IntCounter::new(
+            "outbox_publish_failures_total",
+            "Broker refusals (nack, return, channel error) this process's relay met",
+        )
+        .expect("valid metric");
+        let pool = IntGaugeVec::new(
+            Opts::new("database_pool_connections", "Database pool connections"),
+            &["state"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(kcis_received.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(entities.clone()),
+            Box::new(outbox_pending.clone()),
+            Box::new(outbox_oldest_age.clone()),
+            Box::new(outbox_dead.clone()),
+            Box::new(published.clone()),
+            Box::new(refused.clone()),
+            Box::new(pool.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            kcis_received,
+            request_duration,
+            entities,
+            outbox_pending,
+            outbox_oldest_age,
+            outbox_dead,
+            published,
+            refused,
+            pool,
+        }
+    }
+
+    pub fn kci_received(&self, entity_type: &str, update_type: &str, outcome: &str) {
+        self.kcis_received
+            .with_label_values(&[entity_type, update_type, outcome])
+            .inc();
+    }
+
+    pub fn observe_request(&self, route: &str, method: &str, status: u16, started: Instant) {
+        self.request_duration
+            .with_label_values(&[route, method, &status.to_string()])
+            .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[derive(FromQueryResult)]
+struct StatusCount {
+    entity_type: String,
+    status: String,
+    n: i64,
+}
+
+/// Reads the scrape-time values; a database error leaves them as they were.
+async fn refresh(state: &AppState) -> Result<(), crate::store::StoreError> {
+    let metrics = &state.metrics;
+    let counts = tracked_entity::Entity::find()
+        .select_only()
+        .column(tracked_entity::Column::EntityType)
+        .column(tracked_entity::Column::Status)
+        .column_as(tracked_entity::Column::Id.count(), "n")
+        .group_by(tracked_entity::Column::EntityType)
+        .group_by(tracked_entity::Column::Status)
+        .into_model::<StatusCount>()
+        .all(&state.db)
+        .await?;
+    metrics.entities.reset();
+    for count in counts {
+        metrics
+            .entities
+            .with_label_values(&[&count.entity_type, &count.status])
+            .set(count.n);
+    }
+    let (pending, oldest) = outbox_store::backlog(&state.db).await?;
+    metrics.outbox_pending.set(pending as i64);
+    metrics.outbox_oldest_age.set(oldest.map_or(0.0, |created| {
+        (Utc::now() - created).num_milliseconds().max(0) as f64 / 1000.0
+    }));
+    let dead = outbox_event::Entity::find()
+        .filter(outbox_event::Column::Status.eq(OutboxStatus::Dead))
+        .count(&state.db)
+        .await?;
+    metrics.outbox_dead.set(dead as i64);
+    Ok(())
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    if let Err(error) = refresh(&state).await {
+        tracing::warn!(error = %error, "metrics: could not read the database");
+    }
+    let metrics = &state.metrics;
+    // The relay counts in memory; the counters follow it.
+    let published = state.relay_health.published();
+    metrics
+        .published
+        .inc_by(published.saturating_sub(metrics.published.get()));
+    let refused = state.relay_health.refused();
+    metrics
+        .refused
+        .inc_by(refused.saturating_sub(metrics.refused.get()));
+    let (size, idle) = match state.db.get_database_backend() {
+        DbBackend::Postgres => {
+            let pool = state.db.get_postgres_connection_pool();
+            (pool.size(), pool.num_idle() as u32)
+        }
+        DbBackend::Sqlite => {
+            let pool = state.db.get_sqlite_connection_pool();
+            (pool.size(), pool.num_idle() as u32)
+        }
+        _ => (0, 0),
+    };
+    metrics
+        .pool
+        .with_label_values(&["idle"])
+        .set(i64::from(idle));
+    metrics
+        .pool
+        .with_label_values(&["in_use"])
+        .set(i64::from(size.saturating_sub(idle)));
+    metrics
+        .pool
+        .with_label_values(&["max"])
+        .set(i64::from(state.settings.database.max_connections));
+
+    let mut buffer = Vec::new();
+    if let Err(error) = TextEncoder::new().encode(&metrics.registry.gather(), &mut buffer) {
+        tracing::error!(error = %error, "metrics: could not encode");
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(buffer)
+}

@@ -1,0 +1,11 @@
+//! The operations read model: what the operations API and the dashboard show (design.md,
+//! "Operations API"). Queries only; nothing here writes.
+//!
+//! - [`queries`]: entity lists with filters and cursors, details, history, conversations, KCIs,
+//!   audit records, search and "what needs attention";
+//! - [`support`]: the text of a support request to the gateway's desk;
+//! - [`duration`]: ISO-8601 durations for "stuck for longer than".
+
+pub mod duration;
+pub mod queries;
+pub mod support;

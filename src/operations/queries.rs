@@ -1,0 +1,608 @@
+//! Read queries of the operations API.
+
+use base64::Engine;
+use chrono::{DateTime, Utc};
+use entity::outbox_event::{self, OutboxStatus};
+use entity::tracked_entity::{self, Correlation};
+use entity::{audit_log, conversation, kci, state_transition};
+use sea_orm::{
+    ColumnTrait, Condition, ConnectionTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
+    QuerySelect,
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::kci::EntityType;
+use crate::store::StoreError;
+
+/// The Tenant API's resource families, which the operations API's paths mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `/service-orders`: provide, cease, modify and unsolicited cease orders.
+    ServiceOrders,
+    /// `/ethernet/service-orders`.
+    EthernetServiceOrders,
+    /// `/service-tests`.
+    ServiceTests,
+    /// `/service-problems`.
+    ServiceProblems,
+}
+
+impl Family {
+    pub fn entity_types(self) -> &'static [EntityType] {
+        match self {
+            Family::ServiceOrders => &[
+                EntityType::ProvideOrder,
+                EntityType::CeaseOrder,
+                EntityType::ModifyOrder,
+                EntityType::UnsolicitedCeaseOrder,
+            ],
+            Family::EthernetServiceOrders => &[EntityType::ProvideEthernetOrder],
+            Family::ServiceTests => &[EntityType::ServiceTest],
+            Family::ServiceProblems => &[EntityType::ServiceProblem],
+        }
+    }
+
+    fn type_names(self) -> Vec<&'static str> {
+        self.entity_types().iter().map(|t| t.as_str()).collect()
+    }
+}
+
+/// A flag an entity can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flag {
+    Illegal,
+    Stale,
+    Gap,
+    Anomaly,
+    UnknownValue,
+    /// Any of them.
+    Any,
+}
+
+impl Flag {
+    pub fn parse(text: &str) -> Option<Flag> {
+        Some(match text {
+            "illegal" => Flag::Illegal,
+            "stale" => Flag::Stale,
+            "gap" => Flag::Gap,
+            "anomaly" => Flag::Anomaly,
+            "unknown_value" => Flag::UnknownValue,
+            "any" | "true" => Flag::Any,
+            _ => return None,
+        })
+    }
+
+    fn condition(self) -> Condition {
+        use tracked_entity::Column as C;
+        let all = [
+            C::FlagIllegal,
+            C::FlagStale,
+            C::FlagGap,
+            C::FlagAnomaly,
+            C::FlagUnknownValue,
+        ];
+        let columns: &[C] = match self {
+            Flag::Illegal => &all[0..1],
+            Flag::Stale => &all[1..2],
+            Flag::Gap => &all[2..3],
+            Flag::Anomaly => &all[3..4],
+            Flag::UnknownValue => &all[4..5],
+            Flag::Any => &all,
+        };
+        columns
+            .iter()
+            .fold(Condition::any(), |any, column| any.add(column.eq(true)))
+    }
+}
+
+/// Filters of the entity lists; all optional, all combined.
+#[derive(Debug, Default, Clone)]
+pub struct EntityFilter {
+    pub entity_types: Vec<String>,
+    pub statuses: Vec<String>,
+    pub supplier: Option<String>,
+    pub correlation: Option<Correlation>,
+    pub flagged: Option<Flag>,
+    /// On `last_kci_at`: when the last KCI about the entity arrived.
+    pub updated_after: Option<DateTime<Utc>>,
+    pub updated_before: Option<DateTime<Utc>>,
+    /// No KCI for longer than this, and not in a terminal state.
+    pub stuck_for: Option<chrono::Duration>,
+}
+
+/// `status NOT IN terminal` for each entity type, combined: "still in flight".
+fn not_terminal(types: &[EntityType]) -> Condition {
+    types.iter().fold(Condition::any(), |any, entity_type| {
+        any.add(
+            Condition::all()
+                .add(tracked_entity::Column::EntityType.eq(entity_type.as_str()))
+                .add(
+                    tracked_entity::Column::Status
+                        .is_not_in(entity_type.lifecycle().terminal.iter().copied()),
+                ),
+        )
+    })
+}
+
+impl EntityFilter {
+    fn condition(&self, family: Option<Family>, now: DateTime<Utc>) -> Condition {
+        use tracked_entity::Column as C;
+        let types: Vec<EntityType> = match family {
+            Some(family) => family.entity_types().to_vec(),
+            None => EntityType::ALL.to_vec(),
+        };
+        let mut condition = Condition::all();
+        if let Some(family) = family {
+            condition = condition.add(C::EntityType.is_in(family.type_names()));
+        }
+        if !self.entity_types.is_empty() {
+            condition = condition.add(C::EntityType.is_in(self.entity_types.clone()));
+        }
+        if !self.statuses.is_empty() {
+            condition = condition.add(C::Status.is_in(self.statuses.clone()));
+        }
+        if let Some(supplier) = &self.supplier {
+            condition = condition.add(C::Supplier.eq(supplier.as_str()));
+        }
+        if let Some(correlation) = self.correlation {
+            condition = condition.add(C::Correlation.eq(correlation));
+        }
+        if let Some(flag) = self.flagged {
+            condition = condition.add(flag.condition());
+        }
+        if let Some(after) = self.updated_after {
+            condition = condition.add(C::LastKciAt.gt(after));
+        }
+        if let Some(before) = self.updated_before {
+            condition = condition.add(C::LastKciAt.lt(before));
+        }
+        if let Some(stuck_for) = self.stuck_for {
+            condition = condition
+                .add(C::LastKciAt.lt(now - stuck_for))
+                .add(not_terminal(&types));
+        }
+        condition
+    }
+}
+
+/// One page of a list, newest first, and the cursor of the next page (none on the last page).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Page<T: ToSchema> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Cursors are opaque to callers: the last row id, encoded.
+pub fn encode_cursor(id: i64) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("id:{id}"))
+}
+
+pub fn decode_cursor(cursor: &str) -> Option<i64> {
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .ok()?;
+    String::from_utf8(bytes)
+        .ok()?
+        .strip_prefix("id:")?
+        .parse()
+        .ok()
+}
+
+/// Entities matching `filter`, newest first (by id: stable while new entities arrive).
+pub async fn list_entities(
+    db: &impl ConnectionTrait,
+    family: Option<Family>,
+    filter: &EntityFilter,
+    before_id: Option<i64>,
+    limit: u64,
+) -> Result<Page<tracked_entity::Model>, StoreError> {
+    let mut query = tracked_entity::Entity::find()
+        .filter(filter.condition(family, Utc::now()))
+        .order_by_desc(tracked_entity::Column::Id)
+        .limit(limit + 1);
+    if let Some(before_id) = before_id {
+        query = query.filter(tracked_entity::Column::Id.lt(before_id));
+    }
+    let mut items = query.all(db).await?;
+    let next_cursor = if items.len() as u64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|e| encode_cursor(e.id))
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+/// Entities of `family` with this gateway id (several order types may share one).
+pub async fn find_entities(
+    db: &impl ConnectionTrait,
+    family: Family,
+    gateway_id: &str,
+    entity_type: Option<&str>,
+) -> Result<Vec<tracked_entity::Model>, StoreError> {
+    let mut query = tracked_entity::Entity::find()
+        .filter(tracked_entity::Column::EntityType.is_in(family.type_names()))
+        .filter(tracked_entity::Column::GatewayId.eq(gateway_id))
+        .order_by_asc(tracked_entity::Column::Id);
+    if let Some(entity_type) = entity_type {
+        query = query.filter(tracked_entity::Column::EntityType.eq(entity_type));
+    }
+    Ok(query.all(db).await?)
+}
+
+/// An entity with the original request it matched.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityDetail {
+    pub entity: tracked_entity::Model,
+    pub original_request: Option<conversation::Model>,
+    /// Whether the entity's lifecycle has ended.
+    pub terminal: bool,
+}
+
+pub async fn entity_detail(
+    db: &impl ConnectionTrait,
+    entity: tracked_entity::Model,
+) -> Result<EntityDetail, StoreError> {
+    let original_request = match entity.conversation_ref {
+        Some(id) => conversation::Entity::find_by_id(id).one(db).await?,
+        None => None,
+    };
+    let terminal = EntityType::from_wire(&entity.entity_type)
+        .is_some_and(|t| t.lifecycle().is_terminal(&entity.status));
+    Ok(EntityDetail {
+        entity,
+        original_request,
+        terminal,
+    })
+}
+
+/// One history entry with what the KCI behind it was.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryEntry {
+    #[serde(flatten)]
+    pub transition: state_transition::Model,
+    /// `X-Request-ID` and `X-Conversation-ID` of the KCI's first accepted delivery.
+    pub request_id: Option<String>,
+    pub conversation_id: Option<String>,
+}
+
+/// Every transition of an entity, oldest first.
+pub async fn history(
+    db: &impl ConnectionTrait,
+    entity_id: i64,
+) -> Result<Vec<HistoryEntry>, StoreError> {
+    let transitions = state_transition::Entity::find()
+        .filter(state_transition::Column::TrackedEntityId.eq(entity_id))
+        .order_by_asc(state_transition::Column::Id)
+        .all(db)
+        .await?;
+    let kcis = kci::Entity::find()
+        .filter(kci::Column::TrackedEntityId.eq(entity_id))
+        .all(db)
+        .await?;
+    Ok(transitions
+        .into_iter()
+        .map(|transition| {
+            let first = kcis.iter().find(|k| k.id == transition.kci_ref);
+            HistoryEntry {
+                request_id: first.map(|k| k.request_id.clone()),
+                conversation_id: first.map(|k| k.conversation_id.clone()),
+                transition,
+            }
+        })
+        .collect())
+}
+
+/// A KCI without its raw text (which is big): for lists.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KciSummary {
+    pub kci_id: uuid::Uuid,
+    pub request_id: String,
+    pub entity_type: String,
+    pub update_type: String,
+    pub reason: String,
+    pub sequence_number: i64,
+    pub outcome: kci::KciOutcome,
+    pub received_at: DateTime<Utc>,
+}
+
+impl From<kci::Model> for KciSummary {
+    fn from(k: kci::Model) -> Self {
+        KciSummary {
+            kci_id: k.kci_id,
+            request_id: k.request_id,
+            entity_type: k.entity_type,
+            update_type: k.update_type,
+            reason: k.reason,
+            sequence_number: k.sequence_number,
+            outcome: k.outcome,
+            received_at: k.received_at,
+        }
+    }
+}
+
+/// A conversation: the original request (if registered) and everything that followed.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConversationView {
+    pub conversation_id: String,
+    pub original_request: Option<conversation::Model>,
+    pub entities: Vec<tracked_entity::Model>,
+    pub kcis: Vec<KciSummary>,
+}
+
+pub async fn conversation_view(
+    db: &impl ConnectionTrait,
+    conversation_id: &str,
+) -> Result<Option<ConversationView>, StoreError> {
+    let original_request = conversation::Entity::find()
+        .filter(conversation::Column::ConversationId.eq(conversation_id))
+        .one(db)
+        .await?;
+    let mut linked =
+        Condition::any().add(tracked_entity::Column::ConversationId.eq(conversation_id));
+    if let Some(request) = &original_request {
+        linked = linked.add(tracked_entity::Column::ConversationRef.eq(request.id));
+    }
+    let entities = tracked_entity::Entity::find()
+        .filter(linked)
+        .order_by_asc(tracked_entity::Column::Id)
+        .all(db)
+        .await?;
+    let kcis: Vec<KciSummary> = kci::Entity::find()
+        .filter(kci::Column::ConversationId.eq(conversation_id))
+        .order_by_asc(kci::Column::Id)
+        .limit(1000)
+        .all(db)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    if original_request.is_none() && entities.is_empty() && kcis.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(ConversationView {
+        conversation_id: conversation_id.to_owned(),
+        original_request,
+        entities,
+        kcis,
+    }))
+}
+
+/// A KCI as received and what processing did with it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KciView {
+    pub kci: kci::Model,
+    /// The raw body, parsed (null if it is somehow not JSON).
+    #[schema(value_type = Object)]
+    pub body: serde_json::Value,
+    pub entity: Option<tracked_entity::Model>,
+    /// What it did to the entity's history (more than one after conflicting redeliveries).
+    pub transitions: Vec<state_transition::Model>,
+    pub outbox_event: Option<outbox_event::Model>,
+    /// Every delivery of it, from the audit log.
+    pub deliveries: Vec<audit_log::Model>,
+}
+
+pub async fn kci_view(
+    db: &impl ConnectionTrait,
+    kci_id: uuid::Uuid,
+) -> Result<Option<KciView>, StoreError> {
+    let Some(row) = kci::Entity::find()
+        .filter(kci::Column::KciId.eq(kci_id))
+        .one(db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let entity = tracked_entity::Entity::find_by_id(row.tracked_entity_id)
+        .one(db)
+        .await?;
+    let transitions = state_transition::Entity::find()
+        .filter(state_transition::Column::KciRef.eq(row.id))
+        .order_by_asc(state_transition::Column::Id)
+        .all(db)
+        .await?;
+    let outbox_event = outbox_event::Entity::find()
+        .filter(outbox_event::Column::KciRef.eq(row.id))
+        .one(db)
+        .await?;
+    let deliveries = audit_log::Entity::find()
+        .filter(audit_log::Column::KciId.eq(kci_id))
+        .order_by_asc(audit_log::Column::Id)
+        .all(db)
+        .await?;
+    let body = serde_json::from_str(&row.raw_body).unwrap_or(serde_json::Value::Null);
+    Ok(Some(KciView {
+        kci: row,
+        body,
+        entity,
+        transitions,
+        outbox_event,
+        deliveries,
+    }))
+}
+
+/// Audit records of one `X-Request-ID` (normally one), oldest first.
+pub async fn audit_records(
+    db: &impl ConnectionTrait,
+    request_id: &str,
+) -> Result<Vec<audit_log::Model>, StoreError> {
+    Ok(audit_log::Entity::find()
+        .filter(audit_log::Column::RequestId.eq(request_id))
+        .order_by_asc(audit_log::Column::Id)
+        .limit(100)
+        .all(db)
+        .await?)
+}
+
+/// A list with its total, for the attention view.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Counted<T: ToSchema> {
+    pub total: u64,
+    pub items: Vec<T>,
+}
+
+/// Everything that needs a person, in one answer.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Attention {
+    /// Waiting on the CP: the newest KCI asked for an action (INFORMATION_REQUIRED, REAPPOINT,
+    /// RESUBMIT, CONFIRM) and the entity is still in flight. Longest waiting first.
+    pub action_required: Counted<tracked_entity::Model>,
+    /// KCIs whose original request is not registered.
+    pub unmatched: Counted<tracked_entity::Model>,
+    /// In flight, and no KCI for longer than `stuckFor`.
+    pub stuck: Counted<tracked_entity::Model>,
+    /// Outbox events the broker kept refusing.
+    pub dead_events: Counted<outbox_event::Model>,
+    /// Conflicting redeliveries and illegal transitions since `since`.
+    pub recent_anomalies: Counted<state_transition::Model>,
+}
+
+pub async fn attention(
+    db: &impl ConnectionTrait,
+    stuck_for: chrono::Duration,
+    since: DateTime<Utc>,
+    limit: u64,
+) -> Result<Attention, StoreError> {
+    use tracked_entity::Column as C;
+    let in_flight = not_terminal(&EntityType::ALL);
+    let entities = |condition: Condition, oldest_first: bool| {
+        let query = tracked_entity::Entity::find().filter(condition);
+        if oldest_first {
+            query.order_by_asc(C::LastKciAt)
+        } else {
+            query.order_by_desc(C::Id)
+        }
+    };
+    let counted = |query: sea_orm::Select<tracked_entity::Entity>| async move {
+        let total = query.clone().count(db).await?;
+        let items = query.limit(limit).all(db).await?;
+        Ok::<_, StoreError>(Counted { total, items })
+    };
+    let action_required = counted(entities(
+        Condition::all()
+            .add(C::LastUpdateType.eq("ACTION_REQUIRED"))
+            .add(in_flight.clone()),
+        true,
+    ))
+    .await?;
+    let unmatched = counted(entities(
+        Condition::all().add(C::Correlation.eq(Correlation::Unmatched)),
+        false,
+    ))
+    .await?;
+    let stuck = counted(entities(
+        Condition::all()
+            .add(C::LastKciAt.lt(Utc::now() - stuck_for))
+            .add(in_flight),
+        true,
+    ))
+    .await?;
+
+    let dead =
+        outbox_event::Entity::find().filter(outbox_event::Column::Status.eq(OutboxStatus::Dead));
+    let dead_events = Counted {
+        total: dead.clone().count(db).await?,
+        items: dead
+            .order_by_asc(outbox_event::Column::Id)
+            .limit(limit)
+            .all(db)
+            .await?,
+    };
+    let anomalies = state_transition::Entity::find()
+        .filter(
+            Condition::any()
+                .add(state_transition::Column::FlagAnomaly.eq(true))
+                .add(state_transition::Column::FlagIllegal.eq(true)),
+        )
+        .filter(state_transition::Column::RecordedAt.gt(since));
+    let recent_anomalies = Counted {
+        total: anomalies.clone().count(db).await?,
+        items: anomalies
+            .order_by_desc(state_transition::Column::Id)
+            .limit(limit)
+            .all(db)
+            .await?,
+    };
+    Ok(Attention {
+        action_required,
+        unmatched,
+        stuck,
+        dead_events,
+        recent_anomalies,
+    })
+}
+
+/// What an id typed into the dashboard's search box can be.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SearchResult {
+    /// By gateway id, supplier reference or conversation id.
+    pub entities: Vec<tracked_entity::Model>,
+    pub conversations: Vec<conversation::Model>,
+    /// By X-Request-ID.
+    pub audit: Vec<audit_log::Model>,
+    /// By KCI id.
+    pub kcis: Vec<KciSummary>,
+}
+
+pub async fn search(db: &impl ConnectionTrait, query: &str) -> Result<SearchResult, StoreError> {
+    use tracked_entity::Column as C;
+    let query = query.trim();
+    let entities = tracked_entity::Entity::find()
+        .filter(
+            Condition::any()
+                .add(C::GatewayId.eq(query))
+                .add(C::SupplierReference.eq(query))
+                .add(C::ConversationId.eq(query)),
+        )
+        .order_by_desc(C::Id)
+        .limit(50)
+        .all(db)
+        .await?;
+    let conversations = conversation::Entity::find()
+        .filter(conversation::Column::ConversationId.eq(query))
+        .all(db)
+        .await?;
+    let audit = audit_records(db, query).await?;
+    let kcis = match uuid::Uuid::parse_str(query) {
+        Ok(id) => kci::Entity::find()
+            .filter(kci::Column::KciId.eq(id))
+            .all(db)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    Ok(SearchResult {
+        entities,
+        conversations,
+        audit,
+        kcis,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_garbage_is_refused() {
+        assert_eq!(decode_cursor(&encode_cursor(42)), Some(42));
+        assert_eq!(decode_cursor("not a cursor"), None);
+        assert_eq!(
+            decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("id:x")),
+            None
+        );
+    }
+}
