@@ -34,6 +34,24 @@ pub enum Command {
     /// Inspect and requeue outbox events.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Send one request to the Tenant API through the egress client (token, headers, recording),
+    /// and print the answer: for testing the connection.
+    EgressRequest(EgressRequestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EgressRequestArgs {
+    /// GET, POST, PATCH, ...
+    pub method: String,
+    /// Path under the Tenant API's base URL, with any query string, e.g. `/service-tests/123`.
+    pub path: String,
+    /// A file with the request body (JSON), or `-` for standard input.
+    #[arg(long)]
+    pub body: Option<PathBuf>,
+    /// Extra headers, `Name: value` (repeatable), e.g. `X-Conversation-ID: abc` or CVT's
+    /// `X-Scenario: ORDER_DELAYED`.
+    #[arg(long = "header", short = 'H')]
+    pub headers: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -23,6 +23,7 @@ pub struct Settings {
     pub operations_auth: OperationsAuthSettings,
     pub amqp: AmqpSettings,
     pub relay: RelaySettings,
+    pub egress: EgressSettings,
     pub log: LogSettings,
 }
 
@@ -41,6 +42,29 @@ pub struct AmqpSettings {
     /// Declare the exchanges and the unrouted queue on every (re)connect. Off when the broker's
     /// topology is managed elsewhere (the relay then needs no configure permission).
     pub declare_topology: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct EgressSettings {
+    /// Serve the egress proxy to the Tenant API under `path_prefix`.
+    pub enabled: bool,
+    /// Where the proxy is mounted on kci-receiver, e.g. `/fibre-cafe/v1`.
+    pub path_prefix: String,
+    /// The Tenant API's base URL, e.g. `https://prod.fibregateway.com/v1`.
+    pub upstream_base_url: String,
+    /// OAuth2 client-credentials token endpoint.
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: Option<SecretString>,
+    /// Scope to ask for (optional).
+    pub scope: Option<String>,
+    /// A token is renewed this long before it expires.
+    pub token_refresh_margin_seconds: u64,
+    /// Whole-request timeout towards the Tenant API (and the token endpoint).
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    /// Largest request body the proxy forwards.
+    pub max_body_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +177,9 @@ pub struct OperationsAuthSettings {
     /// HTTP Basic user with admin access (register conversations, retry and replay).
     pub admin_username: String,
     pub admin_password: Option<SecretString>,
+    /// HTTP Basic user that may only send requests through the egress proxy.
+    pub egress_username: String,
+    pub egress_password: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -262,6 +289,29 @@ impl Settings {
         }
         if self.relay.batch_size == 0 || self.relay.max_attempts < 1 {
             problems.push("relay.batch_size and relay.max_attempts must be at least 1".to_owned());
+        }
+        if self.egress.enabled {
+            let egress = &self.egress;
+            if !egress.path_prefix.starts_with('/')
+                || egress.path_prefix.ends_with('/')
+                || egress.path_prefix.starts_with("/api/")
+            {
+                problems.push(
+                    "egress.path_prefix must start with / and not end with /, outside /api/"
+                        .to_owned(),
+                );
+            }
+            for (key, value) in [
+                ("egress.upstream_base_url", &egress.upstream_base_url),
+                ("egress.token_url", &egress.token_url),
+            ] {
+                if !(value.starts_with("http://") || value.starts_with("https://")) {
+                    problems.push(format!("{key} must be an http(s) URL"));
+                }
+            }
+            if egress.client_id.is_empty() || is_unset(&egress.client_secret) {
+                problems.push("egress.client_id and egress.client_secret (KCI__EGRESS__CLIENT_SECRET) must be set".to_owned());
+            }
         }
         if problems.is_empty() {
             Ok(())

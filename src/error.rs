@@ -67,6 +67,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("database unavailable")]
     Unavailable(#[source] StoreError),
+    /// The Fibre Cafe gateway did not answer the egress proxy (502) or not in time (504).
+    #[error("upstream: {message}")]
+    Upstream { status: StatusCode, message: String },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -81,6 +84,7 @@ impl ApiError {
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Upstream { status, .. } => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -94,6 +98,7 @@ impl ApiError {
             ApiError::Invalid(_) => ErrorCode::InvalidRequest,
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::Unavailable(_) | ApiError::Internal(_) => ErrorCode::TenantFault,
+            ApiError::Upstream { .. } => ErrorCode::GatewayFault,
         }
     }
 
@@ -102,7 +107,8 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated(message)
             | ApiError::Forbidden(message)
-            | ApiError::NotFound(message) => vec![message.clone()],
+            | ApiError::NotFound(message)
+            | ApiError::Upstream { message, .. } => vec![message.clone()],
             ApiError::Malformed(messages) | ApiError::Invalid(messages) => messages.clone(),
             ApiError::PayloadTooLarge { limit } => {
                 vec![format!("Request body is larger than the {limit} bytes accepted")]

@@ -7,6 +7,7 @@
 //! - [`lifecycle`]: the entity lifecycles, as data;
 //! - [`intake`]: where a KCI is stored, in one transaction with its effects;
 //! - [`outbox`]: what is published to RabbitMQ, and (later) the relay that publishes it;
+//! - [`egress`]: the proxy to the Tenant API that records original requests on the way;
 //! - [`operations`]: the read model behind the operations API and the dashboard;
 //! - [`store`]: database connection, migrations, error classification, audit log;
 //! - [`auth`], [`config`], [`telemetry`], [`startup`], [`cli`].
@@ -14,6 +15,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod http;
 pub mod intake;

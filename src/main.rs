@@ -1,5 +1,5 @@
 use clap::Parser;
-use kci_receiver::cli::{Cli, Command, OutboxCommand};
+use kci_receiver::cli::{Cli, Command, EgressRequestArgs, OutboxCommand};
 use kci_receiver::config::Settings;
 use kci_receiver::outbox::store::{self as outbox_store, Selection};
 use kci_receiver::startup::{Application, open_database, run_relay};
@@ -25,6 +25,72 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig => println!("{settings:#?}"),
         Command::Outbox(command) => outbox(settings, command).await?,
+        Command::EgressRequest(args) => egress_request(settings, args).await?,
+    }
+    Ok(())
+}
+
+async fn egress_request(settings: Settings, args: EgressRequestArgs) -> anyhow::Result<()> {
+    use std::io::Read;
+
+    use kci_receiver::egress::{
+        EgressClient, Outbound, creates_something, record_original_request,
+    };
+    settings.validate()?;
+    if settings.egress.upstream_base_url.is_empty() || settings.egress.token_url.is_empty() {
+        anyhow::bail!(
+            "set egress.upstream_base_url, egress.token_url, egress.client_id and egress.client_secret"
+        );
+    }
+    let client = EgressClient::new(&settings.egress)?;
+    let body = match &args.body {
+        None => Vec::new(),
+        Some(path) if path.as_os_str() == "-" => {
+            let mut buffer = Vec::new();
+            std::io::stdin().read_to_end(&mut buffer)?;
+            buffer
+        }
+        Some(path) => std::fs::read(path)?,
+    };
+    let mut headers = vec![("content-type".to_owned(), b"application/json".to_vec())];
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--header {header:?}: expected `Name: value`"))?;
+        headers.push((name.trim().to_owned(), value.trim().as_bytes().to_vec()));
+    }
+    let outbound = Outbound {
+        method: args.method.to_uppercase().parse()?,
+        path_and_query: args.path.clone(),
+        headers,
+        body: body.into(),
+    };
+    let upstream = client.send(&outbound).await?;
+    let status = upstream.response.status();
+    println!("HTTP {status}");
+    println!("x-request-id: {}", upstream.request_id);
+    println!("x-conversation-id: {}", upstream.conversation_id);
+    for (name, value) in upstream.response.headers() {
+        println!("{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+    }
+    let bytes = upstream.response.bytes().await?;
+    println!();
+    println!("{}", String::from_utf8_lossy(&bytes));
+    if status.is_success() && creates_something(&outbound.method, outbound.path()) {
+        let db = open_database(&settings).await?;
+        let registration = record_original_request(
+            &db,
+            &outbound,
+            &upstream.request_id,
+            &upstream.conversation_id,
+            status.as_u16(),
+            &bytes,
+        )
+        .await?;
+        eprintln!(
+            "recorded as the original request of conversation {} ({} waiting entities matched)",
+            upstream.conversation_id, registration.matched_entities
+        );
     }
     Ok(())
 }

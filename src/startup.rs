@@ -68,6 +68,14 @@ impl Application {
             tokio::spawn(relay.run(shutdown.child_token()))
         });
 
+        let egress = match settings.egress.enabled {
+            true => Some(crate::egress::EgressClient::new(&settings.egress)?),
+            false => None,
+        };
+        let egress_prefix = settings
+            .egress
+            .enabled
+            .then(|| settings.egress.path_prefix.clone());
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
         let port = listener.local_addr()?.port();
         let workers = settings.server.workers;
@@ -78,13 +86,14 @@ impl Application {
             outbox_signal,
             relay_health,
             metrics: crate::http::metrics::Metrics::new(),
+            egress,
         });
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap_fn(crate::http::timing)
                 .wrap(TracingLogger::<KciRootSpan>::new())
                 .app_data(state.clone())
-                .configure(routes)
+                .configure(|cfg| routes(cfg, egress_prefix.as_deref()))
         })
         .listen(listener)?;
         if workers > 0 {

@@ -16,11 +16,19 @@ use crate::error::ApiError;
 use basic::BasicCredential;
 pub use jwt::JwtVerifier;
 
-/// An operations API role; admin includes read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// An operations API role. Admin may do everything; read may read; egress may only use the
+/// egress proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpsRole {
     Read,
     Admin,
+    Egress,
+}
+
+impl OpsRole {
+    fn allows(self, needed: OpsRole) -> bool {
+        self == OpsRole::Admin || self == needed
+    }
 }
 
 enum GatewayAuth {
@@ -54,7 +62,7 @@ impl Authenticator {
             GatewayAuthMethod::Jwt => GatewayAuth::Jwt(JwtVerifier::new(&gateway.jwt)?),
         };
         let mut users = Vec::new();
-        let configured: [(&String, &Option<SecretString>, OpsRole); 2] = [
+        let configured: [(&String, &Option<SecretString>, OpsRole); 3] = [
             (
                 &operations.read_username,
                 &operations.read_password,
@@ -64,6 +72,11 @@ impl Authenticator {
                 &operations.admin_username,
                 &operations.admin_password,
                 OpsRole::Admin,
+            ),
+            (
+                &operations.egress_username,
+                &operations.egress_password,
+                OpsRole::Egress,
             ),
         ];
         for (username, password, role) in configured {
@@ -125,7 +138,7 @@ impl Authenticator {
             .find(|(user, _)| user.matches(&username, &password))
             .map(|(_, role)| *role);
         match role {
-            Some(role) if role >= required => Ok(username),
+            Some(role) if role.allows(required) => Ok(username),
             Some(_) => Err(ApiError::Forbidden(format!(
                 "{username} may not do this: the {required:?} role is required"
             ))),

@@ -8,16 +8,14 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
-use chrono::Utc;
-use futures_util::StreamExt;
 use serde_json::Value;
 
-use super::AppState;
+use super::{AppState, audit_record, read_limited};
 use crate::auth::gateway_challenge;
 use crate::error::ApiError;
 use crate::intake::{self, Delivery};
 use crate::kci::parse_kci;
-use crate::store::audit::{AuditRecord, sanitized_headers};
+use crate::store::audit::AuditRecord;
 
 const X_REQUEST_ID: &str = "x-request-id";
 const X_CONVERSATION_ID: &str = "x-conversation-id";
@@ -80,22 +78,9 @@ pub async fn post_kci(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let mut audit = AuditRecord {
-        request_id: header_text(&request, X_REQUEST_ID),
-        conversation_id: header_text(&request, X_CONVERSATION_ID),
-        method: request.method().to_string(),
-        path: request.path().to_owned(),
-        remote_addr: request.peer_addr().map(|a| a.ip().to_string()),
-        principal: None,
-        headers: sanitized_headers(request.headers()),
-        body: None,
-        body_size: 0,
-        response_status: StatusCode::NO_CONTENT.as_u16(),
-        response_body: None,
-        error_uuid: None,
-        error_code: None,
         outcome: "REJECTED".to_owned(),
-        kci_id: None,
-        received_at: Utc::now(),
+        response_status: StatusCode::NO_CONTENT.as_u16(),
+        ..audit_record(&request)
     };
 
     // Labels of the KCI counter, known once the body is understood.
@@ -212,16 +197,6 @@ fn audit_summary(audit: &AuditRecord) -> (Option<&str>, Option<&str>, u16, Optio
     )
 }
 
-fn header_text(request: &HttpRequest, name: &str) -> Option<String> {
-    request
-        .headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
-}
-
 fn required_id_header(request: &HttpRequest, name: &'static str) -> Result<String, ApiError> {
     let display = if name == X_REQUEST_ID {
         "X-Request-ID"
@@ -269,7 +244,7 @@ fn require_json_content_type(request: &HttpRequest) -> Result<(), ApiError> {
 /// Reads the body, refusing (413) as soon as it is known to exceed the limit.
 async fn read_body(
     request: &HttpRequest,
-    mut payload: web::Payload,
+    payload: web::Payload,
     limit: usize,
     audit_limit: usize,
     audit: &mut AuditRecord,
@@ -285,18 +260,13 @@ async fn read_body(
             return Err(ApiError::PayloadTooLarge { limit });
         }
     }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(4096).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::Malformed(vec![format!("The body could not be read: {e}")]))?;
-        if body.len() + chunk.len() > limit {
-            audit.body_size = (body.len() + chunk.len()) as i64;
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = read_limited(payload, limit)
+        .await
+        .map_err(|(error, received)| {
+            audit.body_size = received as i64;
+            error
+        })?;
     audit.body_size = body.len() as i64;
-    let body = body.freeze();
     if body.len() <= audit_limit {
         audit.body = Some(String::from_utf8_lossy(&body).into_owned());
     }

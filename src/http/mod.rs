@@ -6,6 +6,7 @@
 
 pub mod conversations;
 pub mod dashboard;
+pub mod egress;
 pub mod health;
 pub mod kcis;
 pub mod metrics;
@@ -36,10 +37,16 @@ pub struct AppState {
     /// The broker as this process's relay sees it.
     pub relay_health: RelayHealth,
     pub metrics: metrics::Metrics,
+    /// The egress proxy's client, when `egress.enabled`.
+    pub egress: Option<crate::egress::EgressClient>,
 }
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// Every route. `egress_prefix`: where the egress proxy is mounted, when enabled.
+pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
     use operations as ops;
+    if let Some(prefix) = egress_prefix {
+        cfg.service(web::scope(prefix).default_service(web::to(egress::proxy)));
+    }
     // Malformed query strings and paths answer in the gateway's error format too.
     cfg.app_data(
         web::QueryConfig::default()
@@ -163,6 +170,65 @@ async fn metrics_doc(state: web::Data<AppState>) -> HttpResponse {
     responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
 async fn openapi_doc() -> HttpResponse {
     openapi::openapi_json().await
+}
+
+/// The audit record of a request as it arrives; handlers fill in the rest as they go.
+pub(crate) fn audit_record(request: &actix_web::HttpRequest) -> crate::store::audit::AuditRecord {
+    crate::store::audit::AuditRecord {
+        request_id: header_text(request, "x-request-id"),
+        conversation_id: header_text(request, "x-conversation-id"),
+        method: request.method().to_string(),
+        path: request.uri().to_string(),
+        remote_addr: request.peer_addr().map(|a| a.ip().to_string()),
+        principal: None,
+        headers: crate::store::audit::sanitized_headers(request.headers()),
+        body: None,
+        body_size: 0,
+        response_status: 0,
+        response_body: None,
+        error_uuid: None,
+        error_code: None,
+        outcome: String::new(),
+        kci_id: None,
+        received_at: chrono::Utc::now(),
+    }
+}
+
+/// A request header as trimmed text; none when absent, empty or not text.
+pub(crate) fn header_text(request: &actix_web::HttpRequest, name: &str) -> Option<String> {
+    request
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned)
+}
+
+/// Reads a request body, refusing (413) as soon as it exceeds `limit`; returns how many bytes
+/// had arrived when it was refused, for the audit log.
+pub(crate) async fn read_limited(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<web::Bytes, (ApiError, usize)> {
+    use futures_util::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            (
+                ApiError::Malformed(vec![format!("The body could not be read: {e}")]),
+                body.len(),
+            )
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err((
+                ApiError::PayloadTooLarge { limit },
+                body.len() + chunk.len(),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -25,6 +25,7 @@ use crate::error::{ErrorBody, ErrorCode};
         operations::get_conversation, operations::get_kci, operations::get_audit,
         operations::get_attention, operations::search,
         outbox::list_dead, outbox::retry_one, outbox::retry_all, outbox::replay,
+        super::egress::proxy,
         super::health::healthz, super::health::readyz, super::metrics_doc, super::openapi_doc, super::dashboard::dashboard,
     ),
     components(schemas(ErrorBody, ErrorCode, kcis::KciBody, outbox::ReplayRequest)),
@@ -32,6 +33,7 @@ use crate::error::{ErrorBody, ErrorCode};
     tags(
         (name = "tenant updates", description = "The Fibre Cafe Tenant Updates API 1.14: called by the gateway"),
         (name = "operations", description = "For operations staff and dashboards (own credentials)"),
+        (name = "egress", description = "The proxy to the Fibre Cafe Tenant API (optional)"),
     )
 )]
 pub struct ApiDoc;

@@ -4,7 +4,8 @@ use std::process::Command;
 
 use crate::helpers::{Backend, TestDatabase};
 
-fn kci_receiver() -> Command {
+/// The binary, run from the repository with no environment file and no RUST_LOG.
+pub fn kci_receiver() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kci-receiver"));
     command
         .current_dir(env!("CARGO_MANIFEST_DIR"))

@@ -12,6 +12,7 @@ mod cli;
 mod concurrency;
 mod conversations;
 mod dashboard;
+mod egress;
 mod errors;
 mod fixtures;
 mod operations;
