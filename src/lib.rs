@@ -10,9 +10,11 @@
 //! - [`egress`]: the proxy to the Tenant API that records original requests on the way;
 //! - [`operations`]: the read model behind the operations API and the dashboard;
 //! - [`store`]: database connection, migrations, error classification, audit log;
+//! - [`simulator`]: a simulator of the Fibre Cafe gateway (and [`bench`], the benchmark on it);
 //! - [`auth`], [`config`], [`telemetry`], [`startup`], [`cli`].
 
 pub mod auth;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod egress;
@@ -23,6 +25,7 @@ pub mod kci;
 pub mod lifecycle;
 pub mod operations;
 pub mod outbox;
+pub mod simulator;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 use clap::Parser;
-use kci_receiver::cli::{Cli, Command, EgressRequestArgs, OutboxCommand};
+use kci_receiver::cli::{Cli, Command, EgressRequestArgs, OutboxCommand, SimulateArgs};
 use kci_receiver::config::Settings;
 use kci_receiver::outbox::store::{self as outbox_store, Selection};
 use kci_receiver::startup::{Application, open_database, run_relay};
@@ -8,9 +8,26 @@ use kci_receiver::{store, telemetry};
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The load tools talk to a kci-receiver; they need none of its configuration.
+    let quiet = kci_receiver::config::LogSettings {
+        format: kci_receiver::config::LogFormat::Text,
+        filter: "warn".to_owned(),
+    };
+    match cli.command {
+        Command::Simulate(args) => {
+            telemetry::init(&quiet);
+            return simulate(args).await;
+        }
+        Command::Bench(args) => {
+            telemetry::init(&quiet);
+            return kci_receiver::bench::run(args).await;
+        }
+        _ => {}
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     telemetry::init(&settings.log);
     match cli.command {
+        Command::Simulate(_) | Command::Bench(_) => unreachable!("handled above"),
         Command::Serve => {
             Application::build(settings)
                 .await?
@@ -142,5 +159,34 @@ async fn outbox(settings: Settings, command: OutboxCommand) -> anyhow::Result<()
     };
     let requeued = outbox_store::requeue_and_notify(&db, &selection).await?;
     println!("{}", serde_json::json!({"requeued": requeued}));
+    Ok(())
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    use kci_receiver::simulator::{Options, run};
+    let options = Options {
+        base_url: args.url.trim_end_matches('/').to_owned(),
+        gateway_user: args.gateway_user,
+        gateway_password: args.gateway_password,
+        admin: args
+            .admin_password
+            .map(|password| (args.admin_user, password)),
+        orders: args.orders,
+        ethernet_orders: args.ethernet_orders,
+        unsolicited_ceases: args.unsolicited_ceases,
+        tests: args.tests,
+        problems: args.problems,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        duration: args.duration_seconds.map(std::time::Duration::from_secs),
+        seed: args.seed,
+        redelivery_chance: args.redeliveries,
+        out_of_order_chance: args.out_of_order,
+        gap_chance: args.gaps,
+        late_registration_chance: args.late_registrations,
+        first_gateway_id: args.first_gateway_id,
+    };
+    let report = run(options).await?;
+    println!("{}", report.summary());
     Ok(())
 }

@@ -2,8 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use kci_receiver::config::{GatewayAuthMethod, Settings};
@@ -11,8 +9,6 @@ use kci_receiver::startup::Application;
 use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
 use secrecy::SecretString;
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use uuid::Uuid;
 
 pub const GATEWAY_USER: &str = "fibrecafe";
@@ -205,6 +201,8 @@ pub struct TestApp {
     /// Held so that the database is dropped when the test ends, not before.
     _database: TestDatabase,
 }
+
+pub use kci_receiver::bench::tcp_proxy::TcpProxy;
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(backend, |_| {}).await
@@ -399,59 +397,6 @@ pub fn flag(row: &Value, column: &str) -> bool {
         Value::Bool(b) => *b,
         Value::Number(n) => n.as_i64() == Some(1),
         other => panic!("{column} is not a boolean: {other}"),
-    }
-}
-
-/// A TCP proxy the test controls: cut it to make the server behind it unreachable (new
-/// connections are refused, open ones are closed), restore it to bring it back.
-pub struct TcpProxy {
-    pub port: u16,
-    open: Arc<AtomicBool>,
-    cut_signal: watch::Sender<u64>,
-}
-
-impl TcpProxy {
-    pub async fn start(upstream: SocketAddr) -> TcpProxy {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let port = listener.local_addr().unwrap().port();
-        let open = Arc::new(AtomicBool::new(true));
-        let (cut_signal, _) = watch::channel(0u64);
-        let accept_open = open.clone();
-        let accept_signal = cut_signal.clone();
-        tokio::spawn(async move {
-            while let Ok((mut inbound, _)) = listener.accept().await {
-                if !accept_open.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let mut cut = accept_signal.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut.changed() => {}
-                    }
-                });
-            }
-        });
-        TcpProxy {
-            port,
-            open,
-            cut_signal,
-        }
-    }
-
-    pub fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        self.cut_signal.send_modify(|n| *n += 1);
-    }
-
-    pub fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
     }
 }
 

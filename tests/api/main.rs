@@ -20,3 +20,4 @@ mod outage;
 mod properties;
 mod relay;
 mod semantics;
+mod simulator;

@@ -1,0 +1,357 @@
+//! A simulator of the Fibre Cafe gateway (`kci-receiver simulate`): it registers the original
+//! requests of a configurable number of orders, tests and problems, then POSTs their KCI
+//! lifecycles ([`scenarios`]) as the gateway does, with what a real gateway mixes in:
+//! redeliveries, out-of-order delivery, sequence gaps, KCIs before their conversation is known.
+//! Rate, concurrency, duration and mix are options; the seed makes a run repeatable. The
+//! benchmark drives kci-receiver with it.
+
+pub mod random;
+pub mod scenarios;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::kci::EntityType;
+use random::Random;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// kci-receiver's base URL, e.g. `http://127.0.0.1:8080`.
+    pub base_url: String,
+    pub gateway_user: String,
+    pub gateway_password: String,
+    /// Operations admin credentials, to register original requests; none: do not register.
+    pub admin: Option<(String, String)>,
+    /// Entities of each type: provide/cease/modify orders share `orders`.
+    pub orders: u64,
+    pub ethernet_orders: u64,
+    pub unsolicited_ceases: u64,
+    pub tests: u64,
+    pub problems: u64,
+    /// POSTs in flight at once.
+    pub concurrency: usize,
+    /// KCIs per second over all workers; none: as fast as the service answers.
+    pub rate: Option<f64>,
+    /// Stop starting new lifecycles after this long.
+    pub duration: Option<Duration>,
+    pub seed: u64,
+    /// Chances, per KCI or per entity, of what real gateways do.
+    pub redelivery_chance: f64,
+    pub out_of_order_chance: f64,
+    pub gap_chance: f64,
+    pub late_registration_chance: f64,
+    /// Gateway ids start here (different runs can use different ranges).
+    pub first_gateway_id: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            base_url: "http://127.0.0.1:8080".to_owned(),
+            gateway_user: "fibrecafe".to_owned(),
+            gateway_password: String::new(),
+            admin: None,
+            orders: 100,
+            ethernet_orders: 10,
+            unsolicited_ceases: 10,
+            tests: 50,
+            problems: 30,
+            concurrency: 8,
+            rate: None,
+            duration: None,
+            seed: 1,
+            redelivery_chance: 0.02,
+            out_of_order_chance: 0.02,
+            gap_chance: 0.02,
+            late_registration_chance: 0.05,
+            first_gateway_id: 1_000_000,
+        }
+    }
+}
+
+/// A KCI that got 204, and when.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub kci_id: String,
+    pub at: Instant,
+}
+
+/// What a run did.
+pub struct Report {
+    pub lifecycles: u64,
+    pub posted: u64,
+    pub accepted: Vec<Accepted>,
+    /// Answers other than 204, by status.
+    pub other_statuses: BTreeMap<u16, u64>,
+    pub transport_errors: u64,
+    pub registrations: u64,
+    /// POST /kcis latency, microseconds.
+    pub latency: Histogram<u64>,
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// Accepted KCIs per second (redeliveries included: each one is a 204).
+    pub fn throughput(&self) -> f64 {
+        self.accepted.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    pub fn summary(&self) -> String {
+        let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
+        format!(
+            "{} lifecycles, {} POSTs, {} accepted (204), other answers {:?}, {} transport errors, {} registrations in {:.2}s: \
+             {:.0} KCIs/s; latency p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            self.lifecycles,
+            self.posted,
+            self.accepted.len(),
+            self.other_statuses,
+            self.transport_errors,
+            self.registrations,
+            self.elapsed.as_secs_f64(),
+            self.throughput(),
+            ms(0.5),
+            ms(0.95),
+            ms(0.99),
+            self.latency.max() as f64 / 1000.0,
+        )
+    }
+}
+
+/// The entity type of each lifecycle, in a seeded shuffled order.
+fn plan(options: &Options) -> Vec<EntityType> {
+    let mut plan = Vec::new();
+    let orders = [
+        EntityType::ProvideOrder,
+        EntityType::CeaseOrder,
+        EntityType::ModifyOrder,
+    ];
+    for i in 0..options.orders {
+        plan.push(orders[(i % 3) as usize]);
+    }
+    for (count, entity_type) in [
+        (options.ethernet_orders, EntityType::ProvideEthernetOrder),
+        (
+            options.unsolicited_ceases,
+            EntityType::UnsolicitedCeaseOrder,
+        ),
+        (options.tests, EntityType::ServiceTest),
+        (options.problems, EntityType::ServiceProblem),
+    ] {
+        plan.extend(std::iter::repeat_n(entity_type, count as usize));
+    }
+    let mut random = Random::new(options.seed);
+    for i in (1..plan.len()).rev() {
+        plan.swap(i, random.below(i as u64 + 1) as usize);
+    }
+    plan
+}
+
+struct Shared {
+    options: Options,
+    plan: Vec<EntityType>,
+    next: AtomicUsize,
+    started: Instant,
+    pacer: Option<Mutex<tokio::time::Interval>>,
+    client: reqwest::Client,
+}
+
+#[derive(Default)]
+struct WorkerTally {
+    lifecycles: u64,
+    posted: u64,
+    accepted: Vec<Accepted>,
+    other_statuses: BTreeMap<u16, u64>,
+    transport_errors: u64,
+    registrations: u64,
+}
+
+/// Runs the simulation to the end (or its duration).
+pub async fn run(options: Options) -> anyhow::Result<Report> {
+    let concurrency = options.concurrency.max(1);
+    let pacer = options.rate.filter(|r| *r > 0.0).map(|rate| {
+        let mut interval = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Mutex::new(interval)
+    });
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let shared = Arc::new(Shared {
+        plan: plan(&options),
+        options,
+        next: AtomicUsize::new(0),
+        started: Instant::now(),
+        pacer,
+        client,
+    });
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut histogram =
+                    Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
+                let mut tally = WorkerTally::default();
+                worker(&shared, &mut tally, &mut histogram).await;
+                (tally, histogram)
+            })
+        })
+        .collect();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut report_tally = WorkerTally::default();
+    for worker in workers {
+        let (tally, histogram) = worker.await?;
+        latency.add(&histogram)?;
+        report_tally.lifecycles += tally.lifecycles;
+        report_tally.posted += tally.posted;
+        report_tally.accepted.extend(tally.accepted);
+        report_tally.transport_errors += tally.transport_errors;
+        report_tally.registrations += tally.registrations;
+        for (status, count) in tally.other_statuses {
+            *report_tally.other_statuses.entry(status).or_default() += count;
+        }
+    }
+    Ok(Report {
+        lifecycles: report_tally.lifecycles,
+        posted: report_tally.posted,
+        accepted: report_tally.accepted,
+        other_statuses: report_tally.other_statuses,
+        transport_errors: report_tally.transport_errors,
+        registrations: report_tally.registrations,
+        latency,
+        elapsed: shared.started.elapsed(),
+    })
+}
+
+async fn worker(shared: &Shared, tally: &mut WorkerTally, histogram: &mut Histogram<u64>) {
+    let options = &shared.options;
+    loop {
+        if options
+            .duration
+            .is_some_and(|d| shared.started.elapsed() >= d)
+        {
+            return;
+        }
+        let index = shared.next.fetch_add(1, Ordering::Relaxed);
+        let Some(entity_type) = shared.plan.get(index).copied() else {
+            return;
+        };
+        // Each lifecycle has a generator of its own: a run replays whatever the scheduling.
+        let mut random = Random::new(options.seed ^ (index as u64).wrapping_mul(0x9E37_79B9));
+        let story = scenarios::lifecycle(
+            &mut random,
+            entity_type,
+            options.first_gateway_id + index as u64,
+            options.gap_chance,
+        );
+        tally.lifecycles += 1;
+        let late = random.chance(options.late_registration_chance);
+        if !late {
+            register(shared, &story, tally).await;
+        }
+        let mut kcis = story.kcis.clone();
+        for i in 1..kcis.len() {
+            if random.chance(options.out_of_order_chance) {
+                kcis.swap(i - 1, i);
+            }
+        }
+        for (position, planned) in kcis.iter().enumerate() {
+            let times = if random.chance(options.redelivery_chance) {
+                2
+            } else {
+                1
+            };
+            for _ in 0..times {
+                post(
+                    shared,
+                    &planned.body,
+                    &story.conversation_id,
+                    tally,
+                    histogram,
+                )
+                .await;
+            }
+            if late && position == 0 {
+                register(shared, &story, tally).await;
+            }
+        }
+    }
+}
+
+async fn register(shared: &Shared, story: &scenarios::Lifecycle, tally: &mut WorkerTally) {
+    let (Some((user, password)), Some(operation)) = (&shared.options.admin, story.operation) else {
+        return;
+    };
+    let body = json!({
+        "conversationId": story.conversation_id,
+        "requestId": uuid::Uuid::new_v4().to_string(),
+        "operation": operation,
+        "gatewayId": story.gateway_id,
+        "responseStatus": 201,
+        "requestBody": {"orderType": match story.entity_type {
+            EntityType::CeaseOrder => "CEASE",
+            EntityType::ModifyOrder => "MODIFY",
+            _ => "NEW",
+        }},
+    });
+    let sent = shared
+        .client
+        .post(format!("{}/api/v1/conversations", shared.options.base_url))
+        .basic_auth(user, Some(password))
+        .json(&body)
+        .send()
+        .await;
+    if sent.is_ok_and(|r| r.status().is_success()) {
+        tally.registrations += 1;
+    }
+}
+
+async fn post(
+    shared: &Shared,
+    body: &serde_json::Value,
+    conversation_id: &str,
+    tally: &mut WorkerTally,
+    histogram: &mut Histogram<u64>,
+) {
+    if let Some(pacer) = &shared.pacer {
+        pacer.lock().await.tick().await;
+    }
+    let started = Instant::now();
+    let sent = shared
+        .client
+        .post(format!("{}/kcis", shared.options.base_url))
+        .basic_auth(
+            &shared.options.gateway_user,
+            Some(&shared.options.gateway_password),
+        )
+        .header("X-Request-ID", uuid::Uuid::new_v4().to_string())
+        .header("X-Conversation-ID", conversation_id)
+        .json(body)
+        .send()
+        .await;
+    tally.posted += 1;
+    match sent {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let _ = response.bytes().await;
+            let now = Instant::now();
+            let _ = histogram.record((now - started).as_micros().max(1) as u64);
+            if status == 204 {
+                tally.accepted.push(Accepted {
+                    kci_id: body["id"].as_str().unwrap_or_default().to_owned(),
+                    at: now,
+                });
+            } else {
+                *tally.other_statuses.entry(status).or_default() += 1;
+            }
+        }
+        Err(_) => tally.transport_errors += 1,
+    }
+}

@@ -1,0 +1,91 @@
+//! The gateway simulator against the real app: realistic lifecycles are accepted, matched, and
+//! never illegal; the same seed replays the same run.
+
+use std::collections::HashSet;
+
+use kci_receiver::simulator::{Options, run};
+
+use crate::helpers::{ADMIN_PASSWORD, ADMIN_USER, Backend, GATEWAY_PASSWORD, spawn_app};
+
+fn options(base_url: &str) -> Options {
+    Options {
+        base_url: base_url.to_owned(),
+        gateway_password: GATEWAY_PASSWORD.to_owned(),
+        admin: Some((ADMIN_USER.to_owned(), ADMIN_PASSWORD.to_owned())),
+        orders: 21,
+        ethernet_orders: 4,
+        unsolicited_ceases: 4,
+        tests: 8,
+        problems: 8,
+        concurrency: 4,
+        seed: 5,
+        redelivery_chance: 0.1,
+        out_of_order_chance: 0.1,
+        gap_chance: 0.1,
+        late_registration_chance: 0.3,
+        ..Options::default()
+    }
+}
+
+#[tokio::test]
+async fn simulated_lifecycles_are_accepted_matched_and_never_illegal() {
+    let app = spawn_app(Backend::Postgres).await;
+    let report = run(options(&app.address)).await.unwrap();
+    assert_eq!(report.lifecycles, 45);
+    assert!(
+        report.other_statuses.is_empty() && report.transport_errors == 0,
+        "{}",
+        report.summary()
+    );
+    assert_eq!(
+        report.registrations, 41,
+        "every lifecycle but the unsolicited ceases"
+    );
+    assert_eq!(app.count("FROM tracked_entity").await, 45);
+    assert_eq!(
+        app.count("FROM tracked_entity WHERE correlation = 'UNMATCHED'")
+            .await,
+        0,
+        "late registrations matched them"
+    );
+    assert_eq!(
+        app.count("FROM tracked_entity WHERE correlation = 'UNSOLICITED'")
+            .await,
+        4
+    );
+    assert_eq!(
+        app.count("FROM tracked_entity WHERE flag_illegal = true")
+            .await,
+        0
+    );
+    assert!(
+        app.count("FROM kci WHERE redelivery_count > 0").await > 0,
+        "redeliveries were mixed in"
+    );
+    assert!(
+        app.count("FROM state_transition WHERE flag_gap = true")
+            .await
+            > 0,
+        "gaps were mixed in"
+    );
+    let distinct: HashSet<&str> = report.accepted.iter().map(|a| a.kci_id.as_str()).collect();
+    assert_eq!(app.count("FROM kci").await, distinct.len() as i64);
+    assert_eq!(app.count("FROM outbox_event").await, distinct.len() as i64);
+}
+
+#[tokio::test]
+async fn the_same_seed_replays_the_same_kcis() {
+    let first = spawn_app(Backend::Sqlite).await;
+    let second = spawn_app(Backend::Sqlite).await;
+    let ids = |report: kci_receiver::simulator::Report| -> HashSet<String> {
+        report.accepted.into_iter().map(|a| a.kci_id).collect()
+    };
+    let one = ids(run(options(&first.address)).await.unwrap());
+    let two = ids(run(options(&second.address)).await.unwrap());
+    assert!(!one.is_empty());
+    assert_eq!(one, two);
+    let mut other = options(&first.address);
+    other.seed = 6;
+    other.first_gateway_id = 2_000_000;
+    assert!(ids(run(other).await.unwrap()).is_disjoint(&one));
+}
