@@ -83,6 +83,10 @@ pub struct RelaySettings {
     /// Retry backoff after a refusal: doubles from the initial value up to the maximum.
     pub retry_initial_ms: u64,
     pub retry_max_ms: u64,
+    /// PostgreSQL: intake sends `NOTIFY` so that relays in other processes (`kci-receiver relay`)
+    /// wake at once. Costly at high rates (PostgreSQL serialises notifying commits), and not needed
+    /// by a relay inside `serve` (woken in-process); without it other relays poll.
+    pub notify_other_processes: bool,
     /// Reconnect backoff while the broker is unreachable.
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,

@@ -155,6 +155,7 @@ async fn accept(
         request_id,
         conversation_id,
         audit: audit.clone(),
+        notify_other_processes: state.settings.relay.notify_other_processes,
     };
     Ok(intake::record(&state.db, &delivery).await?)
 }

@@ -46,6 +46,8 @@ pub struct Delivery {
     pub conversation_id: String,
     /// The audit record of this request; its outcome is completed here.
     pub audit: AuditRecord,
+    /// PostgreSQL: also wake relays in other processes (`relay.notify_other_processes`).
+    pub notify_other_processes: bool,
 }
 
 /// What recording did.
@@ -446,7 +448,8 @@ async fn record_new(
     .insert(txn)
     .await?;
     // Relays in other processes LISTEN for this; it is delivered only if the transaction commits.
-    if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+    if delivery.notify_other_processes && txn.get_database_backend() == sea_orm::DbBackend::Postgres
+    {
         txn.execute_unprepared(&format!("NOTIFY {}", crate::outbox::signal::NOTIFY_CHANNEL))
             .await?;
     }

@@ -362,6 +362,7 @@ async fn two_relays_on_one_postgres_share_the_work_and_keep_per_entity_order() {
     let mut settings = test_settings(&database.url);
     broker.apply(&mut settings);
     settings.relay.enabled = false; // the two relays below do the publishing
+    settings.relay.notify_other_processes = true; // and are woken by NOTIFY
     settings.relay.batch_size = 20;
     let app = spawn_on(database, settings.clone()).await;
     let shutdown = CancellationToken::new();
@@ -429,6 +430,7 @@ async fn a_relay_killed_mid_batch_and_restarted_delivers_every_event_at_least_on
     let mut settings = test_settings(&database.url);
     broker.apply(&mut settings);
     settings.relay.enabled = false;
+    settings.relay.notify_other_processes = true;
     let app = spawn_on(database, settings.clone()).await;
     post_lifecycles(&app, 7000, 30, 10).await;
 

@@ -89,3 +89,55 @@ async fn the_same_seed_replays_the_same_kcis() {
     other.first_gateway_id = 2_000_000;
     assert!(ids(run(other).await.unwrap()).is_disjoint(&one));
 }
+
+/// The benchmark is a tool, not a test of speed: this only checks that it still runs end to end
+/// (tiny phases, PostgreSQL only) and that its loss check finds nothing missing.
+#[tokio::test]
+async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
+    let output = tokio::task::spawn_blocking(|| {
+        crate::cli::kci_receiver()
+            .args([
+                "bench",
+                "--postgres-only",
+                "--seconds",
+                "2",
+                "--backlog",
+                "200",
+                "--concurrency",
+                "8",
+            ])
+            .env(
+                "KCI_BENCH_POSTGRES_URL",
+                std::env::var("KCI_TEST_POSTGRES_URL")
+                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+            )
+            .env("KCI_BENCH_AMQP_URL", crate::helpers::amqp_url())
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for figure in [
+        "throughput at saturation",
+        "durable-commit ceiling",
+        "publish lag",
+        "backlog drain",
+        "peak RSS",
+    ] {
+        assert!(stdout.contains(figure), "{figure} in\n{stdout}");
+    }
+    let loss = stdout
+        .lines()
+        .find(|l| l.contains("loss check"))
+        .expect("a loss check line");
+    assert!(
+        loss.contains("(0 missing)") && loss.contains("0 per-entity order violations"),
+        "{loss}"
+    );
+}
