@@ -129,8 +129,10 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         .min_connections(settings.min_connections.min(settings.max_connections))
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
         .connect_timeout(Duration::from_millis(settings.connect_timeout_ms))
-        // A pooled connection whose server went away is noticed before use, not by a request.
-        .test_before_acquire(true)
+        // A connection that sat idle is pinged before use (its server may have gone away). Busy
+        // connections are not: a ping on every acquire is one more round trip per KCI, and a
+        // connection that broke under load fails its request with 503 and leaves the pool.
+        .test_before_acquire_if_idle_for(Duration::from_secs(5))
         .sqlx_logging(false);
     let busy_timeout = Duration::from_millis(settings.sqlite_busy_timeout_ms);
     options.map_sqlx_sqlite_opts(move |sqlite| {
