@@ -23,7 +23,6 @@ use crate::telemetry::KciRootSpan;
 pub struct Application {
     port: u16,
     server: Server,
-    db: DatabaseConnection,
     relay: Option<JoinHandle<()>>,
     shutdown: CancellationToken,
 }
@@ -103,7 +102,6 @@ impl Application {
         Ok(Application {
             port,
             server: server.run(),
-            db,
             relay,
             shutdown,
         })
@@ -111,10 +109,6 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.port
-    }
-
-    pub fn db(&self) -> &DatabaseConnection {
-        &self.db
     }
 
     /// Serves until SIGTERM/SIGINT: in-flight requests finish, then the relay finishes its

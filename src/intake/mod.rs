@@ -156,27 +156,15 @@ async fn record_redelivery(
             .await?;
         let differing = kci.differing_fields(&first_body).join(", ");
         state_transition::ActiveModel {
-            tracked_entity_id: Set(first.tracked_entity_id),
-            kci_ref: Set(first.id),
-            kci_id: Set(kci.id),
-            audit_log_id: Set(Some(audit_id)),
-            sequence_number: Set(kci.sequence_number),
             previous_sequence_number: Set(entity.as_ref().map(|e| e.last_sequence_number)),
             from_status: Set(entity.as_ref().map(|e| e.status.clone())),
-            to_status: Set(kci.entity.status.clone()),
             applied: Set(false),
-            update_type: Set(kci.update.update_type().as_str().to_owned()),
-            reason: Set(kci.update.reason().to_owned()),
             flag_anomaly: Set(true),
             note: Set(Some(format!(
                 "KCI {} delivered again with different content (X-Request-ID {}); differing fields: {differing}; not applied",
                 kci.id, delivery.request_id
             ))),
-            issued_on: Set(kci.issued_on),
-            received_on: Set(kci.received_on),
-            delivered_on: Set(kci.delivered_on),
-            recorded_at: Set(now),
-            ..Default::default()
+            ..history_entry(kci, first.tracked_entity_id, first.id, audit_id, now)
         }
         .insert(txn)
         .await?;
@@ -203,6 +191,38 @@ async fn audited(
     audit.outcome = outcome.audit_outcome().to_owned();
     audit.kci_id = Some(delivery.kci.id);
     audit.insert(txn).await
+}
+
+/// A history entry with what the KCI itself says, no flags raised: callers set how it relates to
+/// the entity (previous state, applied or not, flags, note).
+fn history_entry(
+    kci: &Kci,
+    tracked_entity_id: i64,
+    kci_ref: i64,
+    audit_log_id: i64,
+    now: DateTime<Utc>,
+) -> state_transition::ActiveModel {
+    state_transition::ActiveModel {
+        tracked_entity_id: Set(tracked_entity_id),
+        kci_ref: Set(kci_ref),
+        kci_id: Set(kci.id),
+        audit_log_id: Set(Some(audit_log_id)),
+        sequence_number: Set(kci.sequence_number),
+        to_status: Set(kci.entity.status.clone()),
+        update_type: Set(kci.update.update_type().as_str().to_owned()),
+        reason: Set(kci.update.reason().to_owned()),
+        flag_stale: Set(false),
+        flag_gap: Set(false),
+        flag_illegal: Set(false),
+        flag_duplicate: Set(false),
+        flag_anomaly: Set(false),
+        flag_unknown_value: Set(false),
+        issued_on: Set(kci.issued_on),
+        received_on: Set(kci.received_on),
+        delivered_on: Set(kci.delivered_on),
+        recorded_at: Set(now),
+        ..Default::default()
+    }
 }
 
 /// How a new KCI relates to the entity's last applied sequence number (design.md, "Monotonic
@@ -343,29 +363,16 @@ async fn record_new(
         notes.push(format!("undocumented values: {}", values.join(", ")));
     }
     state_transition::ActiveModel {
-        tracked_entity_id: Set(entity.id),
-        kci_ref: Set(kci_model.id),
-        kci_id: Set(kci.id),
-        audit_log_id: Set(Some(audit_id)),
-        sequence_number: Set(kci.sequence_number),
         previous_sequence_number: Set(facts.previous),
         from_status: Set(previous_status.clone()),
-        to_status: Set(kci.entity.status.clone()),
         applied: Set(facts.applied),
-        update_type: Set(kci.update.update_type().as_str().to_owned()),
-        reason: Set(kci.update.reason().to_owned()),
         flag_stale: Set(facts.stale),
         flag_gap: Set(facts.gap),
         flag_illegal: Set(illegal),
         flag_duplicate: Set(facts.duplicate),
-        flag_anomaly: Set(false),
         flag_unknown_value: Set(unknown),
         note: Set((!notes.is_empty()).then(|| notes.join("; "))),
-        issued_on: Set(kci.issued_on),
-        received_on: Set(kci.received_on),
-        delivered_on: Set(kci.delivered_on),
-        recorded_at: Set(now),
-        ..Default::default()
+        ..history_entry(kci, entity.id, kci_model.id, audit_id, now)
     }
     .insert(txn)
     .await?;

@@ -6,7 +6,7 @@ pub mod audit;
 use std::time::Duration;
 
 use migration::MigratorTrait;
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbBackend, DbErr, SqlErr};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
 use secrecy::ExposeSecret;
 
 use crate::config::{DatabaseSettings, redact_url};
@@ -165,8 +165,4 @@ pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
 /// Whether pending migrations exist (used by `serve` when it does not migrate itself).
 pub async fn pending_migrations(db: &DatabaseConnection) -> Result<usize, DbErr> {
     Ok(migration::Migrator::get_pending_migrations(db).await?.len())
-}
-
-pub fn is_postgres(db: &DatabaseConnection) -> bool {
-    db.get_database_backend() == DbBackend::Postgres
 }
