@@ -22,6 +22,7 @@ pub struct Settings {
     pub gateway_auth: GatewayAuthSettings,
     pub operations_auth: OperationsAuthSettings,
     pub amqp: AmqpSettings,
+    pub intake: IntakeSettings,
     pub relay: RelaySettings,
     pub egress: EgressSettings,
     pub log: LogSettings,
@@ -68,6 +69,14 @@ pub struct EgressSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+pub struct IntakeSettings {
+    /// Most KCIs recorded in one transaction (group commit).
+    pub max_batch: usize,
+    /// Transactions recording KCIs at once; each takes whatever has queued up meanwhile.
+    pub committers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 pub struct RelaySettings {
     /// Run the relay inside `serve`. Off: run `kci-receiver relay` separately.
     pub enabled: bool,
@@ -76,6 +85,8 @@ pub struct RelaySettings {
     pub batch_size: u32,
     /// Safety-net poll when no wake-up arrives.
     pub poll_interval_ms: u64,
+    /// Pause after a round that was not full, so that events gather into fewer, larger rounds.
+    pub linger_ms: u64,
     /// How long to wait for the broker's confirms of one round.
     pub confirm_timeout_ms: u64,
     /// Broker refusals (nack, return, channel error) before an event is dead.
@@ -253,6 +264,12 @@ impl Settings {
         }
         if self.database.max_connections == 0 {
             problems.push("database.max_connections must be at least 1".to_owned());
+        }
+        if !(1..=500).contains(&self.intake.max_batch) {
+            problems.push("intake.max_batch must be between 1 and 500".to_owned());
+        }
+        if self.intake.committers == 0 {
+            problems.push("intake.committers must be at least 1".to_owned());
         }
         if self.server.max_body_bytes < 1024 {
             problems.push("server.max_body_bytes must be at least 1024".to_owned());

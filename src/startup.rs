@@ -78,8 +78,10 @@ impl Application {
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
         let port = listener.local_addr()?.port();
         let workers = settings.server.workers;
+        let intake = crate::intake::group_commit::GroupCommit::start(db.clone(), &settings.intake);
         let state = web::Data::new(AppState {
             db: db.clone(),
+            intake,
             auth,
             settings: Arc::new(settings),
             outbox_signal,

@@ -9,6 +9,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261122_000001_intake_tables;
 mod m20261122_000002_outbox_relay;
+mod m20261122_000003_outbox_window_scan;
 
 pub struct Migrator;
 
@@ -18,6 +19,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261122_000001_intake_tables::Migration),
             Box::new(m20261122_000002_outbox_relay::Migration),
+            Box::new(m20261122_000003_outbox_window_scan::Migration),
         ]
     }
 }

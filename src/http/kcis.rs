@@ -157,7 +157,7 @@ async fn accept(
         audit: audit.clone(),
         notify_other_processes: state.settings.relay.notify_other_processes,
     };
-    Ok(intake::record(&state.db, &delivery).await?)
+    Ok(state.intake.record(delivery).await?)
 }
 
 /// Answers an error in the gateway's format, and audits it (except when the database is what

@@ -30,6 +30,8 @@ use crate::outbox::signal::OutboxSignal;
 /// What every handler can reach.
 pub struct AppState {
     pub db: DatabaseConnection,
+    /// Records KCIs, several per transaction under load (group commit).
+    pub intake: crate::intake::group_commit::GroupCommit,
     pub auth: Authenticator,
     pub settings: Arc<Settings>,
     /// Wakes this process's relay when new outbox events are committed.

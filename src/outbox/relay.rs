@@ -218,12 +218,22 @@ impl Relay {
         shutdown: &CancellationToken,
     ) -> Option<String> {
         let poll = Duration::from_millis(self.settings.poll_interval_ms);
+        let linger = Duration::from_millis(self.settings.linger_ms);
         loop {
             if shutdown.is_cancelled() {
                 return None;
             }
             match self.round(channel).await {
-                Ok(published) if published > 0 => continue,
+                Ok(handled) if handled >= self.settings.batch_size as usize => continue,
+                Ok(handled) if handled > 0 => {
+                    // A round that was not full: let events gather for a moment, so that a
+                    // steady trickle is published in rounds of many rather than many rounds
+                    // of one (each round costs the database several statements).
+                    tokio::select! {
+                        _ = tokio::time::sleep(linger) => continue,
+                        _ = shutdown.cancelled() => return None,
+                    }
+                }
                 Ok(_) => {}
                 Err(RoundError::Broker(error)) => return Some(error),
                 Err(RoundError::Store(error)) => {
@@ -243,15 +253,16 @@ impl Relay {
         let now = Utc::now();
         if self.db.get_database_backend() == DbBackend::Postgres {
             let txn = self.db.begin().await?;
-            let heads = store::due_heads(&txn, now, self.settings.batch_size).await?;
-            let heads = store::lock_heads(&txn, heads).await?;
+            let head_ids = store::due_head_ids(&txn, now, self.settings.batch_size).await?;
+            let heads = store::lock_heads(&txn, &head_ids).await?;
             let outcomes = self.publish(channel, &heads).await;
             let handled = self.record(&txn, &heads, &outcomes).await?;
             txn.commit().await?;
             broken_channel(channel, &outcomes)?;
             Ok(handled)
         } else {
-            let heads = store::due_heads(&self.db, now, self.settings.batch_size).await?;
+            let head_ids = store::due_head_ids(&self.db, now, self.settings.batch_size).await?;
+            let heads = store::pending_by_id(&self.db, &head_ids).await?;
             let outcomes = self.publish(channel, &heads).await;
             let txn = begin_write(&self.db).await?;
             let handled = self.record(&txn, &heads, &outcomes).await?;

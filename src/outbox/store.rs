@@ -19,28 +19,73 @@ use crate::store::StoreError;
 /// Advisory lock namespace for "this relay is publishing this entity" (PostgreSQL).
 const ENTITY_LOCK_NAMESPACE: i32 = 0x4b43_4931; // "KCI1"
 
-/// The heads of up to `limit` entities whose head is due, oldest first.
-pub async fn due_heads(
+/// How many pending events a round looks at per head it may publish.
+const WINDOW_PER_HEAD: u32 = 4;
+
+/// The ids of the heads of up to `limit` entities whose head is due, oldest first.
+///
+/// Pending events are read in id order from the oldest (the `(status, id)` index), ids only, at
+/// most `limit * 4` of them: an entity's first pending event in that window is its head, since
+/// everything older is published or dead. The cost of a round is bounded by the window, not by
+/// the backlog (a `GROUP BY` over every pending event cost 15 ms a round at 1,000 KCIs/s and
+/// 77 ms in a 11,000-event drain). An entity whose head is waiting for a retry is skipped with
+/// its later events; a window full of such entities delays the others until those retries
+/// (at most `relay.retry_max_ms`).
+pub async fn due_head_ids(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
     limit: u32,
+) -> Result<Vec<i64>, StoreError> {
+    #[derive(FromQueryResult)]
+    struct Pending {
+        id: i64,
+        tracked_entity_id: i64,
+        next_attempt_at: DateTime<Utc>,
+    }
+    let window = outbox_event::Entity::find()
+        .select_only()
+        .column(outbox_event::Column::Id)
+        .column(outbox_event::Column::TrackedEntityId)
+        .column(outbox_event::Column::NextAttemptAt)
+        .filter(outbox_event::Column::Status.eq(OutboxStatus::Pending))
+        .order_by_asc(outbox_event::Column::Id)
+        .limit(u64::from(limit.saturating_mul(WINDOW_PER_HEAD)))
+        .into_model::<Pending>()
+        .all(db)
+        .await?;
+    let mut entities_seen = std::collections::HashSet::new();
+    let mut heads = Vec::new();
+    for event in window {
+        if entities_seen.insert(event.tracked_entity_id) && event.next_attempt_at <= now {
+            heads.push(event.id);
+            if heads.len() >= limit as usize {
+                break;
+            }
+        }
+    }
+    Ok(heads)
+}
+
+/// Integer ids as an SQL list (safe to inline).
+fn id_list(ids: &[i64]) -> String {
+    ids.iter()
+        .map(|id| id.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The events with these ids that are still pending, in id order (SQLite, where one relay runs).
+pub async fn pending_by_id(
+    db: &impl ConnectionTrait,
+    ids: &[i64],
 ) -> Result<Vec<outbox_event::Model>, StoreError> {
-    let backend = db.get_database_backend();
-    let placeholder = |n: usize| match backend {
-        DbBackend::Postgres => format!("${n}"),
-        _ => "?".to_owned(),
-    };
-    let sql = format!(
-        "SELECT e.* FROM outbox_event e \
-         JOIN (SELECT tracked_entity_id, MIN(id) AS head FROM outbox_event \
-               WHERE status = 'PENDING' GROUP BY tracked_entity_id) h ON e.id = h.head \
-         WHERE e.next_attempt_at <= {} ORDER BY e.id LIMIT {}",
-        placeholder(1),
-        placeholder(2)
-    );
-    let statement =
-        Statement::from_sql_and_values(backend, sql, [now.into(), i64::from(limit).into()]);
-    Ok(outbox_event::Model::find_by_statement(statement)
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(outbox_event::Entity::find()
+        .filter(outbox_event::Column::Id.is_in(ids.iter().copied()))
+        .filter(outbox_event::Column::Status.eq(OutboxStatus::Pending))
+        .order_by_asc(outbox_event::Column::Id)
         .all(db)
         .await?)
 }
@@ -54,19 +99,15 @@ pub async fn due_heads(
 /// held the lock a moment before (and publish its event again).
 pub async fn lock_heads(
     txn: &impl ConnectionTrait,
-    heads: Vec<outbox_event::Model>,
+    head_ids: &[i64],
 ) -> Result<Vec<outbox_event::Model>, StoreError> {
-    if heads.is_empty() {
-        return Ok(heads);
+    if head_ids.is_empty() {
+        return Ok(Vec::new());
     }
-    // Integer ids only, so the lists are safe to inline.
-    let id_list = |ids: &mut dyn Iterator<Item = i64>| {
-        ids.map(|id| id.to_string()).collect::<Vec<_>>().join(",")
-    };
     let lock = format!(
         "SELECT e.id FROM outbox_event e WHERE e.id IN ({}) \
          AND pg_try_advisory_xact_lock({ENTITY_LOCK_NAMESPACE}, (e.tracked_entity_id % 2147483647)::int)",
-        id_list(&mut heads.iter().map(|h| h.id))
+        id_list(head_ids)
     );
     let locked: Vec<i64> = txn
         .query_all_raw(Statement::from_string(DbBackend::Postgres, lock))
@@ -74,17 +115,7 @@ pub async fn lock_heads(
         .iter()
         .map(|row| row.try_get::<i64>("", "id"))
         .collect::<Result<_, _>>()?;
-    if locked.is_empty() {
-        return Ok(Vec::new());
-    }
-    let still_pending = format!(
-        "SELECT * FROM outbox_event WHERE id IN ({}) AND status = 'PENDING' ORDER BY id",
-        id_list(&mut locked.into_iter())
-    );
-    let statement = Statement::from_string(DbBackend::Postgres, still_pending);
-    Ok(outbox_event::Model::find_by_statement(statement)
-        .all(txn)
-        .await?)
+    pending_by_id(txn, &locked).await
 }
 
 /// Marks events the broker confirmed.

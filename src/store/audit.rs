@@ -34,8 +34,13 @@ pub struct AuditRecord {
 impl AuditRecord {
     /// Inserts the record on `db` (a connection or an open transaction); returns its id.
     pub async fn insert(&self, db: &impl ConnectionTrait) -> Result<i64, StoreError> {
+        Ok(self.to_active_model().insert(db).await?.id)
+    }
+
+    /// The row to insert; its duration runs until now.
+    pub fn to_active_model(&self) -> audit_log::ActiveModel {
         let duration_ms = (Utc::now() - self.received_at).num_milliseconds().max(0);
-        let model = audit_log::ActiveModel {
+        audit_log::ActiveModel {
             request_id: Set(self.request_id.clone()),
             conversation_id: Set(self.conversation_id.clone()),
             method: Set(self.method.clone()),
@@ -54,8 +59,7 @@ impl AuditRecord {
             received_at: Set(self.received_at),
             duration_ms: Set(duration_ms),
             ..Default::default()
-        };
-        Ok(model.insert(db).await?.id)
+        }
     }
 }
 

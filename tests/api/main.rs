@@ -15,6 +15,7 @@ mod dashboard;
 mod egress;
 mod errors;
 mod fixtures;
+mod group_commit;
 mod operations;
 mod outage;
 mod properties;

@@ -648,3 +648,65 @@ async fn replaying_an_entity_publishes_its_events_again_with_the_same_message_id
         .unwrap();
     assert_eq!(bad.status().as_u16(), 422);
 }
+
+/// Head selection reads a window of pending events in id order: an entity's first pending event
+/// is its head, later events of an entity whose head waits for a retry are held back, and the
+/// other entities go ahead.
+#[tokio::test]
+async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
+    use kci_receiver::outbox::store::due_head_ids;
+    use sea_orm::ConnectionTrait;
+    for backend in crate::helpers::BACKENDS {
+        let app = crate::helpers::spawn_app(backend).await;
+        for (gateway_id, sequence) in [(1, 1), (2, 1), (1, 2), (3, 1), (2, 2)] {
+            let body = crate::helpers::kci(
+                "SERVICE_TEST",
+                gateway_id,
+                sequence,
+                "IN_PROGRESS",
+                "TEST_STARTED",
+            );
+            assert_eq!(app.post_kci(&body, "conv").await.status().as_u16(), 204);
+        }
+        let events = app
+            .rows("SELECT id, tracked_entity_id FROM outbox_event ORDER BY id")
+            .await;
+        let id = |n: usize| events[n]["id"].as_i64().unwrap();
+        let now = chrono::Utc::now();
+        assert_eq!(
+            due_head_ids(&app.db, now, 10).await.unwrap(),
+            [id(0), id(1), id(3)],
+            "{backend:?}: one head per entity, oldest first"
+        );
+        assert_eq!(due_head_ids(&app.db, now, 2).await.unwrap(), [id(0), id(1)]);
+
+        // Entity 1's head is refused and waits for its retry: its second event waits too.
+        let later = (now + chrono::Duration::minutes(5)).to_rfc3339();
+        app.db
+            .execute_unprepared(&format!(
+                "UPDATE outbox_event SET next_attempt_at = '{later}', attempts = 1 WHERE id = {}",
+                id(0)
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            due_head_ids(&app.db, now, 10).await.unwrap(),
+            [id(1), id(3)],
+            "{backend:?}"
+        );
+        // Published heads make room for the next event of their entity.
+        app.db
+            .execute_unprepared(&format!(
+                "UPDATE outbox_event SET status = 'PUBLISHED' WHERE id IN ({}, {})",
+                id(1),
+                id(3)
+            ))
+            .await
+            .unwrap();
+        assert_eq!(
+            due_head_ids(&app.db, now, 10).await.unwrap(),
+            [id(4)],
+            "{backend:?}"
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! Recording a batch of deliveries in one transaction: load what they need under lock, decide in
+//! memory ([`super::plan`]), write every table with one multi-row statement, commit once.
+//!
+//! A batch of n KCIs costs about a dozen statements and one durable commit, whatever n is; one
+//! KCI alone costs the same dozen. That is what makes group commit pay: the database's work per
+//! KCI shrinks as load grows, instead of each KCI paying its own round trips and commit.
+//!
+//! Locking (PostgreSQL): the batch's entities are locked with one `SELECT ... ORDER BY id FOR
+//! UPDATE`, so concurrent batches take shared entities in the same order and queue behind each
+//! other rather than deadlock. Entities seen for the first time are inserted (`ON CONFLICT DO
+//! NOTHING`, in key order) with `kci_count` 0 and then locked the same way; a concurrent batch
+//! inserting the same entity waits for ours and then finds it. On SQLite the transaction starts
+//! `IMMEDIATE`: one writer at a time.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::Utc;
+use entity::conversation;
+use entity::kci as kci_row;
+use entity::outbox_event;
+use entity::state_transition;
+use entity::tracked_entity;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ColumnTrait, Condition, DatabaseTransaction, DbErr, EntityTrait, ExprTrait, Iterable,
+    QueryFilter, QueryOrder, QuerySelect, Set,
+};
+use uuid::Uuid;
+
+use super::plan::{self, EntityKey, KciRef, Loaded, entity_key};
+use super::{Delivery, Recorded};
+use crate::store::StoreError;
+
+/// Records `deliveries` in `txn` (not committed here); one [`Recorded`] per delivery, in order.
+pub async fn record(
+    txn: &DatabaseTransaction,
+    deliveries: &[&Delivery],
+) -> Result<Vec<Recorded>, StoreError> {
+    let loaded = load(txn, deliveries).await?;
+    let plan = plan::plan(deliveries, loaded)
+        .map_err(|problem| StoreError::from(DbErr::Custom(format!("intake plan: {problem}"))))?;
+    write(txn, deliveries, plan).await
+}
+
+async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loaded, StoreError> {
+    let mut loaded = Loaded::default();
+    let kci_ids: HashSet<Uuid> = deliveries.iter().map(|d| d.kci.id).collect();
+    for known in kci_row::Entity::find()
+        .filter(kci_row::Column::KciId.is_in(kci_ids))
+        .all(txn)
+        .await?
+    {
+        loaded.kcis.insert(known.kci_id, known);
+    }
+
+    // The entities: those of KCIs seen for the first time, and those of redeliveries that
+    // differ (their anomaly goes into the entity's history).
+    let mut keys: Vec<EntityKey> = Vec::new();
+    let mut anomaly_entities: Vec<i64> = Vec::new();
+    let mut first_deliveries: HashMap<EntityKey, &Delivery> = HashMap::new();
+    let mut seen_in_batch = HashSet::new();
+    for delivery in deliveries {
+        let kci = &delivery.kci;
+        if let Some(known) = loaded.kcis.get(&kci.id) {
+            let body = serde_json::from_str(&known.raw_body).unwrap_or_default();
+            if !kci.same_content_as(&body) {
+                anomaly_entities.push(known.tracked_entity_id);
+            }
+        } else if seen_in_batch.insert(kci.id) {
+            let key = entity_key(kci);
+            if !first_deliveries.contains_key(&key) {
+                first_deliveries.insert(key.clone(), delivery);
+                keys.push(key);
+            }
+        }
+        // A redelivery of a KCI first seen in this batch touches an entity already in `keys`.
+    }
+    keys.sort();
+    lock_entities(txn, &keys, &anomaly_entities, &mut loaded).await?;
+
+    // Conversations of the new KCIs: needed now to create entities matched.
+    let conversation_ids: HashSet<&str> = deliveries
+        .iter()
+        .map(|d| d.conversation_id.as_str())
+        .collect();
+    for request in conversation::Entity::find()
+        .filter(conversation::Column::ConversationId.is_in(conversation_ids))
+        .all(txn)
+        .await?
+    {
+        loaded
+            .conversations_by_id
+            .insert(request.id, request.clone());
+        loaded
+            .conversations
+            .insert(request.conversation_id.clone(), request);
+    }
+
+    let missing: Vec<EntityKey> = keys
+        .into_iter()
+        .filter(|key| !loaded.entity_ids.contains_key(key))
+        .collect();
+    if !missing.is_empty() {
+        let now = Utc::now();
+        let new_rows = missing.iter().map(|key| {
+            let delivery = first_deliveries[key];
+            let original = loaded.conversations.get(&delivery.conversation_id);
+            let mut row: tracked_entity::ActiveModel =
+                plan::new_entity(delivery, original, now).into();
+            row.id = sea_orm::ActiveValue::NotSet;
+            row
+        });
+        tracked_entity::Entity::insert_many(new_rows)
+            .on_conflict_do_nothing_on([
+                tracked_entity::Column::EntityType,
+                tracked_entity::Column::GatewayId,
+            ])
+            .exec_without_returning(txn)
+            .await?;
+        lock_entities(txn, &missing, &[], &mut loaded).await?;
+        if let Some(key) = missing.iter().find(|k| !loaded.entity_ids.contains_key(*k)) {
+            // Deleted between our insert and lock: not something intake does; run it again.
+            return Err(StoreError {
+                kind: crate::store::StoreErrorKind::Retryable,
+                source: DbErr::Custom(format!("entity {key:?} vanished while being created")),
+            });
+        }
+    }
+
+    // Original requests the entities are linked to, when not the ones just loaded.
+    let linked: HashSet<i64> = loaded
+        .entities
+        .values()
+        .filter_map(|e| e.conversation_ref)
+        .filter(|id| !loaded.conversations_by_id.contains_key(id))
+        .collect();
+    if !linked.is_empty() {
+        for request in conversation::Entity::find()
+            .filter(conversation::Column::Id.is_in(linked))
+            .all(txn)
+            .await?
+        {
+            loaded.conversations_by_id.insert(request.id, request);
+        }
+    }
+    Ok(loaded)
+}
+
+/// Locks (PostgreSQL `FOR UPDATE`, in id order) and loads entities by key and by id.
+async fn lock_entities(
+    txn: &DatabaseTransaction,
+    keys: &[EntityKey],
+    ids: &[i64],
+    loaded: &mut Loaded,
+) -> Result<(), StoreError> {
+    if keys.is_empty() && ids.is_empty() {
+        return Ok(());
+    }
+    let mut wanted = Condition::any();
+    if !ids.is_empty() {
+        wanted = wanted.add(tracked_entity::Column::Id.is_in(ids.iter().copied()));
+    }
+    for (entity_type, gateway_id) in keys {
+        wanted = wanted.add(
+            Condition::all()
+                .add(tracked_entity::Column::EntityType.eq(entity_type.as_str()))
+                .add(tracked_entity::Column::GatewayId.eq(gateway_id.as_str())),
+        );
+    }
+    for entity in tracked_entity::Entity::find()
+        .filter(wanted)
+        .order_by_asc(tracked_entity::Column::Id)
+        .lock_exclusive()
+        .all(txn)
+        .await?
+    {
+        loaded.entity_ids.insert(
+            (entity.entity_type.clone(), entity.gateway_id.clone()),
+            entity.id,
+        );
+        loaded.entities.insert(entity.id, entity);
+    }
+    Ok(())
+}
+
+async fn write(
+    txn: &DatabaseTransaction,
+    deliveries: &[&Delivery],
+    plan: plan::Plan,
+) -> Result<Vec<Recorded>, StoreError> {
+    let kci_ids = insert_in_order(txn, kci_row::Entity::insert_many(plan.kcis)).await?;
+    let audit_rows = deliveries.iter().zip(&plan.audit_outcomes).map(|(d, o)| {
+        let mut audit = d.audit.clone();
+        audit.outcome = o.audit_outcome().to_owned();
+        audit.kci_id = Some(d.kci.id);
+        audit.to_active_model()
+    });
+    let audit_ids =
+        insert_in_order(txn, entity::audit_log::Entity::insert_many(audit_rows)).await?;
+    let kci_ref = |reference: KciRef| match reference {
+        KciRef::Existing(id) => id,
+        KciRef::New(n) => kci_ids[n],
+    };
+
+    let now = Utc::now();
+    for (id, redeliveries, anomalies) in plan.counters {
+        kci_row::Entity::update_many()
+            .col_expr(
+                kci_row::Column::RedeliveryCount,
+                Expr::col(kci_row::Column::RedeliveryCount).add(redeliveries),
+            )
+            .col_expr(
+                kci_row::Column::AnomalyCount,
+                Expr::col(kci_row::Column::AnomalyCount).add(anomalies),
+            )
+            .col_expr(kci_row::Column::LastRedeliveredAt, Expr::value(now))
+            .filter(kci_row::Column::Id.eq(id))
+            .exec(txn)
+            .await?;
+    }
+
+    let transitions = plan
+        .transitions
+        .into_iter()
+        .map(|(reference, delivery, mut row)| {
+            row.kci_ref = Set(kci_ref(reference));
+            row.audit_log_id = Set(Some(audit_ids[delivery]));
+            row
+        });
+    state_transition::Entity::insert_many(transitions)
+        .exec_without_returning(txn)
+        .await?;
+
+    // Every changed entity in one statement: an upsert on the primary key updates them all.
+    if !plan.entities.is_empty() {
+        let columns =
+            tracked_entity::Column::iter().filter(|c| !matches!(c, tracked_entity::Column::Id));
+        let rows = plan
+            .entities
+            .into_iter()
+            .map(tracked_entity::ActiveModel::from);
+        tracked_entity::Entity::insert_many(rows)
+            .on_conflict(
+                OnConflict::column(tracked_entity::Column::Id)
+                    .update_columns(columns)
+                    .to_owned(),
+            )
+            .exec_without_returning(txn)
+            .await?;
+    }
+
+    let events = plan.events.into_iter().map(|(kci, mut row)| {
+        row.kci_ref = Set(kci_ids[kci]);
+        row
+    });
+    outbox_event::Entity::insert_many(events)
+        .exec_without_returning(txn)
+        .await?;
+    Ok(plan.recorded)
+}
+
+/// Inserts rows and returns their ids in the order of the rows. Both databases hand out the ids
+/// of one multi-row insert in increasing order of its rows; the order in which `RETURNING`
+/// lists them is not promised, so they are sorted.
+async fn insert_in_order<A>(
+    txn: &DatabaseTransaction,
+    insert: sea_orm::InsertMany<A>,
+) -> Result<Vec<i64>, StoreError>
+where
+    A: sea_orm::ActiveModelTrait,
+    <A::Entity as EntityTrait>::Model: sea_orm::IntoActiveModel<A>,
+    <<A::Entity as EntityTrait>::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType: Into<i64>,
+{
+    let mut ids: Vec<i64> = insert
+        .exec_with_returning_keys(txn)
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}

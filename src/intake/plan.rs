@@ -1,0 +1,530 @@
+//! Deciding what a batch of deliveries does, in memory, from what the database holds.
+//!
+//! [`plan`] takes the rows [`super::batch`] loaded under lock (the KCIs already known, the
+//! entities the batch touches, the original requests) and walks the deliveries in the order they
+//! arrived, as if each were recorded alone: a later delivery in the batch sees what the earlier
+//! ones did to its entity. It returns the rows to write; nothing here touches the database, so the
+//! rules of design.md (idempotency, monotonic state, lifecycles, matching) live in one pure
+//! function.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use entity::conversation;
+use entity::kci::{self as kci_row, KciOutcome};
+use entity::outbox_event::{self, OutboxStatus};
+use entity::state_transition;
+use entity::tracked_entity::{self, Correlation};
+use sea_orm::{ActiveValue, Set};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{Delivery, Outcome, Recorded};
+use crate::kci::Kci;
+use crate::lifecycle::Verdict;
+use crate::outbox::envelope::{self, EnvelopeFacts};
+
+/// An entity's natural key: entity type and gateway id.
+pub type EntityKey = (String, String);
+
+pub fn entity_key(kci: &Kci) -> EntityKey {
+    (
+        kci.entity_type.as_str().to_owned(),
+        kci.entity.gateway_id.clone(),
+    )
+}
+
+/// What the database holds that the batch needs; entities are locked for the transaction.
+#[derive(Default)]
+pub struct Loaded {
+    /// KCIs recorded before this batch, by KCI id.
+    pub kcis: HashMap<Uuid, kci_row::Model>,
+    /// Every entity a delivery of the batch touches (new ones as rows inserted by this batch
+    /// with `kci_count` 0: no KCI recorded yet).
+    pub entities: HashMap<i64, tracked_entity::Model>,
+    pub entity_ids: HashMap<EntityKey, i64>,
+    /// Original requests by `X-Conversation-ID`, and by row id (entities' links).
+    pub conversations: HashMap<String, conversation::Model>,
+    pub conversations_by_id: HashMap<i64, conversation::Model>,
+}
+
+/// A KCI row: recorded before this batch, or the n-th new one of the batch (its id is known only
+/// once inserted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KciRef {
+    Existing(i64),
+    New(usize),
+}
+
+/// The rows a batch writes, in the order they are written.
+pub struct Plan {
+    /// New KCIs, redeliveries within the batch already counted.
+    pub kcis: Vec<kci_row::ActiveModel>,
+    /// One audit outcome per delivery, in delivery order.
+    pub audit_outcomes: Vec<Outcome>,
+    /// Redeliveries of KCIs recorded before this batch: (row id, redeliveries, anomalies).
+    pub counters: Vec<(i64, i32, i32)>,
+    /// History entries: the KCI they record, the delivery whose audit record they cite, the row
+    /// without those two references.
+    pub transitions: Vec<(KciRef, usize, state_transition::ActiveModel)>,
+    /// Final state of every entity the batch changed.
+    pub entities: Vec<tracked_entity::Model>,
+    /// Outbox events with the (new) KCI they publish.
+    pub events: Vec<(usize, outbox_event::ActiveModel)>,
+    /// What each delivery did, in delivery order.
+    pub recorded: Vec<Recorded>,
+}
+
+/// The entity row a first KCI creates: everything from the KCI, matched to its original request
+/// if that is known.
+pub fn new_entity(
+    delivery: &Delivery,
+    original_request: Option<&conversation::Model>,
+    now: DateTime<Utc>,
+) -> tracked_entity::Model {
+    let kci = &delivery.kci;
+    let correlation = match original_request {
+        Some(_) => Correlation::Matched,
+        None if kci.entity_type.is_unsolicited() => Correlation::Unsolicited,
+        None => Correlation::Unmatched,
+    };
+    tracked_entity::Model {
+        id: 0,
+        entity_type: kci.entity_type.as_str().to_owned(),
+        gateway_id: kci.entity.gateway_id.clone(),
+        supplier: kci.supplier.clone(),
+        supplier_reference: kci.entity.supplier_reference.clone(),
+        status: kci.entity.status.clone(),
+        snapshot: kci.entity.body.clone(),
+        last_sequence_number: kci.sequence_number,
+        last_kci_id: kci.id,
+        last_update_type: kci.update.update_type().as_str().to_owned(),
+        last_reason: kci.update.reason().to_owned(),
+        conversation_id: delivery.conversation_id.clone(),
+        correlation,
+        conversation_ref: original_request.map(|r| r.id),
+        flag_illegal: false,
+        flag_stale: false,
+        flag_gap: false,
+        flag_anomaly: false,
+        flag_unknown_value: false,
+        kci_count: 0,
+        first_seen_at: now,
+        last_kci_at: now,
+        updated_at: now,
+    }
+}
+
+/// The first time a KCI id was seen: before this batch or earlier in it.
+struct FirstSeen {
+    kci: KciRef,
+    tracked_entity_id: i64,
+    body: Value,
+}
+
+/// Decides what every delivery does; `Err` names a row the loader should have provided.
+pub fn plan(deliveries: &[&Delivery], mut loaded: Loaded) -> Result<Plan, String> {
+    let mut plan = Plan {
+        kcis: Vec::new(),
+        audit_outcomes: Vec::with_capacity(deliveries.len()),
+        counters: Vec::new(),
+        transitions: Vec::with_capacity(deliveries.len()),
+        entities: Vec::new(),
+        events: Vec::with_capacity(deliveries.len()),
+        recorded: Vec::with_capacity(deliveries.len()),
+    };
+    let mut seen: HashMap<Uuid, FirstSeen> = HashMap::new();
+    let mut counters: HashMap<i64, (i32, i32)> = HashMap::new();
+    let mut touched: Vec<i64> = Vec::new();
+
+    for (index, delivery) in deliveries.iter().enumerate() {
+        let now = Utc::now();
+        let kci_id = delivery.kci.id;
+        if !seen.contains_key(&kci_id)
+            && let Some(first) = loaded.kcis.remove(&kci_id)
+        {
+            let body = serde_json::from_str(&first.raw_body).unwrap_or(Value::Null);
+            seen.insert(
+                kci_id,
+                FirstSeen {
+                    kci: KciRef::Existing(first.id),
+                    tracked_entity_id: first.tracked_entity_id,
+                    body,
+                },
+            );
+        }
+        let recorded = match seen.get(&kci_id) {
+            Some(first) => {
+                let recorded = redelivery(delivery, index, first, &mut loaded, &mut plan, now)?;
+                match first.kci {
+                    KciRef::Existing(id) => {
+                        let (redeliveries, anomalies) = counters.entry(id).or_default();
+                        match recorded.outcome {
+                            Outcome::Redelivered => *redeliveries += 1,
+                            _ => *anomalies += 1,
+                        }
+                    }
+                    KciRef::New(n) => count_in_batch(&mut plan.kcis[n], recorded.outcome, now),
+                }
+                recorded
+            }
+            None => {
+                let recorded = new_kci(delivery, index, &mut loaded, &mut plan, now)?;
+                let new_row = plan.kcis.len() - 1;
+                seen.insert(
+                    kci_id,
+                    FirstSeen {
+                        kci: KciRef::New(new_row),
+                        tracked_entity_id: recorded.tracked_entity_id,
+                        body: serde_json::from_str(&delivery.raw_body).unwrap_or(Value::Null),
+                    },
+                );
+                recorded
+            }
+        };
+        if recorded.outcome != Outcome::Redelivered
+            && !touched.contains(&recorded.tracked_entity_id)
+        {
+            touched.push(recorded.tracked_entity_id);
+        }
+        plan.audit_outcomes.push(recorded.outcome);
+        plan.recorded.push(recorded);
+    }
+    plan.counters = counters
+        .into_iter()
+        .map(|(id, (redeliveries, anomalies))| (id, redeliveries, anomalies))
+        .collect();
+    plan.counters.sort_unstable();
+    touched.sort_unstable();
+    plan.entities = touched
+        .into_iter()
+        .filter_map(|id| loaded.entities.remove(&id))
+        .collect();
+    Ok(plan)
+}
+
+/// A redelivery of a KCI first seen earlier in this batch: counted on its row before it is
+/// inserted.
+fn count_in_batch(row: &mut kci_row::ActiveModel, outcome: Outcome, now: DateTime<Utc>) {
+    let counter = match outcome {
+        Outcome::Redelivered => &mut row.redelivery_count,
+        _ => &mut row.anomaly_count,
+    };
+    if let ActiveValue::Set(count) = counter {
+        *count += 1;
+    }
+    row.last_redelivered_at = Set(Some(now));
+}
+
+/// The same KCI id again: identical content is counted, different content is an anomaly,
+/// recorded in the entity's history and flagged, not applied.
+fn redelivery(
+    delivery: &Delivery,
+    index: usize,
+    first: &FirstSeen,
+    loaded: &mut Loaded,
+    plan: &mut Plan,
+    now: DateTime<Utc>,
+) -> Result<Recorded, String> {
+    let kci = &delivery.kci;
+    let outcome = if kci.same_content_as(&first.body) {
+        Outcome::Redelivered
+    } else {
+        Outcome::Anomaly
+    };
+    if outcome == Outcome::Anomaly {
+        let entity = loaded
+            .entities
+            .get_mut(&first.tracked_entity_id)
+            .ok_or_else(|| format!("entity {} was not loaded", first.tracked_entity_id))?;
+        let differing = kci.differing_fields(&first.body).join(", ");
+        let transition = state_transition::ActiveModel {
+            previous_sequence_number: Set(Some(entity.last_sequence_number)),
+            from_status: Set(Some(entity.status.clone())),
+            applied: Set(false),
+            flag_anomaly: Set(true),
+            note: Set(Some(format!(
+                "KCI {} delivered again with different content (X-Request-ID {}); differing fields: {differing}; not applied",
+                kci.id, delivery.request_id
+            ))),
+            ..history_entry(kci, entity.id, now)
+        };
+        plan.transitions.push((first.kci, index, transition));
+        entity.flag_anomaly = true;
+        tracing::warn!(kci.id = %kci.id, fields = differing, "conflicting redelivery recorded as an anomaly");
+    }
+    Ok(Recorded {
+        outcome,
+        tracked_entity_id: first.tracked_entity_id,
+        event_id: None,
+    })
+}
+
+/// A KCI seen for the first time: recorded, applied if newer than what the entity holds,
+/// added to the history and to the outbox.
+fn new_kci(
+    delivery: &Delivery,
+    index: usize,
+    loaded: &mut Loaded,
+    plan: &mut Plan,
+    now: DateTime<Utc>,
+) -> Result<Recorded, String> {
+    let kci = &delivery.kci;
+    let lifecycle = kci.entity_type.lifecycle();
+    let original_request = loaded.conversations.get(&delivery.conversation_id);
+    let key = entity_key(kci);
+    let entity_id = *loaded
+        .entity_ids
+        .get(&key)
+        .ok_or_else(|| format!("entity {key:?} was not loaded"))?;
+    let entity = loaded
+        .entities
+        .get_mut(&entity_id)
+        .ok_or_else(|| format!("entity {entity_id} was not loaded"))?;
+    // No KCI recorded yet: this one creates the entity.
+    let is_new = entity.kci_count == 0;
+    if is_new {
+        *entity = tracked_entity::Model {
+            id: entity_id,
+            first_seen_at: entity.first_seen_at,
+            ..new_entity(delivery, original_request, now)
+        };
+    }
+    let previous_status = (!is_new).then(|| entity.status.clone());
+    let facts = sequence_facts(
+        (!is_new).then_some(entity.last_sequence_number),
+        kci.sequence_number,
+    );
+    let verdict = match &previous_status {
+        Some(from) if facts.applied => lifecycle.judge(from, &kci.entity.status, facts.gap),
+        _ => Verdict::Unchanged,
+    };
+    let illegal = verdict == Verdict::Illegal;
+    let unknown = !kci.unknown_values.is_empty();
+    let (kci_outcome, outcome) = if facts.applied {
+        (KciOutcome::Applied, Outcome::Applied)
+    } else if facts.stale {
+        (KciOutcome::Stale, Outcome::Stale)
+    } else {
+        (KciOutcome::DuplicateSequence, Outcome::DuplicateSequence)
+    };
+
+    plan.kcis.push(kci_row::ActiveModel {
+        kci_id: Set(kci.id),
+        tracked_entity_id: Set(entity_id),
+        request_id: Set(delivery.request_id.clone()),
+        conversation_id: Set(delivery.conversation_id.clone()),
+        entity_type: Set(kci.entity_type.as_str().to_owned()),
+        update_type: Set(kci.update.update_type().as_str().to_owned()),
+        reason: Set(kci.update.reason().to_owned()),
+        sequence_number: Set(kci.sequence_number),
+        issued_on: Set(kci.issued_on),
+        received_on: Set(kci.received_on),
+        delivered_on: Set(kci.delivered_on),
+        raw_body: Set(delivery.raw_body.clone()),
+        headers: Set(delivery.audit.headers.clone()),
+        outcome: Set(kci_outcome),
+        redelivery_count: Set(0),
+        last_redelivered_at: Set(None),
+        anomaly_count: Set(0),
+        received_at: Set(now),
+        ..Default::default()
+    });
+    let kci_row = plan.kcis.len() - 1;
+
+    let notes = notes(
+        kci,
+        &facts,
+        illegal,
+        previous_status.as_deref(),
+        lifecycle.name,
+    );
+    let transition = state_transition::ActiveModel {
+        previous_sequence_number: Set(facts.previous),
+        from_status: Set(previous_status.clone()),
+        applied: Set(facts.applied),
+        flag_stale: Set(facts.stale),
+        flag_gap: Set(facts.gap),
+        flag_illegal: Set(illegal),
+        flag_duplicate: Set(facts.duplicate),
+        flag_unknown_value: Set(unknown),
+        note: Set((!notes.is_empty()).then(|| notes.join("; "))),
+        ..history_entry(kci, entity_id, now)
+    };
+    plan.transitions
+        .push((KciRef::New(kci_row), index, transition));
+
+    // Matching: an entity keeps the link it has; an unmatched one is matched as soon as its
+    // conversation is known.
+    let (correlation, conversation_ref) = match (entity.correlation, original_request) {
+        (Correlation::Unmatched, Some(request)) => (Correlation::Matched, Some(request.id)),
+        (correlation, _) => (correlation, entity.conversation_ref),
+    };
+    let linked_request = match conversation_ref {
+        Some(id) if original_request.is_some_and(|r| r.id == id) => original_request,
+        Some(id) => loaded.conversations_by_id.get(&id),
+        None => None,
+    };
+    if facts.applied && !is_new {
+        entity.status = kci.entity.status.clone();
+        entity.snapshot = kci.entity.body.clone();
+        entity.supplier = kci.supplier.clone();
+        if kci.entity.supplier_reference.is_some() {
+            entity.supplier_reference = kci.entity.supplier_reference.clone();
+        }
+        entity.last_sequence_number = kci.sequence_number;
+        entity.last_kci_id = kci.id;
+        entity.last_update_type = kci.update.update_type().as_str().to_owned();
+        entity.last_reason = kci.update.reason().to_owned();
+        entity.updated_at = now;
+    }
+    entity.correlation = correlation;
+    entity.conversation_ref = conversation_ref;
+    entity.flag_illegal |= illegal;
+    entity.flag_stale |= facts.stale;
+    entity.flag_gap |= facts.gap;
+    entity.flag_unknown_value |= unknown;
+    entity.kci_count += 1;
+    entity.last_kci_at = now;
+
+    let event_id = Uuid::now_v7();
+    let message = envelope::build(&EnvelopeFacts {
+        event_id,
+        kci,
+        request_id: &delivery.request_id,
+        conversation_id: &delivery.conversation_id,
+        previous_status: previous_status.as_deref(),
+        new_status: &entity.status,
+        applied: facts.applied,
+        correlation,
+        original_request: linked_request,
+        previous_sequence_number: facts.previous,
+        stale: facts.stale,
+        gap: facts.gap,
+        duplicate: facts.duplicate,
+        illegal,
+        accepted_at: now,
+    });
+    plan.events.push((
+        kci_row,
+        outbox_event::ActiveModel {
+            event_id: Set(event_id),
+            tracked_entity_id: Set(entity_id),
+            routing_key: Set(message.routing_key),
+            message_type: Set(message.message_type),
+            headers: Set(message.headers),
+            payload: Set(message.payload),
+            status: Set(OutboxStatus::Pending),
+            attempts: Set(0),
+            next_attempt_at: Set(now),
+            created_at: Set(now),
+            ..Default::default()
+        },
+    ));
+    Ok(Recorded {
+        outcome,
+        tracked_entity_id: entity_id,
+        event_id: Some(event_id),
+    })
+}
+
+fn notes(
+    kci: &Kci,
+    facts: &SequenceFacts,
+    illegal: bool,
+    previous_status: Option<&str>,
+    lifecycle: &str,
+) -> Vec<String> {
+    let mut notes = Vec::new();
+    if facts.gap {
+        let expected = facts.previous.map_or(1, |last| last + 1);
+        notes.push(format!(
+            "sequence gap: expected {expected}, got {}",
+            kci.sequence_number
+        ));
+    }
+    if facts.stale {
+        notes.push(format!(
+            "stale: sequence {} is older than the applied {}",
+            kci.sequence_number,
+            facts.previous.unwrap_or_default()
+        ));
+    }
+    if facts.duplicate {
+        notes.push(format!(
+            "sequence {} was already applied by another KCI",
+            kci.sequence_number
+        ));
+    }
+    if illegal {
+        notes.push(format!(
+            "{lifecycle} lifecycle does not allow {} -> {}",
+            previous_status.unwrap_or("?"),
+            kci.entity.status
+        ));
+    }
+    if !kci.unknown_values.is_empty() {
+        let values: Vec<String> = kci.unknown_values.iter().map(ToString::to_string).collect();
+        notes.push(format!("undocumented values: {}", values.join(", ")));
+    }
+    notes
+}
+
+/// A history entry with what the KCI itself says, no flags raised: callers set how it relates to
+/// the entity (previous state, applied or not, flags, note). The KCI row and audit record it
+/// cites are filled in once their ids are known.
+fn history_entry(
+    kci: &Kci,
+    tracked_entity_id: i64,
+    now: DateTime<Utc>,
+) -> state_transition::ActiveModel {
+    state_transition::ActiveModel {
+        tracked_entity_id: Set(tracked_entity_id),
+        kci_id: Set(kci.id),
+        sequence_number: Set(kci.sequence_number),
+        to_status: Set(kci.entity.status.clone()),
+        update_type: Set(kci.update.update_type().as_str().to_owned()),
+        reason: Set(kci.update.reason().to_owned()),
+        flag_stale: Set(false),
+        flag_gap: Set(false),
+        flag_illegal: Set(false),
+        flag_duplicate: Set(false),
+        flag_anomaly: Set(false),
+        flag_unknown_value: Set(false),
+        issued_on: Set(kci.issued_on),
+        received_on: Set(kci.received_on),
+        delivered_on: Set(kci.delivered_on),
+        recorded_at: Set(now),
+        ..Default::default()
+    }
+}
+
+/// How a new KCI relates to the entity's last applied sequence number (design.md, "Monotonic
+/// state"): only a newer KCI moves the state.
+struct SequenceFacts {
+    previous: Option<i64>,
+    applied: bool,
+    stale: bool,
+    duplicate: bool,
+    gap: bool,
+}
+
+fn sequence_facts(previous: Option<i64>, sequence_number: i64) -> SequenceFacts {
+    match previous {
+        // The first KCI we see: anything but 1 means earlier KCIs are missing.
+        None => SequenceFacts {
+            previous,
+            applied: true,
+            stale: false,
+            duplicate: false,
+            gap: sequence_number > 1,
+        },
+        Some(last) => SequenceFacts {
+            previous,
+            applied: sequence_number > last,
+            stale: sequence_number < last,
+            duplicate: sequence_number == last,
+            gap: sequence_number > last.saturating_add(1),
+        },
+    }
+}
