@@ -276,9 +276,11 @@ impl Relay {
     async fn publish(&self, channel: &Channel, events: &[outbox_event::Model]) -> Vec<Outcome> {
         let mut outcomes: Vec<Outcome> = events.iter().map(|_| Outcome::NotSent).collect();
         let mut confirms = Vec::with_capacity(events.len());
-        for (index, event) in events.iter().enumerate() {
+        // A round holds at most one event per entity, so the order among them does not matter:
+        // they are handed to the channel all at once rather than one send at a time.
+        let sends = events.iter().map(|event| async move {
             let payload = serde_json::to_vec(&event.payload).unwrap_or_default();
-            let published = channel
+            channel
                 .basic_publish(
                     self.amqp.exchange.as_str().into(),
                     event.routing_key.as_str().into(),
@@ -289,14 +291,13 @@ impl Relay {
                     &payload,
                     properties(event),
                 )
-                .await;
+                .await
+        });
+        for (index, published) in join_all(sends).await.into_iter().enumerate() {
             match published {
                 Ok(confirm) => confirms.push((index, confirm)),
-                Err(error) => {
-                    outcomes[index] = classify(&error);
-                    // The channel is gone: the rest cannot be sent on it.
-                    break;
-                }
+                // The channel is gone: this one (and maybe others) did not reach the broker.
+                Err(error) => outcomes[index] = classify(&error),
             }
         }
         let waiting = join_all(
