@@ -134,13 +134,14 @@ async fn register_once(
     new: &NewConversation,
     source: ConversationSource,
 ) -> Result<Registration, StoreError> {
-    let txn = begin_write(db).await?;
+    let write = begin_write(db).await?;
+    let txn: &sea_orm::DatabaseTransaction = &write;
     let conversation_id = new.conversation_id.trim();
     let gateway_id = new.gateway_id().ok().flatten();
     let entity_type = new.created_entity_type();
     let existing = conversation::Entity::find()
         .filter(conversation::Column::ConversationId.eq(conversation_id))
-        .one(&txn)
+        .one(txn)
         .await?;
     let (conversation, created) = match existing {
         // A repeat registration may add what the first did not know yet (the gateway id once
@@ -157,7 +158,7 @@ async fn register_once(
                 changed = true;
             }
             let model = if changed {
-                update.update(&txn).await?
+                update.update(txn).await?
             } else {
                 existing
             };
@@ -176,7 +177,7 @@ async fn register_once(
                 registered_at: Set(Utc::now()),
                 ..Default::default()
             }
-            .insert(&txn)
+            .insert(txn)
             .await?;
             (model, true)
         }
@@ -207,10 +208,10 @@ async fn register_once(
         )
         .filter(tracked_entity::Column::Correlation.eq(Correlation::Unmatched))
         .filter(waiting)
-        .exec(&txn)
+        .exec(txn)
         .await?
         .rows_affected;
-    txn.commit().await?;
+    write.commit().await?;
     if matched > 0 {
         tracing::info!(
             conversation_id,

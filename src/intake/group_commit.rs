@@ -30,10 +30,14 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Starts `settings.committers` committers on the current Tokio runtime.
+    /// Starts `settings.committers` committers on the current Tokio runtime; one on SQLite,
+    /// which has one writer at a time (more would only queue on its lock, and time out there).
     pub fn start(db: DatabaseConnection, settings: &IntakeSettings) -> GroupCommit {
         let max_batch = settings.max_batch.max(1);
-        let committers = settings.committers.max(1);
+        let committers = match db.get_database_backend() {
+            sea_orm::DbBackend::Sqlite => 1,
+            _ => settings.committers.max(1),
+        };
         let (queue, jobs) = mpsc::channel(max_batch * committers * 2);
         let jobs = Arc::new(Mutex::new(jobs));
         for _ in 0..committers {

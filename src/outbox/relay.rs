@@ -265,7 +265,7 @@ impl Relay {
             let heads = store::pending_by_id(&self.db, &head_ids).await?;
             let outcomes = self.publish(channel, &heads).await;
             let txn = begin_write(&self.db).await?;
-            let handled = self.record(&txn, &heads, &outcomes).await?;
+            let handled = self.record(&*txn, &heads, &outcomes).await?;
             txn.commit().await?;
             broken_channel(channel, &outcomes)?;
             Ok(handled)

@@ -143,6 +143,10 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(busy_timeout)
             .foreign_keys(true)
+            // Group commit writes batches of any size, each size its own statement; a compiled
+            // multi-row insert is large, and each connection caches its own (100 by default:
+            // 226 MB peak RSS in the benchmark). Preparing again is cheap in-process.
+            .statement_cache_capacity(16)
     });
     tracing::info!(database = %redact_url(url), "connecting to the database");
     Database::connect(options).await
