@@ -1,7 +1,8 @@
 //! The durable-commit ceiling of a database: how many transactions per second a simple client
 //! commits when each writes what intake writes for one KCI (upsert the entity, insert the KCI,
 //! its audit record, its transition and its outbox event), at the same concurrency. The
-//! benchmark shows kci-receiver's throughput as a ratio of it.
+//! benchmark shows kci-receiver's throughput as a ratio of it: into kci-receiver's own tables
+//! (the same rows, indexes and constraints), and, for scale, into minimal tables.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,7 @@ CREATE TABLE bench_audit (id INTEGER PRIMARY KEY AUTOINCREMENT, request_id TEXT 
 CREATE TABLE bench_transition (id INTEGER PRIMARY KEY AUTOINCREMENT, entity_id INTEGER NOT NULL, kci_ref INTEGER NOT NULL, to_status TEXT NOT NULL, recorded_at TEXT NOT NULL);
 CREATE TABLE bench_outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, event_id BLOB UNIQUE NOT NULL, entity_id INTEGER NOT NULL, payload TEXT NOT NULL, status TEXT NOT NULL);";
 
-/// `$1, $2` placeholders become `?` for SQLite (same order).
+/// `$1, $2` placeholders become `?1, ?2` for SQLite (numbered, so one may appear twice).
 fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
     let sql = match backend {
         DbBackend::Sqlite => {
@@ -35,9 +36,6 @@ fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
             let mut chars = sql.chars().peekable();
             while let Some(c) = chars.next() {
                 if c == '$' && chars.peek().is_some_and(|d| d.is_ascii_digit()) {
-                    while chars.peek().is_some_and(|d| d.is_ascii_digit()) {
-                        chars.next();
-                    }
                     out.push('?');
                 } else {
                     out.push(c);
@@ -50,8 +48,21 @@ fn statement(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
     Statement::from_sql_and_values(backend, sql, values)
 }
 
+/// Which rows the ceiling writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rows {
+    /// kci-receiver's own tables (migrated), with their indexes and constraints: the same rows.
+    Schema,
+    /// Five minimal tables, a primary key and one unique key each: what a database does for the
+    /// same volume with the least indexing.
+    Minimal,
+}
+
+/// Transactions per second committed by `concurrency` plain-SQL clients for `duration`, each
+/// transaction writing one KCI's rows. The rows are removed afterwards.
 pub async fn durable_commits_per_second(
     database_url: &str,
+    rows: Rows,
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<f64> {
@@ -69,13 +80,21 @@ pub async fn durable_commits_per_second(
     });
     let db = Database::connect(options).await?;
     let backend = db.get_database_backend();
-    let tables = if backend == DbBackend::Postgres {
-        POSTGRES_TABLES
-    } else {
-        SQLITE_TABLES
-    };
-    for create in tables.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-        db.execute_unprepared(create).await?;
+    match rows {
+        Rows::Minimal => {
+            let tables = if backend == DbBackend::Postgres {
+                POSTGRES_TABLES
+            } else {
+                SQLITE_TABLES
+            };
+            for create in tables.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                db.execute_unprepared(create).await?;
+            }
+        }
+        Rows::Schema => {
+            use migration::MigratorTrait;
+            migration::Migrator::up(&db, None).await?;
+        }
     }
 
     let committed = Arc::new(AtomicU64::new(0));
@@ -88,45 +107,26 @@ pub async fn durable_commits_per_second(
             tokio::spawn(async move {
                 let mut n: u64 = worker as u64;
                 while Instant::now() < deadline {
-                    n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    let key = format!("PROVIDE_ORDER:{}", (n >> 33) % 10_000);
-                    let now = Utc::now();
-                    let snapshot = json!({"id": key, "status": "IN_PROGRESS", "padding": body[..200]});
-                    let payload = json!({"kci": body, "entity": snapshot, "correlation": {"matched": true}, "padding": body});
+                    n = n
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let gateway_id = (n >> 33) % 10_000;
                     let outcome = async {
                         let txn = if backend == DbBackend::Sqlite {
                             db.begin_with_options(sea_orm::TransactionOptions {
-                                sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+                                sqlite_transaction_mode: Some(
+                                    sea_orm::SqliteTransactionMode::Immediate,
+                                ),
                                 ..Default::default()
                             })
                             .await?
                         } else {
                             db.begin().await?
                         };
-                        let entity = txn
-                            .query_one_raw(statement(backend,
-                                "INSERT INTO bench_entity (key, status, seq, snapshot, updated_at) VALUES ($1, 'IN_PROGRESS', 1, $2, $3) \
-                                 ON CONFLICT (key) DO UPDATE SET seq = bench_entity.seq + 1, status = excluded.status, snapshot = excluded.snapshot, updated_at = excluded.updated_at RETURNING id",
-                                vec![key.clone().into(), snapshot.into(), now.into()]))
-                            .await?
-                            .ok_or_else(|| sea_orm::DbErr::Custom("no entity id".to_owned()))?
-                            .try_get::<i64>("", "id")?;
-                        let kci = txn
-                            .query_one_raw(statement(backend,
-                                "INSERT INTO bench_kci (kci_id, entity_id, raw_body, received_at) VALUES ($1, $2, $3, $4) RETURNING id",
-                                vec![uuid::Uuid::new_v4().into(), entity.into(), body.clone().into(), now.into()]))
-                            .await?
-                            .ok_or_else(|| sea_orm::DbErr::Custom("no kci id".to_owned()))?
-                            .try_get::<i64>("", "id")?;
-                        txn.execute_raw(statement(backend,
-                            "INSERT INTO bench_audit (request_id, body, status, received_at) VALUES ($1, $2, 204, $3)",
-                            vec![uuid::Uuid::new_v4().to_string().into(), body.clone().into(), now.into()])).await?;
-                        txn.execute_raw(statement(backend,
-                            "INSERT INTO bench_transition (entity_id, kci_ref, to_status, recorded_at) VALUES ($1, $2, 'IN_PROGRESS', $3)",
-                            vec![entity.into(), kci.into(), now.into()])).await?;
-                        txn.execute_raw(statement(backend,
-                            "INSERT INTO bench_outbox (event_id, entity_id, payload, status) VALUES ($1, $2, $3, 'PENDING')",
-                            vec![uuid::Uuid::new_v4().into(), entity.into(), payload.into()])).await?;
+                        match rows {
+                            Rows::Minimal => write_minimal(&txn, gateway_id, &body).await?,
+                            Rows::Schema => write_schema(&txn, gateway_id, &body).await?,
+                        }
                         txn.commit().await?;
                         Ok::<_, sea_orm::DbErr>(())
                     }
@@ -142,15 +142,142 @@ pub async fn durable_commits_per_second(
         worker.await?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    for table in [
-        "bench_outbox",
-        "bench_transition",
-        "bench_audit",
-        "bench_kci",
-        "bench_entity",
-    ] {
-        let _ = db.execute_unprepared(&format!("DROP TABLE {table}")).await;
+    match rows {
+        Rows::Minimal => {
+            for table in [
+                "bench_outbox",
+                "bench_transition",
+                "bench_audit",
+                "bench_kci",
+                "bench_entity",
+            ] {
+                let _ = db.execute_unprepared(&format!("DROP TABLE {table}")).await;
+            }
+        }
+        Rows::Schema => {
+            // The service starts on these tables next: empty them (migrations stay applied).
+            let tables = "outbox_event, state_transition, audit_log, kci, tracked_entity";
+            if backend == DbBackend::Postgres {
+                db.execute_unprepared(&format!("TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+                    .await?;
+            } else {
+                for table in tables.split(", ") {
+                    db.execute_unprepared(&format!("DELETE FROM {table}"))
+                        .await?;
+                }
+            }
+        }
     }
     db.close().await?;
     Ok(committed.load(Ordering::Relaxed) as f64 / elapsed)
+}
+
+fn one_row_id(row: Option<sea_orm::QueryResult>) -> Result<i64, sea_orm::DbErr> {
+    row.ok_or_else(|| sea_orm::DbErr::Custom("no id returned".to_owned()))?
+        .try_get::<i64>("", "id")
+}
+
+/// One KCI into the minimal tables.
+async fn write_minimal(
+    txn: &sea_orm::DatabaseTransaction,
+    gateway_id: u64,
+    body: &str,
+) -> Result<(), sea_orm::DbErr> {
+    let backend = txn.get_database_backend();
+    let key = format!("PROVIDE_ORDER:{gateway_id}");
+    let now = Utc::now();
+    let snapshot = json!({"id": key, "status": "IN_PROGRESS", "padding": body[..200]});
+    let payload =
+        json!({"kci": body, "entity": snapshot, "correlation": {"matched": true}, "padding": body});
+    let entity = one_row_id(txn
+        .query_one_raw(statement(backend,
+            "INSERT INTO bench_entity (key, status, seq, snapshot, updated_at) VALUES ($1, 'IN_PROGRESS', 1, $2, $3) \
+             ON CONFLICT (key) DO UPDATE SET seq = bench_entity.seq + 1, status = excluded.status, snapshot = excluded.snapshot, updated_at = excluded.updated_at RETURNING id",
+            vec![key.into(), snapshot.into(), now.into()]))
+        .await?)?;
+    let kci = one_row_id(txn
+        .query_one_raw(statement(backend,
+            "INSERT INTO bench_kci (kci_id, entity_id, raw_body, received_at) VALUES ($1, $2, $3, $4) RETURNING id",
+            vec![uuid::Uuid::new_v4().into(), entity.into(), body.to_owned().into(), now.into()]))
+        .await?)?;
+    txn.execute_raw(statement(
+        backend,
+        "INSERT INTO bench_audit (request_id, body, status, received_at) VALUES ($1, $2, 204, $3)",
+        vec![
+            uuid::Uuid::new_v4().to_string().into(),
+            body.to_owned().into(),
+            now.into(),
+        ],
+    ))
+    .await?;
+    txn.execute_raw(statement(backend,
+        "INSERT INTO bench_transition (entity_id, kci_ref, to_status, recorded_at) VALUES ($1, $2, 'IN_PROGRESS', $3)",
+        vec![entity.into(), kci.into(), now.into()])).await?;
+    txn.execute_raw(statement(backend,
+        "INSERT INTO bench_outbox (event_id, entity_id, payload, status) VALUES ($1, $2, $3, 'PENDING')",
+        vec![uuid::Uuid::new_v4().into(), entity.into(), payload.into()])).await?;
+    Ok(())
+}
+
+/// One KCI into kci-receiver's own tables: the entity upserted, the KCI, its audit record, its
+/// history entry and its outbox event, every column intake fills, with plain SQL.
+async fn write_schema(
+    txn: &sea_orm::DatabaseTransaction,
+    gateway_id: u64,
+    body: &str,
+) -> Result<(), sea_orm::DbErr> {
+    let backend = txn.get_database_backend();
+    let now = Utc::now();
+    let kci_id = uuid::Uuid::new_v4();
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let conversation_id = uuid::Uuid::new_v4().to_string();
+    let snapshot = json!({"id": gateway_id, "status": "IN_PROGRESS", "padding": body[..200]});
+    let headers = json!({"content-type": "application/json", "x-request-id": request_id, "x-conversation-id": conversation_id});
+    let payload =
+        json!({"kci": body, "entity": snapshot, "correlation": {"matched": true}, "padding": body});
+    let entity = one_row_id(txn
+        .query_one_raw(statement(backend,
+            "INSERT INTO tracked_entity (entity_type, gateway_id, supplier, supplier_reference, status, snapshot, \
+             last_sequence_number, last_kci_id, last_update_type, last_reason, conversation_id, correlation, \
+             conversation_ref, flag_illegal, flag_stale, flag_gap, flag_anomaly, flag_unknown_value, kci_count, \
+             first_seen_at, last_kci_at, updated_at) \
+             VALUES ('PROVIDE_ORDER', $1, 'FIBRECO', NULL, 'IN_PROGRESS', $2, 1, $3, 'INFORMATIONAL', 'ORDER_ACCEPTED', \
+             $4, 'UNMATCHED', NULL, false, false, false, false, false, 1, $5, $5, $5) \
+             ON CONFLICT (entity_type, gateway_id) DO UPDATE SET status = excluded.status, snapshot = excluded.snapshot, \
+             last_sequence_number = tracked_entity.last_sequence_number + 1, last_kci_id = excluded.last_kci_id, \
+             kci_count = tracked_entity.kci_count + 1, last_kci_at = excluded.last_kci_at, updated_at = excluded.updated_at \
+             RETURNING id",
+            vec![gateway_id.to_string().into(), snapshot.into(), kci_id.into(), conversation_id.clone().into(), now.into()]))
+        .await?)?;
+    let kci = one_row_id(txn
+        .query_one_raw(statement(backend,
+            "INSERT INTO kci (kci_id, tracked_entity_id, request_id, conversation_id, entity_type, update_type, reason, \
+             sequence_number, issued_on, received_on, delivered_on, raw_body, headers, outcome, redelivery_count, \
+             last_redelivered_at, anomaly_count, received_at) \
+             VALUES ($1, $2, $3, $4, 'PROVIDE_ORDER', 'INFORMATIONAL', 'ORDER_ACCEPTED', 1, $5, $5, $5, $6, $7, 'APPLIED', 0, NULL, 0, $5) \
+             RETURNING id",
+            vec![kci_id.into(), entity.into(), request_id.clone().into(), conversation_id.clone().into(), now.into(), body.to_owned().into(), headers.clone().into()]))
+        .await?)?;
+    let audit = one_row_id(txn
+        .query_one_raw(statement(backend,
+            "INSERT INTO audit_log (request_id, conversation_id, method, path, remote_addr, principal, request_headers, \
+             request_body, request_body_size, response_status, response_body, error_uuid, error_code, outcome, kci_id, \
+             received_at, duration_ms) \
+             VALUES ($1, $2, 'POST', '/kcis', '127.0.0.1', 'fibrecafe', $3, $4, 800, 204, NULL, NULL, NULL, 'ACCEPTED', $5, $6, 1) \
+             RETURNING id",
+            vec![request_id.into(), conversation_id.into(), headers.clone().into(), body.to_owned().into(), kci_id.into(), now.into()]))
+        .await?)?;
+    txn.execute_raw(statement(backend,
+        "INSERT INTO state_transition (tracked_entity_id, kci_ref, kci_id, audit_log_id, sequence_number, \
+         previous_sequence_number, from_status, to_status, applied, update_type, reason, flag_stale, flag_gap, \
+         flag_illegal, flag_duplicate, flag_anomaly, flag_unknown_value, note, issued_on, received_on, delivered_on, recorded_at) \
+         VALUES ($1, $2, $3, $4, 1, NULL, NULL, 'IN_PROGRESS', true, 'INFORMATIONAL', 'ORDER_ACCEPTED', \
+         false, false, false, false, false, false, NULL, $5, $5, $5, $5)",
+        vec![entity.into(), kci.into(), kci_id.into(), audit.into(), now.into()])).await?;
+    txn.execute_raw(statement(backend,
+        "INSERT INTO outbox_event (event_id, tracked_entity_id, kci_ref, routing_key, message_type, headers, payload, \
+         status, attempts, next_attempt_at, last_error, created_at, published_at, publish_count) \
+         VALUES ($1, $2, $3, 'kci.provide_order.informational.order_accepted', 'PROVIDE_ORDER', $4, $5, 'PENDING', 0, $6, NULL, $6, NULL, 0)",
+        vec![uuid::Uuid::new_v4().into(), entity.into(), kci.into(), headers.into(), payload.into(), now.into()])).await?;
+    Ok(())
 }
