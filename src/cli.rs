@@ -55,6 +55,17 @@ pub struct SimulateArgs {
     /// The gateway's Basic password on kci-receiver.
     #[arg(long, env = "KCI_SIM_GATEWAY_PASSWORD")]
     pub gateway_password: String,
+    /// Register each original request by sending its creating call through kci-receiver's
+    /// egress proxy at this path prefix (e.g. /fibre-cafe/v1), as a CP's systems would, instead
+    /// of through the operations API. kci-receiver's egress must reach a Tenant API that answers
+    /// them: see --serve-tenant-api.
+    #[arg(long, value_name = "PATH_PREFIX")]
+    pub via_egress: Option<String>,
+    /// Also play the gateway's Tenant API on this address (e.g. 127.0.0.1:9099) while the
+    /// simulation runs: point kci-receiver's egress.upstream_base_url at http://<address>/v1 and
+    /// egress.token_url at http://<address>/token.
+    #[arg(long, value_name = "ADDRESS")]
+    pub serve_tenant_api: Option<String>,
     /// Operations admin user, to register original requests (none: KCIs stay unmatched).
     #[arg(long, default_value = "ops-admin")]
     pub admin_user: String,

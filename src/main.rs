@@ -193,6 +193,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         admin: args
             .admin_password
             .map(|password| (args.admin_user, password)),
+        egress_prefix: args.via_egress,
         orders: args.orders,
         ethernet_orders: args.ethernet_orders,
         unsolicited_ceases: args.unsolicited_ceases,
@@ -208,7 +209,25 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         late_registration_chance: args.late_registrations,
         first_gateway_id: args.first_gateway_id,
     };
+    let tenant_api = match &args.serve_tenant_api {
+        Some(address) => {
+            let api = kci_receiver::simulator::tenant_api::SimulatedTenantApi::start(address)?;
+            println!(
+                "simulated Tenant API at {0}: egress.upstream_base_url = {0}/v1, egress.token_url = {0}/token",
+                api.base_url
+            );
+            Some(api)
+        }
+        None => None,
+    };
     let report = run(options).await?;
     println!("{}", report.summary());
+    if let Some(api) = tenant_api {
+        println!(
+            "simulated Tenant API: {} creating calls answered, {} tokens issued",
+            api.created(),
+            api.tokens_issued()
+        );
+    }
     Ok(())
 }

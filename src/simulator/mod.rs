@@ -1,5 +1,7 @@
 //! A simulator of the Fibre Cafe gateway (`kci-receiver simulate`): it registers the original
-//! requests of a configurable number of orders, tests and problems, then POSTs their KCI
+//! requests of a configurable number of orders, tests and problems (through the operations API,
+//! or as creating calls through kci-receiver's egress proxy to the simulated Tenant API,
+//! [`tenant_api`]), then POSTs their KCI
 //! lifecycles ([`scenarios`]) as the gateway does, with what a real gateway mixes in:
 //! redeliveries, out-of-order delivery, sequence gaps, KCIs before their conversation is known.
 //! Rate, concurrency, duration and mix are options; the seed makes a run repeatable. The
@@ -7,6 +9,7 @@
 
 pub mod random;
 pub mod scenarios;
+pub mod tenant_api;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -29,6 +32,10 @@ pub struct Options {
     pub gateway_password: String,
     /// Operations admin credentials, to register original requests; none: do not register.
     pub admin: Option<(String, String)>,
+    /// Register by sending each creating call through kci-receiver's egress proxy mounted at
+    /// this path prefix (e.g. `/fibre-cafe/v1`), as a CP's systems would; none: register through
+    /// `POST /api/v1/conversations`.
+    pub egress_prefix: Option<String>,
     /// Entities of each type: provide/cease/modify orders share `orders`.
     pub orders: u64,
     pub ethernet_orders: u64,
@@ -58,6 +65,7 @@ impl Default for Options {
             gateway_user: "fibrecafe".to_owned(),
             gateway_password: String::new(),
             admin: None,
+            egress_prefix: None,
             orders: 100,
             ethernet_orders: 10,
             unsolicited_ceases: 10,
@@ -289,25 +297,46 @@ async fn register(shared: &Shared, story: &scenarios::Lifecycle, tally: &mut Wor
     let (Some((user, password)), Some(operation)) = (&shared.options.admin, story.operation) else {
         return;
     };
-    let body = json!({
-        "conversationId": story.conversation_id,
-        "requestId": uuid::Uuid::new_v4().to_string(),
-        "operation": operation,
-        "gatewayId": story.gateway_id,
-        "responseStatus": 201,
-        "requestBody": {"orderType": match story.entity_type {
-            EntityType::CeaseOrder => "CEASE",
-            EntityType::ModifyOrder => "MODIFY",
-            _ => "NEW",
-        }},
-    });
-    let sent = shared
-        .client
-        .post(format!("{}/api/v1/conversations", shared.options.base_url))
-        .basic_auth(user, Some(password))
-        .json(&body)
-        .send()
-        .await;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let order_type = match story.entity_type {
+        EntityType::CeaseOrder => "CEASE",
+        EntityType::ModifyOrder => "MODIFY",
+        _ => "NEW",
+    };
+    let sent = match &shared.options.egress_prefix {
+        // The creating call itself, through the proxy: it records the original request from
+        // the simulated gateway's answer.
+        Some(prefix) => {
+            let (method, path) = operation.split_once(' ').unwrap_or(("POST", operation));
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or_default();
+            shared
+                .client
+                .request(method, format!("{}{prefix}{path}", shared.options.base_url))
+                .basic_auth(user, Some(password))
+                .header("X-Request-ID", &request_id)
+                .header("X-Conversation-ID", &story.conversation_id)
+                .json(&json!({"orderType": order_type, "simulatorGatewayId": story.gateway_id}))
+                .send()
+                .await
+        }
+        None => {
+            let body = json!({
+                "conversationId": story.conversation_id,
+                "requestId": request_id,
+                "operation": operation,
+                "gatewayId": story.gateway_id,
+                "responseStatus": 201,
+                "requestBody": {"orderType": order_type},
+            });
+            shared
+                .client
+                .post(format!("{}/api/v1/conversations", shared.options.base_url))
+                .basic_auth(user, Some(password))
+                .json(&body)
+                .send()
+                .await
+        }
+    };
     if sent.is_ok_and(|r| r.status().is_success()) {
         tally.registrations += 1;
     }

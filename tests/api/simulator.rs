@@ -141,3 +141,62 @@ async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
         "{loss}"
     );
 }
+
+/// The simulator as a CP's systems and the gateway together: each creating call goes through
+/// kci-receiver's egress proxy to the simulated Tenant API, which answers with the gateway id;
+/// the proxy records the original request, and the KCIs that follow are matched to it.
+#[tokio::test]
+async fn creating_calls_through_the_egress_proxy_register_the_original_requests() {
+    use kci_receiver::simulator::tenant_api::SimulatedTenantApi;
+    use secrecy::SecretString;
+
+    let gateway = SimulatedTenantApi::start("127.0.0.1:0").unwrap();
+    let (upstream, token_url) = (
+        format!("{}/v1", gateway.base_url),
+        format!("{}/token", gateway.base_url),
+    );
+    let app = crate::helpers::spawn_app_with(Backend::Postgres, move |settings| {
+        let egress = &mut settings.egress;
+        egress.enabled = true;
+        egress.path_prefix = "/fibre-cafe/v1".to_owned();
+        egress.upstream_base_url = upstream;
+        egress.token_url = token_url;
+        egress.client_id = "simulated-cp".to_owned();
+        egress.client_secret = Some(SecretString::from("simulated-secret"));
+        settings.validate().unwrap();
+    })
+    .await;
+    let report = run(Options {
+        egress_prefix: Some("/fibre-cafe/v1".to_owned()),
+        ..options(&app.address)
+    })
+    .await
+    .unwrap();
+    assert!(
+        report.other_statuses.is_empty() && report.transport_errors == 0,
+        "{}",
+        report.summary()
+    );
+    assert_eq!(report.registrations, 41, "{}", report.summary());
+    assert_eq!(
+        gateway.created(),
+        41,
+        "every creating call reached the gateway"
+    );
+    assert_eq!(gateway.tokens_issued(), 1, "the proxy cached its token");
+    assert_eq!(
+        app.count("FROM conversation WHERE source = 'EGRESS'").await,
+        41,
+        "the proxy recorded every original request"
+    );
+    assert_eq!(
+        app.count("FROM tracked_entity WHERE correlation = 'MATCHED'")
+            .await,
+        41
+    );
+    assert_eq!(
+        app.count("FROM tracked_entity WHERE correlation = 'UNMATCHED'")
+            .await,
+        0
+    );
+}
