@@ -138,6 +138,9 @@ pub struct BenchArgs {
     /// Skip the SQLite run.
     #[arg(long)]
     pub postgres_only: bool,
+    /// Fixed rates measured besides half of saturation, in percent of saturation.
+    #[arg(long, value_delimiter = ',', default_value = "25,75")]
+    pub fixed_rates: Vec<u32>,
 }
 
 #[derive(Debug, Args)]

@@ -47,6 +47,8 @@ struct Arrival {
 struct Figures {
     saturation: Option<Report>,
     half: Option<Report>,
+    /// Other fixed rates: percent of saturation, and the run.
+    fixed: Vec<(u32, Report)>,
     lag: Option<Histogram<u64>>,
     drain_events: usize,
     /// From the broker's return to the first message, then from the first to the last.
@@ -73,7 +75,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for store in stores {
         println!(
             "\n## {store:?}: running (about {} s)",
-            args.seconds * 7 / 2 + 30
+            args.seconds * (7 + 2 * args.fixed_rates.len() as u64) / 2 + 30
         );
         let figures = run_store(store, &args).await?;
         print_figures(store, &args, &figures);
@@ -431,9 +433,28 @@ async fn measure(args: &BenchArgs, database_url: &str) -> anyhow::Result<Figures
             options(&service.base_url, args.concurrency, 12, 20_000_000).duration(phase);
         half_options.rate = Some(rate);
         let half = simulator::run(half_options).await?;
+        // Other fixed rates, for the shape of latency against load.
+        let mut fixed = Vec::new();
+        for (n, percent) in args.fixed_rates.iter().enumerate() {
+            let mut rate_options = options(
+                &service.base_url,
+                args.concurrency,
+                14 + n as u64,
+                40_000_000 + 10_000_000 * n as u64,
+            )
+            .duration(phase);
+            rate_options.rate =
+                Some((saturation.throughput() * f64::from(*percent) / 100.0).max(1.0));
+            fixed.push((*percent, simulator::run(rate_options).await?));
+        }
 
         let mut accepted: HashMap<String, Instant> = HashMap::new();
-        for a in saturation.accepted.iter().chain(half.accepted.iter()) {
+        for a in saturation
+            .accepted
+            .iter()
+            .chain(half.accepted.iter())
+            .chain(fixed.iter().flat_map(|(_, report)| report.accepted.iter()))
+        {
             accepted.entry(a.kci_id.clone()).or_insert(a.at);
         }
         wait_for_arrivals(&arrivals, accepted.len(), Duration::from_secs(120)).await;
@@ -476,6 +497,7 @@ async fn measure(args: &BenchArgs, database_url: &str) -> anyhow::Result<Figures
         Ok::<_, anyhow::Error>((
             saturation,
             half,
+            fixed,
             lag,
             drain_events,
             (
@@ -490,7 +512,7 @@ async fn measure(args: &BenchArgs, database_url: &str) -> anyhow::Result<Figures
     // Give the relay a moment, then stop the service gracefully.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::spawn_blocking(move || service.stop()).await?;
-    let (saturation, half, lag, drain_events, (reconnect_seconds, drain_seconds), accepted) =
+    let (saturation, half, fixed, lag, drain_events, (reconnect_seconds, drain_seconds), accepted) =
         outcome?;
 
     // Loss, duplicates, order.
@@ -508,6 +530,7 @@ async fn measure(args: &BenchArgs, database_url: &str) -> anyhow::Result<Figures
     ) = check;
     figures.saturation = Some(saturation);
     figures.half = Some(half);
+    figures.fixed = fixed;
     figures.lag = Some(lag);
     figures.drain_events = drain_events;
     figures.drain_seconds = drain_seconds;
@@ -634,6 +657,21 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
         );
         println!(
             "| POST latency at half of saturation | p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+            ms(h, 0.5),
+            ms(h, 0.95),
+            ms(h, 0.99),
+            h.max() as f64 / 1000.0
+        );
+    }
+    for (percent, report) in &figures.fixed {
+        let h = &report.latency;
+        let offered = figures
+            .saturation
+            .as_ref()
+            .map_or(0.0, |s| s.throughput() * f64::from(*percent) / 100.0);
+        println!(
+            "| fixed rate {percent}% of saturation | {offered:.0} KCIs/s offered, {:.0} accepted/s; POST latency p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms |",
+            report.throughput(),
             ms(h, 0.5),
             ms(h, 0.95),
             ms(h, 0.99),

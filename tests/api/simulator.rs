@@ -126,6 +126,9 @@ async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
     for figure in [
         "throughput at saturation",
         "durable-commit ceiling",
+        "minimal tables",
+        "fixed rate 25% of saturation",
+        "fixed rate 75% of saturation",
         "publish lag",
         "backlog drain",
         "peak RSS",
