@@ -138,8 +138,9 @@ pub struct BenchArgs {
     /// Skip the SQLite run.
     #[arg(long)]
     pub postgres_only: bool,
-    /// Fixed rates measured besides half of saturation, in percent of saturation.
-    #[arg(long, value_delimiter = ',', default_value = "25,75")]
+    /// Fixed rates measured besides half of saturation, in percent of saturation
+    /// (`--fixed-rates` alone: none).
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "25,75")]
     pub fixed_rates: Vec<u32>,
 }
 
