@@ -27,7 +27,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::plan::{self, EntityKey, KciRef, Loaded, entity_key};
+use super::plan::{self, EntityKey, KciRef, KnownKci, Loaded, entity_key};
 use super::{Delivery, Recorded};
 use crate::store::StoreError;
 
@@ -50,7 +50,12 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
         .all(txn)
         .await?
     {
-        loaded.kcis.insert(known.kci_id, known);
+        let known_kci = KnownKci {
+            id: known.id,
+            tracked_entity_id: known.tracked_entity_id,
+            body: serde_json::from_str(&known.raw_body).unwrap_or_default(),
+        };
+        loaded.kcis.insert(known.kci_id, known_kci);
     }
 
     // The entities: those of KCIs seen for the first time, and those of redeliveries that
@@ -62,8 +67,7 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
     for delivery in deliveries {
         let kci = &delivery.kci;
         if let Some(known) = loaded.kcis.get(&kci.id) {
-            let body = serde_json::from_str(&known.raw_body).unwrap_or_default();
-            if !kci.same_content_as(&body) {
+            if !kci.same_content_as(&known.body) {
                 anomaly_entities.push(known.tracked_entity_id);
             }
         } else if seen_in_batch.insert(kci.id) {
@@ -189,11 +193,11 @@ async fn write(
     plan: plan::Plan,
 ) -> Result<Vec<Recorded>, StoreError> {
     let kci_ids = insert_in_order(txn, kci_row::Entity::insert_many(plan.kcis)).await?;
-    let audit_rows = deliveries.iter().zip(&plan.audit_outcomes).map(|(d, o)| {
-        let mut audit = d.audit.clone();
-        audit.outcome = o.audit_outcome().to_owned();
-        audit.kci_id = Some(d.kci.id);
-        audit.to_active_model()
+    let audit_rows = deliveries.iter().zip(&plan.recorded).map(|(d, recorded)| {
+        let mut row = d.audit.to_active_model();
+        row.outcome = Set(recorded.outcome.audit_outcome().to_owned());
+        row.kci_id = Set(Some(d.kci.id));
+        row
     });
     let audit_ids =
         insert_in_order(txn, entity::audit_log::Entity::insert_many(audit_rows)).await?;

@@ -7,7 +7,8 @@
 //! rules of design.md (idempotency, monotonic state, lifecycles, matching) live in one pure
 //! function.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use entity::conversation;
@@ -34,11 +35,18 @@ pub fn entity_key(kci: &Kci) -> EntityKey {
     )
 }
 
+/// A KCI recorded before this batch, with its body parsed (once, by the loader).
+pub struct KnownKci {
+    pub id: i64,
+    pub tracked_entity_id: i64,
+    pub body: Value,
+}
+
 /// What the database holds that the batch needs; entities are locked for the transaction.
 #[derive(Default)]
 pub struct Loaded {
     /// KCIs recorded before this batch, by KCI id.
-    pub kcis: HashMap<Uuid, kci_row::Model>,
+    pub kcis: HashMap<Uuid, KnownKci>,
     /// Every entity a delivery of the batch touches (new ones as rows inserted by this batch
     /// with `kci_count` 0: no KCI recorded yet).
     pub entities: HashMap<i64, tracked_entity::Model>,
@@ -60,8 +68,6 @@ pub enum KciRef {
 pub struct Plan {
     /// New KCIs, redeliveries within the batch already counted.
     pub kcis: Vec<kci_row::ActiveModel>,
-    /// One audit outcome per delivery, in delivery order.
-    pub audit_outcomes: Vec<Outcome>,
     /// Redeliveries of KCIs recorded before this batch: (row id, redeliveries, anomalies).
     pub counters: Vec<(i64, i32, i32)>,
     /// History entries: the KCI they record, the delivery whose audit record they cite, the row
@@ -71,7 +77,7 @@ pub struct Plan {
     pub entities: Vec<tracked_entity::Model>,
     /// Outbox events with the (new) KCI they publish.
     pub events: Vec<(usize, outbox_event::ActiveModel)>,
-    /// What each delivery did, in delivery order.
+    /// What each delivery did, in delivery order (its audit record says the same).
     pub recorded: Vec<Recorded>,
 }
 
@@ -116,26 +122,41 @@ pub fn new_entity(
 }
 
 /// The first time a KCI id was seen: before this batch or earlier in it.
-struct FirstSeen {
+struct FirstSeen<'a> {
     kci: KciRef,
     tracked_entity_id: i64,
-    body: Value,
+    body: FirstBody<'a>,
+}
+
+/// The body a redelivery is compared with. A KCI first seen in this batch is parsed only if a
+/// redelivery of it follows (rare), not for every new KCI.
+enum FirstBody<'a> {
+    Parsed(Value),
+    Raw(&'a str),
+}
+
+impl FirstBody<'_> {
+    fn value(&self) -> Cow<'_, Value> {
+        match self {
+            FirstBody::Parsed(value) => Cow::Borrowed(value),
+            FirstBody::Raw(raw) => Cow::Owned(serde_json::from_str(raw).unwrap_or(Value::Null)),
+        }
+    }
 }
 
 /// Decides what every delivery does; `Err` names a row the loader should have provided.
-pub fn plan(deliveries: &[&Delivery], mut loaded: Loaded) -> Result<Plan, String> {
+pub fn plan<'a>(deliveries: &[&'a Delivery], mut loaded: Loaded) -> Result<Plan, String> {
     let mut plan = Plan {
         kcis: Vec::new(),
-        audit_outcomes: Vec::with_capacity(deliveries.len()),
         counters: Vec::new(),
         transitions: Vec::with_capacity(deliveries.len()),
         entities: Vec::new(),
         events: Vec::with_capacity(deliveries.len()),
         recorded: Vec::with_capacity(deliveries.len()),
     };
-    let mut seen: HashMap<Uuid, FirstSeen> = HashMap::new();
+    let mut seen: HashMap<Uuid, FirstSeen<'a>> = HashMap::new();
     let mut counters: HashMap<i64, (i32, i32)> = HashMap::new();
-    let mut touched: Vec<i64> = Vec::new();
+    let mut touched: BTreeSet<i64> = BTreeSet::new();
 
     for (index, delivery) in deliveries.iter().enumerate() {
         let now = Utc::now();
@@ -143,13 +164,12 @@ pub fn plan(deliveries: &[&Delivery], mut loaded: Loaded) -> Result<Plan, String
         if !seen.contains_key(&kci_id)
             && let Some(first) = loaded.kcis.remove(&kci_id)
         {
-            let body = serde_json::from_str(&first.raw_body).unwrap_or(Value::Null);
             seen.insert(
                 kci_id,
                 FirstSeen {
                     kci: KciRef::Existing(first.id),
                     tracked_entity_id: first.tracked_entity_id,
-                    body,
+                    body: FirstBody::Parsed(first.body),
                 },
             );
         }
@@ -176,18 +196,15 @@ pub fn plan(deliveries: &[&Delivery], mut loaded: Loaded) -> Result<Plan, String
                     FirstSeen {
                         kci: KciRef::New(new_row),
                         tracked_entity_id: recorded.tracked_entity_id,
-                        body: serde_json::from_str(&delivery.raw_body).unwrap_or(Value::Null),
+                        body: FirstBody::Raw(&delivery.raw_body),
                     },
                 );
                 recorded
             }
         };
-        if recorded.outcome != Outcome::Redelivered
-            && !touched.contains(&recorded.tracked_entity_id)
-        {
-            touched.push(recorded.tracked_entity_id);
+        if recorded.outcome != Outcome::Redelivered {
+            touched.insert(recorded.tracked_entity_id);
         }
-        plan.audit_outcomes.push(recorded.outcome);
         plan.recorded.push(recorded);
     }
     plan.counters = counters
@@ -195,7 +212,6 @@ pub fn plan(deliveries: &[&Delivery], mut loaded: Loaded) -> Result<Plan, String
         .map(|(id, (redeliveries, anomalies))| (id, redeliveries, anomalies))
         .collect();
     plan.counters.sort_unstable();
-    touched.sort_unstable();
     plan.entities = touched
         .into_iter()
         .filter_map(|id| loaded.entities.remove(&id))
@@ -221,13 +237,14 @@ fn count_in_batch(row: &mut kci_row::ActiveModel, outcome: Outcome, now: DateTim
 fn redelivery(
     delivery: &Delivery,
     index: usize,
-    first: &FirstSeen,
+    first: &FirstSeen<'_>,
     loaded: &mut Loaded,
     plan: &mut Plan,
     now: DateTime<Utc>,
 ) -> Result<Recorded, String> {
     let kci = &delivery.kci;
-    let outcome = if kci.same_content_as(&first.body) {
+    let first_body = first.body.value();
+    let outcome = if kci.same_content_as(&first_body) {
         Outcome::Redelivered
     } else {
         Outcome::Anomaly
@@ -237,7 +254,7 @@ fn redelivery(
             .entities
             .get_mut(&first.tracked_entity_id)
             .ok_or_else(|| format!("entity {} was not loaded", first.tracked_entity_id))?;
-        let differing = kci.differing_fields(&first.body).join(", ");
+        let differing = kci.differing_fields(&first_body).join(", ");
         let transition = state_transition::ActiveModel {
             previous_sequence_number: Set(Some(entity.last_sequence_number)),
             from_status: Set(Some(entity.status.clone())),

@@ -175,15 +175,9 @@ async fn spawn_with_egress(fake: &FakeGateway, upstream: &str) -> TestApp {
     let token_url = format!("{}/token", fake.base);
     let upstream = upstream.to_owned();
     spawn_app_with(Backend::Sqlite, move |settings| {
-        let egress = &mut settings.egress;
-        egress.enabled = true;
-        egress.path_prefix = "/fibre-cafe/v1".to_owned();
-        egress.upstream_base_url = upstream;
-        egress.token_url = token_url;
-        egress.client_id = CLIENT_ID.to_owned();
-        egress.client_secret = Some(SecretString::from(CLIENT_SECRET));
-        egress.timeout_ms = 1000;
-        egress.connect_timeout_ms = 500;
+        crate::helpers::enable_egress(settings, upstream, token_url, (CLIENT_ID, CLIENT_SECRET));
+        settings.egress.timeout_ms = 1000;
+        settings.egress.connect_timeout_ms = 500;
         settings.operations_auth.egress_password = Some(SecretString::from("egress-password"));
         settings.validate().unwrap();
     })

@@ -192,6 +192,23 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings
 }
 
+/// Turns on the egress proxy at `/fibre-cafe/v1`, towards `upstream` with OAuth2 client
+/// credentials from `token_url`.
+pub fn enable_egress(
+    settings: &mut Settings,
+    upstream: String,
+    token_url: String,
+    (client_id, client_secret): (&str, &str),
+) {
+    let egress = &mut settings.egress;
+    egress.enabled = true;
+    egress.path_prefix = "/fibre-cafe/v1".to_owned();
+    egress.upstream_base_url = upstream;
+    egress.token_url = token_url;
+    egress.client_id = client_id.to_owned();
+    egress.client_secret = Some(SecretString::from(client_secret.to_owned()));
+}
+
 /// The application running in this test, with its own database.
 pub struct TestApp {
     pub address: String,

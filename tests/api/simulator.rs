@@ -151,7 +151,6 @@ async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
 #[tokio::test]
 async fn creating_calls_through_the_egress_proxy_register_the_original_requests() {
     use kci_receiver::simulator::tenant_api::SimulatedTenantApi;
-    use secrecy::SecretString;
 
     let gateway = SimulatedTenantApi::start("127.0.0.1:0").unwrap();
     let (upstream, token_url) = (
@@ -159,13 +158,12 @@ async fn creating_calls_through_the_egress_proxy_register_the_original_requests(
         format!("{}/token", gateway.base_url),
     );
     let app = crate::helpers::spawn_app_with(Backend::Postgres, move |settings| {
-        let egress = &mut settings.egress;
-        egress.enabled = true;
-        egress.path_prefix = "/fibre-cafe/v1".to_owned();
-        egress.upstream_base_url = upstream;
-        egress.token_url = token_url;
-        egress.client_id = "simulated-cp".to_owned();
-        egress.client_secret = Some(SecretString::from("simulated-secret"));
+        crate::helpers::enable_egress(
+            settings,
+            upstream,
+            token_url,
+            ("simulated-cp", "simulated-secret"),
+        );
         settings.validate().unwrap();
     })
     .await;
