@@ -1,10 +1,16 @@
-//! The command line: one binary, a subcommand per role.
+//! The command line: one binary, a subcommand per role, and what each subcommand does
+//! (`main.rs` only parses the arguments and calls [`run`]).
 
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
+
+use crate::config::Settings;
+use crate::outbox::store::{self as outbox_store, Selection};
+use crate::startup::{Application, open_database, run_relay};
+use crate::{store, telemetry};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,111 +43,6 @@ pub enum Command {
     /// Send one request to the Tenant API through the egress client (token, headers, recording),
     /// and print the answer: for testing the connection.
     EgressRequest(EgressRequestArgs),
-    /// Play the Fibre Cafe gateway against a running kci-receiver: register original requests,
-    /// then POST realistic KCI lifecycles (for demos, dashboards and load).
-    Simulate(SimulateArgs),
-    /// Measure throughput, latency, publish lag, backlog drain, memory and loss against
-    /// PostgreSQL and RabbitMQ (and SQLite), and print the figures.
-    Bench(BenchArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct SimulateArgs {
-    /// kci-receiver's base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    pub url: String,
-    #[arg(long, default_value = "fibrecafe")]
-    pub gateway_user: String,
-    /// The gateway's Basic password on kci-receiver.
-    #[arg(long, env = "KCI_SIM_GATEWAY_PASSWORD")]
-    pub gateway_password: String,
-    /// Register each original request by sending its creating call through kci-receiver's
-    /// egress proxy at this path prefix (e.g. /fibre-cafe/v1), as a CP's systems would, instead
-    /// of through the operations API. kci-receiver's egress must reach a Tenant API that answers
-    /// them: see --serve-tenant-api.
-    #[arg(long, value_name = "PATH_PREFIX")]
-    pub via_egress: Option<String>,
-    /// Also play the gateway's Tenant API on this address (e.g. 127.0.0.1:9099) while the
-    /// simulation runs: point kci-receiver's egress.upstream_base_url at http://<address>/v1 and
-    /// egress.token_url at http://<address>/token.
-    #[arg(long, value_name = "ADDRESS")]
-    pub serve_tenant_api: Option<String>,
-    /// Operations admin user, to register original requests (none: KCIs stay unmatched).
-    #[arg(long, default_value = "ops-admin")]
-    pub admin_user: String,
-    #[arg(long, env = "KCI_SIM_ADMIN_PASSWORD")]
-    pub admin_password: Option<String>,
-    /// Provide, cease and modify orders (in turn).
-    #[arg(long, default_value_t = 100)]
-    pub orders: u64,
-    #[arg(long, default_value_t = 10)]
-    pub ethernet_orders: u64,
-    #[arg(long, default_value_t = 10)]
-    pub unsolicited_ceases: u64,
-    #[arg(long, default_value_t = 50)]
-    pub tests: u64,
-    #[arg(long, default_value_t = 30)]
-    pub problems: u64,
-    /// POSTs in flight at once.
-    #[arg(long, default_value_t = 8)]
-    pub concurrency: usize,
-    /// KCIs per second (default: as fast as answered).
-    #[arg(long)]
-    pub rate: Option<f64>,
-    /// Stop starting lifecycles after this many seconds.
-    #[arg(long)]
-    pub duration_seconds: Option<u64>,
-    /// Same seed, same run.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
-    /// Chance that a KCI is delivered twice.
-    #[arg(long, default_value_t = 0.02)]
-    pub redeliveries: f64,
-    /// Chance that two neighbouring KCIs swap places.
-    #[arg(long, default_value_t = 0.02)]
-    pub out_of_order: f64,
-    /// Chance that a sequence number is skipped.
-    #[arg(long, default_value_t = 0.02)]
-    pub gaps: f64,
-    /// Chance that the original request is registered only after the first KCI.
-    #[arg(long, default_value_t = 0.05)]
-    pub late_registrations: f64,
-    /// Gateway ids start here.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub first_gateway_id: u64,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// An administrative PostgreSQL URL; the benchmark creates (and drops) its own database.
-    #[arg(
-        long,
-        env = "KCI_BENCH_POSTGRES_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    pub postgres_url: String,
-    #[arg(
-        long,
-        env = "KCI_BENCH_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-    /// Connections at saturation.
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
-    /// Seconds of each measured phase.
-    #[arg(long, default_value_t = 20)]
-    pub seconds: u64,
-    /// KCIs accepted while the broker is unreachable, then drained.
-    #[arg(long, default_value_t = 10_000)]
-    pub backlog: u64,
-    /// Skip the SQLite run.
-    #[arg(long)]
-    pub postgres_only: bool,
-    /// Fixed rates measured besides half of saturation, in percent of saturation
-    /// (`--fixed-rates` alone: none).
-    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "25,75")]
-    pub fixed_rates: Vec<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -202,4 +103,126 @@ pub struct ReplayArgs {
     pub from: Option<DateTime<Utc>>,
     #[arg(long, requires = "from")]
     pub to: Option<DateTime<Utc>>,
+}
+
+/// Runs one subcommand to its end.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log);
+    match cli.command {
+        Command::Serve => {
+            Application::build(settings)
+                .await?
+                .run_until_stopped()
+                .await?
+        }
+        Command::Relay => run_relay(settings).await?,
+        Command::Migrate => {
+            let db = store::connect(&settings.database).await?;
+            store::migrate(&db).await?;
+            tracing::info!("migrations applied");
+        }
+        Command::CheckConfig => println!("{settings:#?}"),
+        Command::Outbox(command) => outbox(settings, command).await?,
+        Command::EgressRequest(args) => egress_request(settings, args).await?,
+    }
+    Ok(())
+}
+
+async fn egress_request(settings: Settings, args: EgressRequestArgs) -> anyhow::Result<()> {
+    use std::io::Read;
+
+    use crate::egress::{EgressClient, Outbound, creates_something, record_original_request};
+    settings.validate()?;
+    if settings.egress.upstream_base_url.is_empty() || settings.egress.token_url.is_empty() {
+        anyhow::bail!(
+            "set egress.upstream_base_url, egress.token_url, egress.client_id and egress.client_secret"
+        );
+    }
+    let client = EgressClient::new(&settings.egress)?;
+    let body = match &args.body {
+        None => Vec::new(),
+        Some(path) if path.as_os_str() == "-" => {
+            let mut buffer = Vec::new();
+            std::io::stdin().read_to_end(&mut buffer)?;
+            buffer
+        }
+        Some(path) => std::fs::read(path)?,
+    };
+    let mut headers = vec![("content-type".to_owned(), b"application/json".to_vec())];
+    for header in &args.headers {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("--header {header:?}: expected `Name: value`"))?;
+        headers.push((name.trim().to_owned(), value.trim().as_bytes().to_vec()));
+    }
+    let outbound = Outbound {
+        method: args.method.to_uppercase().parse()?,
+        path_and_query: args.path.clone(),
+        headers,
+        body: body.into(),
+    };
+    let upstream = client.send(&outbound).await?;
+    let status = upstream.response.status();
+    println!("HTTP {status}");
+    println!("x-request-id: {}", upstream.request_id);
+    println!("x-conversation-id: {}", upstream.conversation_id);
+    for (name, value) in upstream.response.headers() {
+        println!("{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+    }
+    let bytes = upstream.response.bytes().await?;
+    println!();
+    println!("{}", String::from_utf8_lossy(&bytes));
+    if status.is_success() && creates_something(&outbound.method, outbound.path()) {
+        let db = open_database(&settings).await?;
+        let registration = record_original_request(
+            &db,
+            &outbound,
+            &upstream.request_id,
+            &upstream.conversation_id,
+            status.as_u16(),
+            &bytes,
+        )
+        .await?;
+        eprintln!(
+            "recorded as the original request of conversation {} ({} waiting entities matched)",
+            upstream.conversation_id, registration.matched_entities
+        );
+    }
+    Ok(())
+}
+
+async fn outbox(settings: Settings, command: OutboxCommand) -> anyhow::Result<()> {
+    let db = open_database(&settings).await?;
+    let selection = match command {
+        OutboxCommand::Dead { after, limit } => {
+            for event in outbox_store::dead_events(&db, after, limit).await? {
+                println!("{}", serde_json::to_string(&event)?);
+            }
+            return Ok(());
+        }
+        OutboxCommand::Backlog => {
+            let (pending, oldest) = outbox_store::backlog(&db).await?;
+            println!(
+                "{}",
+                serde_json::json!({"pending": pending, "oldestPendingCreatedAt": oldest})
+            );
+            return Ok(());
+        }
+        OutboxCommand::Retry(retry) => match retry.event_id {
+            Some(event_id) => Selection::DeadEvent(event_id),
+            None => Selection::AllDead,
+        },
+        OutboxCommand::Replay(replay) => Selection::replay(
+            replay.entity_type,
+            replay.gateway_id,
+            replay.conversation_id,
+            replay.from,
+            replay.to,
+        )
+        .map_err(|problem| anyhow::anyhow!(problem))?,
+    };
+    let requeued = outbox_store::requeue_and_notify(&db, &selection).await?;
+    println!("{}", serde_json::json!({"requeued": requeued}));
+    Ok(())
 }

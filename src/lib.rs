@@ -6,15 +6,17 @@
 //! - [`kci`]: where a KCI body is parsed and validated into typed data;
 //! - [`lifecycle`]: the entity lifecycles, as data;
 //! - [`intake`]: where a KCI is stored, in one transaction with its effects;
-//! - [`outbox`]: what is published to RabbitMQ, and (later) the relay that publishes it;
+//! - [`outbox`]: what is published to RabbitMQ, and the relay that publishes it;
 //! - [`egress`]: the proxy to the Tenant API that records original requests on the way;
 //! - [`operations`]: the read model behind the operations API and the dashboard;
 //! - [`store`]: database connection, migrations, error classification, audit log;
-//! - [`simulator`]: a simulator of the Fibre Cafe gateway (and [`bench`], the benchmark on it);
-//! - [`auth`], [`config`], [`telemetry`], [`startup`], [`cli`].
+//! - [`auth`], [`config`], [`telemetry`], [`startup`];
+//! - [`cli`]: the `kci-receiver` command line and what each subcommand does.
+//!
+//! The gateway simulator and the benchmark are tools, not the service: they live in the
+//! `kci-tools` crate (`tools/`).
 
 pub mod auth;
-pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod egress;
@@ -25,7 +27,6 @@ pub mod kci;
 pub mod lifecycle;
 pub mod operations;
 pub mod outbox;
-pub mod simulator;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -84,32 +84,14 @@ pub struct ReplayRequest {
 
 impl ReplayRequest {
     pub fn selection(self) -> Result<Selection, ApiError> {
-        match self {
-            ReplayRequest {
-                entity_type: Some(entity_type),
-                gateway_id: Some(gateway_id),
-                conversation_id: None,
-                from: None,
-                to: None,
-            } => Ok(Selection::Entity { entity_type, gateway_id }),
-            ReplayRequest {
-                entity_type: None,
-                gateway_id: None,
-                conversation_id: Some(conversation_id),
-                from: None,
-                to: None,
-            } => Ok(Selection::Conversation(conversation_id)),
-            ReplayRequest {
-                entity_type: None,
-                gateway_id: None,
-                conversation_id: None,
-                from: Some(from),
-                to: Some(to),
-            } if from < to => Ok(Selection::TimeRange { from, to }),
-            _ => Err(ApiError::Invalid(vec![
-                "give exactly one of: entityType + gatewayId, conversationId, or from + to (from before to)".to_owned(),
-            ])),
-        }
+        Selection::replay(
+            self.entity_type,
+            self.gateway_id,
+            self.conversation_id,
+            self.from,
+            self.to,
+        )
+        .map_err(|problem| ApiError::Invalid(vec![problem]))
     }
 }
 

@@ -216,6 +216,35 @@ pub enum Selection {
     },
 }
 
+impl Selection {
+    /// A replay: exactly one of an entity (type and gateway id), a conversation, or a time range
+    /// (`from` before `to`). The operations API and the command line both choose with this.
+    pub fn replay(
+        entity_type: Option<String>,
+        gateway_id: Option<String>,
+        conversation_id: Option<String>,
+        from: Option<DateTime<Utc>>,
+        to: Option<DateTime<Utc>>,
+    ) -> Result<Selection, String> {
+        match (entity_type, gateway_id, conversation_id, from, to) {
+            (Some(entity_type), Some(gateway_id), None, None, None) => Ok(Selection::Entity {
+                entity_type,
+                gateway_id,
+            }),
+            (None, None, Some(conversation_id), None, None) => {
+                Ok(Selection::Conversation(conversation_id))
+            }
+            (None, None, None, Some(from), Some(to)) if from < to => {
+                Ok(Selection::TimeRange { from, to })
+            }
+            _ => Err(
+                "give exactly one of: entityType + gatewayId, conversationId, or from + to (from before to)"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
 /// Puts the selected events back in the queue (same event id, so the same `message_id`):
 /// pending, no attempts, due now. Returns how many. Events still pending are left alone.
 pub async fn requeue(db: &impl ConnectionTrait, selection: &Selection) -> Result<u64, StoreError> {

@@ -219,7 +219,7 @@ pub struct TestApp {
     _database: TestDatabase,
 }
 
-pub use kci_receiver::bench::tcp_proxy::TcpProxy;
+pub use kci_tools::tcp_proxy::TcpProxy;
 
 pub async fn spawn_app(backend: Backend) -> TestApp {
     spawn_app_with(backend, |_| {}).await

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use kci_receiver::simulator::{Options, run};
+use kci_tools::simulator::{Options, run};
 
 use crate::helpers::{ADMIN_PASSWORD, ADMIN_USER, Backend, GATEWAY_PASSWORD, spawn_app};
 
@@ -77,7 +77,7 @@ async fn simulated_lifecycles_are_accepted_matched_and_never_illegal() {
 async fn the_same_seed_replays_the_same_kcis() {
     let first = spawn_app(Backend::Sqlite).await;
     let second = spawn_app(Backend::Sqlite).await;
-    let ids = |report: kci_receiver::simulator::Report| -> HashSet<String> {
+    let ids = |report: kci_tools::simulator::Report| -> HashSet<String> {
         report.accepted.into_iter().map(|a| a.kci_id).collect()
     };
     let one = ids(run(options(&first.address)).await.unwrap());
@@ -91,58 +91,40 @@ async fn the_same_seed_replays_the_same_kcis() {
 }
 
 /// The benchmark is a tool, not a test of speed: this only checks that it still runs end to end
-/// (tiny phases, PostgreSQL only) and that its loss check finds nothing missing.
-#[tokio::test]
+/// (tiny phases, PostgreSQL only) against the real binary and that its loss check finds nothing
+/// missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
-    let output = tokio::task::spawn_blocking(|| {
-        crate::cli::kci_receiver()
-            .args([
-                "bench",
-                "--postgres-only",
-                "--seconds",
-                "2",
-                "--backlog",
-                "200",
-                "--concurrency",
-                "8",
-            ])
-            .env(
-                "KCI_BENCH_POSTGRES_URL",
-                std::env::var("KCI_TEST_POSTGRES_URL")
-                    .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
-            )
-            .env("KCI_BENCH_AMQP_URL", crate::helpers::amqp_url())
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    for figure in [
-        "throughput at saturation",
-        "durable-commit ceiling",
-        "minimal tables",
-        "fixed rate 25% of saturation",
-        "fixed rate 75% of saturation",
-        "publish lag",
-        "backlog drain",
-        "peak RSS",
-    ] {
-        assert!(stdout.contains(figure), "{figure} in\n{stdout}");
-    }
-    let loss = stdout
-        .lines()
-        .find(|l| l.contains("loss check"))
-        .expect("a loss check line");
-    assert!(
-        loss.contains("(0 missing)") && loss.contains("0 per-entity order violations"),
-        "{loss}"
-    );
+    use clap::Parser;
+    let args = kci_tools::cli::Cli::parse_from([
+        "kci-tools",
+        "bench",
+        "--postgres-only",
+        "--seconds",
+        "2",
+        "--backlog",
+        "200",
+        "--concurrency",
+        "8",
+        "--postgres-url",
+        &std::env::var("KCI_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+        "--amqp-url",
+        &crate::helpers::amqp_url(),
+        "--service-binary",
+        env!("CARGO_BIN_EXE_kci-receiver"),
+    ]);
+    let kci_tools::cli::Command::Bench(args) = args.command else {
+        unreachable!("parsed as bench")
+    };
+    let figures = kci_tools::bench::run(args)
+        .await
+        .expect("the benchmark runs");
+    assert_eq!(figures.len(), 1);
+    let postgres = &figures[0];
+    assert!(postgres.accepted > 0);
+    assert_eq!(postgres.missing, 0, "acknowledged KCIs missing on RabbitMQ");
+    assert_eq!(postgres.order_violations, 0);
 }
 
 /// The simulator as a CP's systems and the gateway together: each creating call goes through
@@ -150,7 +132,7 @@ async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
 /// the proxy records the original request, and the KCIs that follow are matched to it.
 #[tokio::test]
 async fn creating_calls_through_the_egress_proxy_register_the_original_requests() {
-    use kci_receiver::simulator::tenant_api::SimulatedTenantApi;
+    use kci_tools::simulator::tenant_api::SimulatedTenantApi;
 
     let gateway = SimulatedTenantApi::start("127.0.0.1:0").unwrap();
     let (upstream, token_url) = (

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::random::Random;
-use crate::kci::EntityType;
+use kci_receiver::kci::EntityType;
 
 /// One KCI to send: its body and the Tenant API operation that started its entity.
 #[derive(Debug, Clone)]
@@ -273,8 +273,8 @@ pub fn lifecycle(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kci::parse_kci;
-    use crate::lifecycle::Verdict;
+    use kci_receiver::kci::parse_kci;
+    use kci_receiver::lifecycle::Verdict;
 
     #[test]
     fn every_simulated_kci_is_valid_and_follows_its_lifecycle() {

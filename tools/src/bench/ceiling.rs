@@ -92,8 +92,7 @@ pub async fn durable_commits_per_second(
             }
         }
         Rows::Schema => {
-            use migration::MigratorTrait;
-            migration::Migrator::up(&db, None).await?;
+            kci_receiver::store::migrate(&db).await?;
         }
     }
 

@@ -1,4 +1,4 @@
-//! A simulator of the Fibre Cafe gateway (`kci-receiver simulate`): it registers the original
+//! A simulator of the Fibre Cafe gateway (`kci-tools simulate`): it registers the original
 //! requests of a configurable number of orders, tests and problems (through the operations API,
 //! or as creating calls through kci-receiver's egress proxy to the simulated Tenant API,
 //! [`tenant_api`]), then POSTs their KCI
@@ -20,7 +20,7 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use crate::kci::EntityType;
+use kci_receiver::kci::EntityType;
 use random::Random;
 
 /// What to simulate.

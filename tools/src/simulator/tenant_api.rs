@@ -1,5 +1,5 @@
 //! The simulated gateway's Tenant API: what kci-receiver's egress proxy talks to when the
-//! simulator sends its creating calls through it (`kci-receiver simulate --serve-tenant-api`).
+//! simulator sends its creating calls through it (`kci-tools simulate --serve-tenant-api`).
 //!
 //! - `POST /token`: OAuth2 client credentials; any client gets a bearer token.
 //! - `POST /v1/<creating path>` (service orders, ethernet orders, tests, problems, amendments,

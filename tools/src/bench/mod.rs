@@ -1,14 +1,14 @@
-//! The benchmark (`kci-receiver bench`): starts this very binary as a kci-receiver against a
-//! fresh PostgreSQL database and RabbitMQ (then SQLite), drives it with the gateway simulator,
+//! The benchmark (`kci-tools bench`): starts the `kci-receiver` binary against a fresh
+//! PostgreSQL database and RabbitMQ (then SQLite), drives it with the gateway simulator,
 //! consumes everything it publishes, and prints the figures: throughput at saturation and at half
 //! of it, POST latency (HDR histogram), publish lag from 204 to consumer, backlog drain after a
 //! broker outage, peak memory, the loss and order check, and the durable-commit ceiling of the
 //! same database measured with plain SQL at the same concurrency.
 
 pub mod ceiling;
-pub mod tcp_proxy;
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,10 +22,10 @@ use sea_orm::{ConnectionTrait, Database};
 use secrecy::SecretString;
 
 use crate::cli::BenchArgs;
-use crate::config::AmqpSettings;
-use crate::outbox::topology::Topology;
 use crate::simulator::{self, Accepted, Report};
-use tcp_proxy::TcpProxy;
+use crate::tcp_proxy::TcpProxy;
+use kci_receiver::config::AmqpSettings;
+use kci_receiver::outbox::topology::Topology;
 
 const GATEWAY_PASSWORD: &str = "bench-gateway";
 const ADMIN_PASSWORD: &str = "bench-admin";
@@ -64,8 +64,18 @@ struct Figures {
     minimal_ceiling: f64,
 }
 
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+/// The figures of one store, as printed.
+pub struct StoreFigures {
+    pub store: &'static str,
+    pub accepted: usize,
+    pub missing: usize,
+    pub order_violations: usize,
+}
+
+/// Runs the benchmark, prints its figures and returns the loss check of each store.
+pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<StoreFigures>> {
     println!("# kci-receiver benchmark");
+    let binary = service_binary(&args)?;
     println!("{}", machine());
     let mut stores = vec![Store::Postgres];
     if !args.postgres_only {
@@ -77,11 +87,36 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             "\n## {store:?}: running (about {} s)",
             args.seconds * (7 + 2 * args.fixed_rates.len() as u64) / 2 + 30
         );
-        let figures = run_store(store, &args).await?;
+        let figures = run_store(store, &args, &binary).await?;
         print_figures(store, &args, &figures);
-        results.push((store, figures));
+        results.push(StoreFigures {
+            store: match store {
+                Store::Postgres => "PostgreSQL",
+                Store::Sqlite => "SQLite",
+            },
+            accepted: figures.accepted_distinct,
+            missing: figures.accepted_distinct - figures.arrived_distinct,
+            order_violations: figures.order_violations,
+        });
     }
-    Ok(())
+    Ok(results)
+}
+
+/// The kci-receiver binary under test: `--service-binary`, else `kci-receiver` beside this
+/// program.
+pub fn service_binary(args: &BenchArgs) -> anyhow::Result<PathBuf> {
+    let binary = match &args.service_binary {
+        Some(binary) => binary.clone(),
+        None => std::env::current_exe()?
+            .with_file_name(format!("kci-receiver{}", std::env::consts::EXE_SUFFIX)),
+    };
+    if !binary.is_file() {
+        anyhow::bail!(
+            "the kci-receiver binary is not at {}: build it first (cargo build --release --workspace) or pass --service-binary",
+            binary.display()
+        );
+    }
+    Ok(binary)
 }
 
 fn machine() -> String {
@@ -160,12 +195,17 @@ struct Service {
 }
 
 impl Service {
-    fn start(database_url: &str, amqp: &AmqpSettings, amqp_url: &str) -> anyhow::Result<Service> {
+    fn start(
+        binary: &Path,
+        database_url: &str,
+        amqp: &AmqpSettings,
+        amqp_url: &str,
+    ) -> anyhow::Result<Service> {
         let port = free_port()?;
         // Its logs (the broker outage is noisy on purpose) go to a file, not into the figures.
         let log = std::env::temp_dir().join(format!("{}.log", amqp.exchange));
         println!("kci-receiver under test logs to {}", log.display());
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(binary)
             .arg("serve")
             .env("KCI_ENVIRONMENT", "bench-no-such-file")
             .env("KCI__SERVER__PORT", port.to_string())
@@ -343,7 +383,7 @@ fn options(
     }
 }
 
-async fn run_store(store: Store, args: &BenchArgs) -> anyhow::Result<Figures> {
+async fn run_store(store: Store, args: &BenchArgs, binary: &Path) -> anyhow::Result<Figures> {
     let name = format!("kci_bench_{}", uuid::Uuid::new_v4().simple());
     let (database_url, sqlite_path) = match store {
         Store::Postgres => {
@@ -363,7 +403,7 @@ async fn run_store(store: Store, args: &BenchArgs) -> anyhow::Result<Figures> {
             (format!("sqlite://{}?mode=rwc", path.display()), Some(path))
         }
     };
-    let result = measure(args, &database_url).await;
+    let result = measure(args, binary, &database_url).await;
     // Clean up, whatever happened.
     match store {
         Store::Postgres => {
@@ -384,7 +424,7 @@ async fn run_store(store: Store, args: &BenchArgs) -> anyhow::Result<Figures> {
     result
 }
 
-async fn measure(args: &BenchArgs, database_url: &str) -> anyhow::Result<Figures> {
+async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow::Result<Figures> {
     let mut figures = Figures::default();
     let phase = Duration::from_secs(args.seconds);
 
@@ -418,7 +458,7 @@ async fn measure(args: &BenchArgs, database_url: &str) -> anyhow::Result<Figures
     let broker = host_port(&args.amqp_url, 5672)?;
     let proxy = TcpProxy::start(broker).await;
     let service_amqp = with_authority(&args.amqp_url, &format!("127.0.0.1:{}", proxy.port), None);
-    let service = Service::start(database_url, &amqp, &service_amqp)?;
+    let service = Service::start(binary, database_url, &amqp, &service_amqp)?;
     service.wait_ready(true).await?;
 
     let outcome = async {
