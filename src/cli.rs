@@ -118,7 +118,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Relay => run_relay(settings).await?,
         Command::Migrate => {
-            let db = store::connect(&settings.database).await?;
+            let db = store::connect_for(&settings.database, store::Purpose::Maintenance).await?;
             store::migrate(&db).await?;
             tracing::info!("migrations applied");
         }

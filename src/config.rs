@@ -6,10 +6,13 @@
 //! Every key is documented in `config/default.toml`. Secrets (passwords, the database URL) are
 //! [`SecretString`]s: they never appear in `Debug` output or logs.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+
+use crate::kci::EntityType;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Settings {
@@ -25,7 +28,38 @@ pub struct Settings {
     pub intake: IntakeSettings,
     pub relay: RelaySettings,
     pub egress: EgressSettings,
+    pub kci: KciSettings,
+    pub metrics: MetricsSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MetricsSettings {
+    /// How often one background task reads the gauges that need the database (entities by
+    /// status, the outbox backlog, dead events); scrapes and readiness probes read memory only.
+    pub refresh_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct KciSettings {
+    /// `entityType` values that stand for one of the seven listed types, e.g.
+    /// `ETHERNET_ORDER = "PROVIDE_ETHERNET_ORDER"` once the gateway's real value is confirmed.
+    /// Unlisted values are accepted anyway (generic lifecycle, flagged); an alias makes them
+    /// the listed type.
+    #[serde(default)]
+    pub entity_type_aliases: HashMap<String, String>,
+}
+
+impl KciSettings {
+    /// The aliases, as listed types (validated by [`Settings::validate`]).
+    pub fn aliases(&self) -> HashMap<String, EntityType> {
+        self.entity_type_aliases
+            .iter()
+            .filter_map(|(alias, listed)| {
+                EntityType::from_wire(listed).map(|listed| (alias.clone(), listed))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -40,6 +74,10 @@ pub struct AmqpSettings {
     pub unrouted_queue: String,
     /// `classic` or `quorum` (RabbitMQ clusters) for the unrouted queue.
     pub queue_type: String,
+    /// How long connecting (TCP, TLS, AMQP handshake, topology) may take before the relay gives
+    /// up and tries again later.
+    #[serde(default = "default_amqp_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
     /// Declare the exchanges and the unrouted queue on every (re)connect. Off when the broker's
     /// topology is managed elsewhere (the relay then needs no configure permission).
     pub declare_topology: bool,
@@ -68,8 +106,16 @@ pub struct EgressSettings {
     pub max_body_bytes: usize,
 }
 
+fn default_amqp_connect_timeout_ms() -> u64 {
+    5000
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct IntakeSettings {
+    /// `POST /kcis` is answered within this many milliseconds of its arrival: 204 once
+    /// committed, else 503 with `Retry-After` (the database slow or hung, the pool exhausted).
+    /// Keep it well under the gateway's own timeout.
+    pub deadline_ms: u64,
     /// Most KCIs recorded in one transaction (group commit).
     pub max_batch: usize,
     /// Transactions recording KCIs at once; each takes whatever has queued up meanwhile.
@@ -87,8 +133,12 @@ pub struct RelaySettings {
     pub poll_interval_ms: u64,
     /// Pause after a round that was not full, so that events gather into fewer, larger rounds.
     pub linger_ms: u64,
-    /// How long to wait for the broker's confirms of one round.
+    /// How long publishing one round may take, sends and confirms together; unconfirmed events
+    /// stay pending and go out again.
     pub confirm_timeout_ms: u64,
+    /// Most payload bytes loaded and published in one round (at least one event per round):
+    /// bounds the relay's memory whatever the size of the KCIs.
+    pub max_round_bytes: u64,
     /// Broker refusals (nack, return, channel error) before an event is dead.
     pub max_attempts: i32,
     /// Retry backoff after a refusal: doubles from the initial value up to the maximum.
@@ -116,6 +166,9 @@ pub struct ServerSettings {
     pub retry_after_seconds: u32,
     /// Largest request body kept in the audit log; larger bodies are recorded by size only.
     pub audit_body_limit_bytes: usize,
+    /// On SIGTERM: in-flight requests get this long to finish, then the relay's round; the
+    /// process exits within it.
+    pub shutdown_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -131,6 +184,12 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     /// SQLite only: how long a writer waits for the lock before the request gets 503.
     pub sqlite_busy_timeout_ms: u64,
+    /// PostgreSQL: `statement_timeout` of every connection (a statement that runs longer is
+    /// cancelled by the server). 0: none.
+    pub statement_timeout_ms: u64,
+    /// PostgreSQL: `idle_in_transaction_session_timeout` (a session that holds a transaction
+    /// open and idle this long is ended by the server, releasing its locks). 0: none.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -271,6 +330,19 @@ impl Settings {
         if self.intake.committers == 0 {
             problems.push("intake.committers must be at least 1".to_owned());
         }
+        if self.metrics.refresh_interval_ms < 100 {
+            problems.push("metrics.refresh_interval_ms must be at least 100".to_owned());
+        }
+        if !(100..=120_000).contains(&self.intake.deadline_ms) {
+            problems.push("intake.deadline_ms must be between 100 and 120000".to_owned());
+        }
+        for (alias, listed) in &self.kci.entity_type_aliases {
+            if EntityType::from_wire(listed).is_none() {
+                problems.push(format!(
+                    "kci.entity_type_aliases.{alias} = {listed:?}: not one of the listed entity types"
+                ));
+            }
+        }
         if self.server.max_body_bytes < 1024 {
             problems.push("server.max_body_bytes must be at least 1024".to_owned());
         }
@@ -310,6 +382,12 @@ impl Settings {
         }
         if self.relay.batch_size == 0 || self.relay.max_attempts < 1 {
             problems.push("relay.batch_size and relay.max_attempts must be at least 1".to_owned());
+        }
+        if self.relay.confirm_timeout_ms == 0 || self.amqp.connect_timeout_ms == 0 {
+            problems.push(
+                "relay.confirm_timeout_ms and amqp.connect_timeout_ms must be at least 1"
+                    .to_owned(),
+            );
         }
         if self.egress.enabled {
             let egress = &self.egress;

@@ -65,8 +65,10 @@ pub enum ApiError {
     Invalid(Vec<String>),
     #[error("not found: {0}")]
     NotFound(String),
-    #[error("database unavailable")]
-    Unavailable(#[source] StoreError),
+    /// Our fault, and passing: the database is down, slow or overloaded, intake is full or
+    /// shutting down. The caller should retry after `Retry-After`.
+    #[error("temporarily unavailable")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The Fibre Cafe gateway did not answer the egress proxy (502) or not in time (504).
     #[error("upstream: {message}")]
     Upstream { status: StatusCode, message: String },
@@ -163,11 +165,29 @@ impl ApiError {
 }
 
 impl From<StoreError> for ApiError {
+    /// Unavailable and lost races (a transaction that kept losing them is contention, which
+    /// passes) are 503; anything else is a fault of ours (500).
     fn from(error: StoreError) -> Self {
-        if error.is_unavailable() {
-            ApiError::Unavailable(error)
+        if error.is_unavailable() || error.is_retryable() {
+            ApiError::Unavailable(Box::new(error))
         } else {
             ApiError::Internal(error.into())
+        }
+    }
+}
+
+impl From<crate::intake::IntakeError> for ApiError {
+    fn from(error: crate::intake::IntakeError) -> Self {
+        use crate::intake::IntakeError;
+        match error {
+            IntakeError::Store(store) if store.is_unavailable() || store.is_retryable() => {
+                ApiError::Unavailable(Box::new(IntakeError::Store(store)))
+            }
+            IntakeError::Store(_) => ApiError::Internal(error.into()),
+            IntakeError::Inconsistent(_) => ApiError::Internal(error.into()),
+            IntakeError::Overloaded { .. }
+            | IntakeError::DeadlineExceeded(_)
+            | IntakeError::ShuttingDown => ApiError::Unavailable(Box::new(error)),
         }
     }
 }

@@ -16,6 +16,10 @@ pub struct Lifecycle {
     pub terminal: &'static [&'static str],
     /// Each `(from, to)` pair allows every status in `from` to move to every status in `to`.
     pub moves: &'static [(Group, Group)],
+    /// Any status, any move: the lifecycle of an entity type the docs do not list yet, whose
+    /// statuses and moves we cannot know. Its `terminal` statuses are the usual final words, so
+    /// that "stuck" still means something.
+    pub open: bool,
 }
 
 /// What the lifecycle says of a status change.
@@ -31,7 +35,7 @@ pub enum Verdict {
 
 impl Lifecycle {
     pub fn knows(&self, status: &str) -> bool {
-        self.statuses.contains(&status)
+        self.open || self.statuses.contains(&status)
     }
 
     pub fn is_terminal(&self, status: &str) -> bool {
@@ -66,6 +70,8 @@ impl Lifecycle {
     pub fn judge(&self, from: &str, to: &str, steps_missing: bool) -> Verdict {
         if from == to {
             Verdict::Unchanged
+        } else if self.open {
+            Verdict::Allowed
         } else if !self.knows(from) || !self.knows(to) {
             Verdict::Unjudged
         } else if self.allows_step(from, to) || (steps_missing && self.reachable(from, to)) {
@@ -75,6 +81,21 @@ impl Lifecycle {
         }
     }
 }
+
+/// Entity types the docs do not list (yet): any status, any move.
+pub static GENERIC: Lifecycle = Lifecycle {
+    name: "generic",
+    statuses: &[],
+    terminal: &[
+        "COMPLETED",
+        "CANCELLED",
+        "REJECTED",
+        "FAILED",
+        "FAILED_TO_SEND",
+    ],
+    moves: &[],
+    open: true,
+};
 
 /// Provide, cease, modify and ethernet orders (spec 3.1).
 pub static SERVICE_ORDER: Lifecycle = Lifecycle {
@@ -148,6 +169,7 @@ pub static SERVICE_ORDER: Lifecycle = Lifecycle {
             ],
         ),
     ],
+    open: false,
 };
 
 /// Unsolicited ceases: the "simpler order state diagram" (spec 3.1, from the examples).
@@ -189,6 +211,7 @@ pub static UNSOLICITED_CEASE: Lifecycle = Lifecycle {
             ],
         ),
     ],
+    open: false,
 };
 
 /// Service tests (spec 3.2). The meaning of `FAILED` is undocumented; it is terminal.
@@ -215,6 +238,7 @@ pub static SERVICE_TEST: Lifecycle = Lifecycle {
         ),
         (&["IN_PROGRESS"], &["COMPLETED", "FAILED"]),
     ],
+    open: false,
 };
 
 /// Service problems, "adapted from TMF656" (spec 3.3).
@@ -276,6 +300,7 @@ pub static SERVICE_PROBLEM: Lifecycle = Lifecycle {
         // The tenant accepts (or the supplier auto-closes) or rejects the resolution.
         (&["RESOLVED"], &["COMPLETED", "IN_PROGRESS"]),
     ],
+    open: false,
 };
 
 #[cfg(test)]

@@ -6,7 +6,10 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run(Cli::parse()))
+    let result = runtime.block_on(run(Cli::parse()));
+    // Whatever still runs (a task stuck on a hung connection) does not keep the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 /// glibc gives every allocating thread its own malloc arena (up to 8 per core), and actix

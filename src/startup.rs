@@ -3,6 +3,7 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
@@ -25,14 +26,21 @@ pub struct Application {
     server: Server,
     relay: Option<JoinHandle<()>>,
     shutdown: CancellationToken,
+    shutdown_timeout: Duration,
 }
 
 /// Connects to the database and checks (or applies) its migrations.
 pub async fn open_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
-    let db = store::connect(&settings.database).await?;
     if settings.database.migrate_on_start {
-        store::migrate(&db).await?;
-    } else {
+        // Migrations may rewrite a large table: on a connection without the serving
+        // statement timeout.
+        let maintenance =
+            store::connect_for(&settings.database, store::Purpose::Maintenance).await?;
+        store::migrate(&maintenance).await?;
+        maintenance.close().await?;
+    }
+    let db = store::connect(&settings.database).await?;
+    if !settings.database.migrate_on_start {
         let pending = store::pending_migrations(&db).await?;
         if pending > 0 {
             anyhow::bail!(
@@ -78,15 +86,28 @@ impl Application {
         let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
         let port = listener.local_addr()?.port();
         let workers = settings.server.workers;
-        let intake = crate::intake::group_commit::GroupCommit::start(db.clone(), &settings.intake);
+        let shutdown_timeout = Duration::from_secs(settings.server.shutdown_timeout_seconds);
+        let intake = crate::intake::group_commit::GroupCommit::start(
+            db.clone(),
+            &settings.intake,
+            settings.relay.notify_other_processes,
+        );
+        let metrics = crate::http::metrics::Metrics::new();
+        metrics.start_refreshing(
+            db.clone(),
+            Duration::from_millis(settings.metrics.refresh_interval_ms),
+            shutdown.child_token(),
+        );
         let state = web::Data::new(AppState {
             db: db.clone(),
             intake,
             auth,
+            audit: crate::store::audit::AuditSink::start(db.clone(), shutdown.child_token()),
+            entity_type_aliases: settings.kci.aliases(),
             settings: Arc::new(settings),
             outbox_signal,
             relay_health,
-            metrics: crate::http::metrics::Metrics::new(),
+            metrics,
             egress,
         });
         let mut server = HttpServer::new(move || {
@@ -96,7 +117,8 @@ impl Application {
                 .app_data(state.clone())
                 .configure(|cfg| routes(cfg, egress_prefix.as_deref()))
         })
-        .listen(listener)?;
+        .listen(listener)?
+        .shutdown_timeout(shutdown_timeout.as_secs());
         if workers > 0 {
             server = server.workers(workers);
         }
@@ -106,6 +128,7 @@ impl Application {
             server: server.run(),
             relay,
             shutdown,
+            shutdown_timeout,
         })
     }
 
@@ -114,12 +137,22 @@ impl Application {
     }
 
     /// Serves until SIGTERM/SIGINT: in-flight requests finish, then the relay finishes its
-    /// round (confirms awaited and recorded) and stops.
+    /// round (confirms awaited and recorded) and stops; all within `server.shutdown_timeout`
+    /// (whatever is still running then is abandoned: unconfirmed events stay pending).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let started = tokio::time::Instant::now();
         let served = self.server.await;
         self.shutdown.cancel();
         if let Some(relay) = self.relay {
-            let _ = relay.await;
+            let left = self.shutdown_timeout.saturating_sub(started.elapsed());
+            if tokio::time::timeout(left.max(Duration::from_secs(1)), relay)
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    "the relay did not stop within server.shutdown_timeout_seconds; leaving it"
+                );
+            }
         }
         served
     }
@@ -140,7 +173,10 @@ pub async fn run_relay(settings: Settings) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("stopping the relay");
     shutdown.cancel();
-    running.await?;
+    let timeout = Duration::from_secs(settings.server.shutdown_timeout_seconds);
+    if tokio::time::timeout(timeout, running).await.is_err() {
+        tracing::warn!("the relay did not stop within server.shutdown_timeout_seconds; leaving it");
+    }
     Ok(())
 }
 

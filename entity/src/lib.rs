@@ -10,3 +10,13 @@ pub mod kci;
 pub mod outbox_event;
 pub mod state_transition;
 pub mod tracked_entity;
+
+/// Serializes JSON text as the JSON it holds (not as a string); text that is somehow not JSON is
+/// shown as a string.
+pub fn as_raw_json<S: serde::Serializer>(text: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    use serde::Serialize;
+    match serde_json::from_str::<&serde_json::value::RawValue>(text) {
+        Ok(raw) => raw.serialize(serializer),
+        Err(_) => text.serialize(serializer),
+    }
+}

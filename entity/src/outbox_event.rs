@@ -25,10 +25,14 @@ pub struct Model {
     #[sea_orm(column_type = "JsonBinary")]
     #[schema(value_type = Object)]
     pub headers: Json,
-    /// The message body: the envelope of design.md's AMQP contract.
-    #[sea_orm(column_type = "JsonBinary")]
+    /// The message body, the envelope of design.md's AMQP contract, as published: JSON text,
+    /// kept as text so that the KCI inside it stays byte for byte what the gateway sent
+    /// (PostgreSQL's `jsonb` would refuse `\u0000` and reorder keys). Shown as the JSON object
+    /// it is.
+    #[sea_orm(column_type = "Text")]
+    #[serde(serialize_with = "crate::as_raw_json")]
     #[schema(value_type = Object)]
-    pub payload: Json,
+    pub payload: String,
     pub status: OutboxStatus,
     pub attempts: i32,
     pub next_attempt_at: chrono::DateTime<chrono::Utc>,
@@ -49,9 +53,14 @@ pub enum OutboxStatus {
     Pending,
     #[sea_orm(string_value = "PUBLISHED")]
     Published,
-    /// Given up after the configured number of attempts; retryable by an operator.
+    /// Given up after the configured number of attempts; retryable by an operator. Its
+    /// entity's later events wait behind it.
     #[sea_orm(string_value = "DEAD")]
     Dead,
+    /// A dead event an operator chose not to publish, so that its entity's later events go on
+    /// (who and why is in `last_error`). Published again only by a replay.
+    #[sea_orm(string_value = "SKIPPED")]
+    Skipped,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

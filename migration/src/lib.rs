@@ -10,6 +10,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261122_000001_intake_tables;
 mod m20261122_000002_outbox_relay;
 mod m20261122_000003_outbox_window_scan;
+mod m20261124_000004_payload_as_text;
 
 pub struct Migrator;
 
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000001_intake_tables::Migration),
             Box::new(m20261122_000002_outbox_relay::Migration),
             Box::new(m20261122_000003_outbox_window_scan::Migration),
+            Box::new(m20261124_000004_payload_as_text::Migration),
         ]
     }
 }

@@ -61,9 +61,7 @@ pub async fn proxy(
                 .insert(HeaderName::from_static(name), value);
         }
     }
-    if let Err(error) = audit.insert(&state.db).await {
-        tracing::error!(error = %error, "could not write the audit record of a proxied call");
-    }
+    state.audit.record(audit);
     response
 }
 

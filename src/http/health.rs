@@ -1,12 +1,13 @@
 //! Liveness and readiness.
 
+use std::time::Duration;
+
 use actix_web::{HttpResponse, web};
 use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
 use super::AppState;
-use crate::outbox::relay::BrokerState;
-use crate::outbox::store as outbox_store;
+use crate::outbox::relay::{BrokerState, RelayState};
 
 /// Alive: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
@@ -14,10 +15,16 @@ pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// Ready: the database answers a query. The broker's state is reported but does not make the
-/// instance unready: KCIs are still accepted while the broker is down (they wait in the outbox),
-/// and taking every instance out of the load balancer would stop intake altogether.
-#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "The database answers; broker and outbox reported"), (status = 503, description = "The database does not answer")))]
+/// How long readiness waits for the database: a probe with a 1 s timeout must see our 503, not
+/// its own timeout.
+const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Ready: the database answers a query within 800 ms. The broker's and the relay's states are
+/// reported but do not make the instance unready: KCIs are still accepted while the broker is
+/// down or the relay restarts (they wait in the outbox), and taking every instance out of the
+/// load balancer would stop intake altogether. The outbox backlog is the one the metrics task
+/// last read: a probe costs one `SELECT 1`, nothing more.
+#[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "The database answers; broker, relay and outbox reported"), (status = 503, description = "The database does not answer within 800 ms")))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let broker = match state.relay_health.state() {
         BrokerState::NotRunning => json!({"status": "not_running_here"}),
@@ -25,26 +32,55 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             json!({"status": "down", "lastError": last_error})
         }
         BrokerState::Connected { since } => json!({"status": "up", "since": since}),
+        BrokerState::Blocked { since } => json!({"status": "blocked", "since": since}),
     };
-    if let Err(error) = state.db.execute_unprepared("SELECT 1").await {
-        tracing::warn!(error = %error, "readiness check: database unreachable");
+    let restarts = state.relay_health.restarts();
+    let relay = match state.relay_health.relay_state() {
+        RelayState::NotRunning => json!({"status": "not_running_here", "restarts": restarts}),
+        RelayState::Running { since } => {
+            json!({"status": "running", "since": since, "restarts": restarts})
+        }
+        RelayState::Restarting { since, error } => json!({
+            "status": "restarting", "since": since, "lastError": error, "restarts": restarts
+        }),
+    };
+    let database = tokio::time::timeout(
+        DATABASE_CHECK_TIMEOUT,
+        state.db.execute_unprepared("SELECT 1"),
+    )
+    .await;
+    if !matches!(database, Ok(Ok(_))) {
+        let error = match database {
+            Ok(Err(error)) => error.to_string(),
+            _ => format!("no answer within {DATABASE_CHECK_TIMEOUT:?}"),
+        };
+        tracing::warn!(error, "readiness check: database unreachable");
         return HttpResponse::ServiceUnavailable()
             .insert_header((
                 "Retry-After",
                 state.settings.server.retry_after_seconds.to_string(),
             ))
-            .json(
-                json!({"status": "not_ready", "database": {"status": "down"}, "broker": broker}),
-            );
+            .json(json!({
+                "status": "not_ready",
+                "database": {"status": "down"},
+                "broker": broker,
+                "relay": relay,
+            }));
     }
-    let outbox = match outbox_store::backlog(&state.db).await {
-        Ok((pending, oldest)) => json!({"pending": pending, "oldestPendingCreatedAt": oldest}),
-        Err(_) => Value::Null,
+    let outbox = match state.metrics.backlog() {
+        Some(backlog) => json!({
+            "pending": backlog.pending,
+            "oldestPendingCreatedAt": backlog.oldest,
+            "dead": backlog.dead,
+            "readAt": backlog.read_at,
+        }),
+        None => Value::Null,
     };
     HttpResponse::Ok().json(json!({
         "status": "ready",
         "database": {"status": "up"},
         "broker": broker,
+        "relay": relay,
         "outbox": outbox,
     }))
 }

@@ -14,7 +14,7 @@ use super::{AppState, audit_record, read_limited};
 use crate::auth::gateway_challenge;
 use crate::error::ApiError;
 use crate::intake::{self, Delivery};
-use crate::kci::parse_kci;
+use crate::kci::parse_kci_with;
 use crate::store::audit::AuditRecord;
 
 const X_REQUEST_ID: &str = "x-request-id";
@@ -77,6 +77,9 @@ pub async fn post_kci(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> HttpResponse {
+    // The deadline runs from arrival: reading the body counts too.
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(state.settings.intake.deadline_ms);
     let mut audit = AuditRecord {
         outcome: "REJECTED".to_owned(),
         response_status: StatusCode::NO_CONTENT.as_u16(),
@@ -85,33 +88,34 @@ pub async fn post_kci(
 
     // Labels of the KCI counter, known once the body is understood.
     let mut kind = ("unknown", "unknown");
-    let mut response = match accept(&request, payload, &state, &mut audit, &mut kind).await {
-        Ok(recorded) => {
-            let outcome = match recorded.outcome {
-                intake::Outcome::Applied => "applied",
-                intake::Outcome::Stale => "stale",
-                intake::Outcome::DuplicateSequence => "duplicate_sequence",
-                intake::Outcome::Redelivered => "redelivered",
-                intake::Outcome::Anomaly => "anomaly",
-            };
-            state.metrics.kci_received(kind.0, kind.1, outcome);
-            if recorded.event_id.is_some() {
-                state.outbox_signal.notify();
+    let mut response =
+        match accept(&request, payload, &state, &mut audit, &mut kind, deadline).await {
+            Ok(recorded) => {
+                let outcome = match recorded.outcome {
+                    intake::Outcome::Applied => "applied",
+                    intake::Outcome::Stale => "stale",
+                    intake::Outcome::DuplicateSequence => "duplicate_sequence",
+                    intake::Outcome::Redelivered => "redelivered",
+                    intake::Outcome::Anomaly => "anomaly",
+                };
+                state.metrics.kci_received(kind.0, kind.1, outcome);
+                if recorded.event_id.is_some() {
+                    state.outbox_signal.notify();
+                }
+                tracing::info!(
+                    kci.outcome = ?recorded.outcome,
+                    entity = recorded.tracked_entity_id,
+                    event = ?recorded.event_id,
+                    "KCI recorded"
+                );
+                HttpResponse::NoContent().finish()
             }
-            tracing::info!(
-                kci.outcome = ?recorded.outcome,
-                entity = recorded.tracked_entity_id,
-                event = ?recorded.event_id,
-                "KCI recorded"
-            );
-            HttpResponse::NoContent().finish()
-        }
-        Err(error) => {
-            let outcome = format!("rejected_{}", error.status().as_u16());
-            state.metrics.kci_received(kind.0, kind.1, &outcome);
-            reject(&error, &state, audit).await
-        }
-    };
+            Err(error) => {
+                let outcome = format!("rejected_{}", error.status().as_u16());
+                state.metrics.kci_received(kind.0, kind.1, &outcome);
+                reject(&error, &state, audit)
+            }
+        };
     echo_correlation_headers(&request, &mut response);
     response
 }
@@ -123,6 +127,7 @@ async fn accept(
     state: &AppState,
     audit: &mut AuditRecord,
     kind: &mut (&'static str, &'static str),
+    deadline: tokio::time::Instant,
 ) -> Result<intake::Recorded, ApiError> {
     audit.principal = Some(state.auth.gateway(request.headers()).await?);
 
@@ -141,11 +146,14 @@ async fn accept(
     .await?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::Malformed(vec![format!("The body is not valid JSON: {e}")]))?;
-    let kci = parse_kci(&value).map_err(|problems| {
+    let kci = parse_kci_with(&value, &state.entity_type_aliases).map_err(|problems| {
         ApiError::Invalid(problems.iter().map(ToString::to_string).collect())
     })?;
     audit.kci_id = Some(kci.id);
-    *kind = (kci.entity_type.as_str(), kci.update.update_type().as_str());
+    *kind = (
+        kci.entity_type.metric_label(),
+        kci.update.update_type().as_str(),
+    );
     let raw_body = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::Malformed(vec!["The body is not UTF-8".to_owned()]))?;
 
@@ -155,14 +163,13 @@ async fn accept(
         request_id,
         conversation_id,
         audit: audit.clone(),
-        notify_other_processes: state.settings.relay.notify_other_processes,
     };
-    Ok(state.intake.record(delivery).await?)
+    Ok(state.intake.record(delivery, deadline).await?)
 }
 
 /// Answers an error in the gateway's format, and audits it (except when the database is what
-/// failed: then the log is the only record).
-async fn reject(error: &ApiError, state: &AppState, mut audit: AuditRecord) -> HttpResponse {
+/// failed: then the log is the only record). Never waits for the database.
+fn reject(error: &ApiError, state: &AppState, mut audit: AuditRecord) -> HttpResponse {
     let body = error.to_body();
     let mut response = error.response(&body, state.settings.server.retry_after_seconds);
     if error.status() == StatusCode::UNAUTHORIZED {
@@ -183,8 +190,8 @@ async fn reject(error: &ApiError, state: &AppState, mut audit: AuditRecord) -> H
     .to_owned();
     if matches!(error, ApiError::Unavailable(_)) {
         tracing::warn!(audit = ?audit_summary(&audit), "not audited in the database: it is unavailable");
-    } else if let Err(audit_error) = audit.insert(&state.db).await {
-        tracing::error!(error = %audit_error, audit = ?audit_summary(&audit), "could not write the audit record");
+    } else {
+        state.audit.record(audit);
     }
     response
 }

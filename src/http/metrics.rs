@@ -1,10 +1,14 @@
 //! `GET /metrics`, in Prometheus' text format.
 //!
 //! Counted as things happen: KCIs received (by entity type, update type, outcome) and request
-//! latency. Read at scrape time: entities by status, the outbox backlog and its oldest age, dead
-//! events, the relay's publishes and refusals, and the database pool.
+//! latency. Read from the database by one background task every
+//! [`REFRESH_INTERVAL`]: entities by status, the outbox backlog and its oldest age, dead events.
+//! A scrape (or a readiness probe) never queries the database: anyone who can reach the port can
+//! scrape, and several replicas scraped every 15 s must not multiply grouped queries. Read from
+//! memory at scrape time: the relay's publishes, refusals and restarts, and the database pool.
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actix_web::{HttpResponse, web};
 use chrono::Utc;
@@ -21,7 +25,19 @@ use sea_orm::{
 use super::AppState;
 use crate::outbox::store as outbox_store;
 
+/// The outbox backlog as last read.
+#[derive(Debug, Clone, Copy)]
+pub struct Backlog {
+    pub pending: u64,
+    pub oldest: Option<chrono::DateTime<Utc>>,
+    pub dead: u64,
+    pub read_at: chrono::DateTime<Utc>,
+}
+
+#[derive(Clone)]
 pub struct Metrics {
+    backlog: Arc<Mutex<Option<Backlog>>>,
+    relay_restarts: IntCounter,
     registry: Registry,
     kcis_received: IntCounterVec,
     request_duration: HistogramVec,
@@ -93,6 +109,11 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
+        let relay_restarts = IntCounter::new(
+            "relay_restarts_total",
+            "Times this process's relay failed (a panic or an unexpected error) and was restarted",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(kcis_received.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -103,12 +124,15 @@ impl Metrics {
             Box::new(published.clone()),
             Box::new(refused.clone()),
             Box::new(pool.clone()),
+            Box::new(relay_restarts.clone()),
         ] {
             registry
                 .register(collector)
                 .expect("metric names are unique");
         }
         Metrics {
+            backlog: Arc::new(Mutex::new(None)),
+            relay_restarts,
             registry,
             kcis_received,
             request_duration,
@@ -133,6 +157,44 @@ impl Metrics {
             .with_label_values(&[route, method, &status.to_string()])
             .observe(started.elapsed().as_secs_f64());
     }
+
+    /// The outbox backlog as last read by the background task (none before its first read).
+    pub fn backlog(&self) -> Option<Backlog> {
+        self.backlog.lock().ok().and_then(|backlog| *backlog)
+    }
+
+    /// Reads the database gauges now and every `every` until `shutdown`; a read that fails or
+    /// takes longer than the interval leaves the last values.
+    pub fn start_refreshing(
+        &self,
+        db: sea_orm::DatabaseConnection,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let metrics = self.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                match tokio::time::timeout(
+                    every.max(Duration::from_secs(1)),
+                    refresh(&metrics, &db),
+                )
+                .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(error = %error, "metrics: could not read the database")
+                    }
+                    Err(_) => tracing::warn!("metrics: reading the database timed out"),
+                }
+            }
+        });
+    }
 }
 
 impl Default for Metrics {
@@ -148,9 +210,11 @@ struct StatusCount {
     n: i64,
 }
 
-/// Reads the scrape-time values; a database error leaves them as they were.
-async fn refresh(state: &AppState) -> Result<(), crate::store::StoreError> {
-    let metrics = &state.metrics;
+/// Reads the gauges that need the database; a database error leaves them as they were.
+async fn refresh(
+    metrics: &Metrics,
+    db: &sea_orm::DatabaseConnection,
+) -> Result<(), crate::store::StoreError> {
     let counts = tracked_entity::Entity::find()
         .select_only()
         .column(tracked_entity::Column::EntityType)
@@ -159,33 +223,62 @@ async fn refresh(state: &AppState) -> Result<(), crate::store::StoreError> {
         .group_by(tracked_entity::Column::EntityType)
         .group_by(tracked_entity::Column::Status)
         .into_model::<StatusCount>()
-        .all(&state.db)
+        .all(db)
         .await?;
+    // Labels come from what the gateway sent: only listed types and the statuses their
+    // lifecycles know are labels of their own, the rest are counted as UNLISTED / OTHER, so
+    // that the gateway cannot grow the series without bound.
+    let mut labelled: std::collections::BTreeMap<(&str, &str), i64> = Default::default();
+    for count in &counts {
+        let (entity_type, status) = match crate::kci::EntityType::from_wire(&count.entity_type) {
+            Some(listed) => (
+                listed.as_str(),
+                listed
+                    .lifecycle()
+                    .statuses
+                    .iter()
+                    .find(|known| **known == count.status)
+                    .copied()
+                    .unwrap_or("OTHER"),
+            ),
+            None => ("UNLISTED", "OTHER"),
+        };
+        *labelled.entry((entity_type, status)).or_default() += count.n;
+    }
     metrics.entities.reset();
-    for count in counts {
+    for ((entity_type, status), n) in labelled {
         metrics
             .entities
-            .with_label_values(&[&count.entity_type, &count.status])
-            .set(count.n);
+            .with_label_values(&[entity_type, status])
+            .set(n);
     }
-    let (pending, oldest) = outbox_store::backlog(&state.db).await?;
+    let (pending, oldest) = outbox_store::backlog(db).await?;
     metrics.outbox_pending.set(pending as i64);
     metrics.outbox_oldest_age.set(oldest.map_or(0.0, |created| {
         (Utc::now() - created).num_milliseconds().max(0) as f64 / 1000.0
     }));
     let dead = outbox_event::Entity::find()
         .filter(outbox_event::Column::Status.eq(OutboxStatus::Dead))
-        .count(&state.db)
+        .count(db)
         .await?;
     metrics.outbox_dead.set(dead as i64);
+    if let Ok(mut backlog) = metrics.backlog.lock() {
+        *backlog = Some(Backlog {
+            pending,
+            oldest,
+            dead,
+            read_at: Utc::now(),
+        });
+    }
     Ok(())
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    if let Err(error) = refresh(&state).await {
-        tracing::warn!(error = %error, "metrics: could not read the database");
-    }
     let metrics = &state.metrics;
+    let restarts = state.relay_health.restarts();
+    metrics
+        .relay_restarts
+        .inc_by(restarts.saturating_sub(metrics.relay_restarts.get()));
     // The relay counts in memory; the counters follow it.
     let published = state.relay_health.published();
     metrics

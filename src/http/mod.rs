@@ -41,6 +41,10 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// The egress proxy's client, when `egress.enabled`.
     pub egress: Option<crate::egress::EgressClient>,
+    /// Writes the audit records of rejected requests and egress calls in the background.
+    pub audit: crate::store::audit::AuditSink,
+    /// `kci.entity_type_aliases`, resolved.
+    pub entity_type_aliases: std::collections::HashMap<String, crate::kci::EntityType>,
 }
 
 /// Every route. `egress_prefix`: where the egress proxy is mounted, when enabled.
@@ -183,7 +187,12 @@ pub(crate) fn audit_record(request: &actix_web::HttpRequest) -> crate::store::au
         path: request.uri().to_string(),
         remote_addr: request.peer_addr().map(|a| a.ip().to_string()),
         principal: None,
-        headers: crate::store::audit::sanitized_headers(request.headers()),
+        headers: crate::store::audit::sanitized_headers(
+            request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_bytes())),
+        ),
         body: None,
         body_size: 0,
         response_status: 0,

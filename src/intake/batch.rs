@@ -28,18 +28,17 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::plan::{self, EntityKey, KciRef, KnownKci, Loaded, entity_key};
-use super::{Delivery, Recorded};
+use super::{Delivery, IntakeError, Recorded};
 use crate::store::StoreError;
 
 /// Records `deliveries` in `txn` (not committed here); one [`Recorded`] per delivery, in order.
 pub async fn record(
     txn: &DatabaseTransaction,
     deliveries: &[&Delivery],
-) -> Result<Vec<Recorded>, StoreError> {
+) -> Result<Vec<Recorded>, IntakeError> {
     let loaded = load(txn, deliveries).await?;
-    let plan = plan::plan(deliveries, loaded)
-        .map_err(|problem| StoreError::from(DbErr::Custom(format!("intake plan: {problem}"))))?;
-    write(txn, deliveries, plan).await
+    let plan = plan::plan(deliveries, loaded).map_err(IntakeError::Inconsistent)?;
+    Ok(write(txn, deliveries, plan).await?)
 }
 
 async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loaded, StoreError> {

@@ -14,11 +14,17 @@
 //!
 //! A transaction that loses a race (the same new entity or KCI id inserted at once by another
 //! batch, a deadlock) rolls back and runs again, when the winner's rows are visible.
+//!
+//! Time is bounded (design.md, "Bounded time"): a KCI is recorded within `intake.deadline_ms` of
+//! its arrival or the gateway is answered 503 with `Retry-After` (a KCI that commits after its
+//! deadline is simply a redelivery later); a full queue is answered 503 at once.
 
 pub mod batch;
 pub mod conversations;
 pub mod group_commit;
 pub mod plan;
+
+use std::time::Duration;
 
 use sea_orm::{
     ConnectionTrait, DatabaseConnection, DatabaseTransaction, SqliteTransactionMode,
@@ -29,6 +35,33 @@ use uuid::Uuid;
 use crate::kci::Kci;
 use crate::store::StoreError;
 use crate::store::audit::AuditRecord;
+
+/// Why a KCI was not recorded. The gateway is answered 503 for all but a fault of ours. Cheap
+/// to clone: every KCI of a failed batch gets the batch's error, with its whole cause chain.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IntakeError {
+    /// The database failed (classified: unavailable, lost race, or fault).
+    #[error(transparent)]
+    Store(std::sync::Arc<StoreError>),
+    /// The queue in front of the committers is full: more KCIs arrive than the database takes.
+    #[error("intake is overloaded: {waiting} KCIs already wait to be recorded")]
+    Overloaded { waiting: usize },
+    /// Not recorded within `intake.deadline_ms`; it may still commit, and is then a redelivery.
+    #[error("not recorded within the {0:?} deadline")]
+    DeadlineExceeded(Duration),
+    /// The process is stopping.
+    #[error("intake is shutting down")]
+    ShuttingDown,
+    /// What the loader read does not fit what the planner needs: a bug, not a database fault.
+    #[error("intake inconsistency: {0}")]
+    Inconsistent(String),
+}
+
+impl From<StoreError> for IntakeError {
+    fn from(error: StoreError) -> Self {
+        IntakeError::Store(std::sync::Arc::new(error))
+    }
+}
 
 /// How many times a transaction that lost a race is run again before giving up.
 const ATTEMPTS: usize = 5;
@@ -42,8 +75,6 @@ pub struct Delivery {
     pub conversation_id: String,
     /// The audit record of this request; its outcome is completed here.
     pub audit: AuditRecord,
-    /// PostgreSQL: also wake relays in other processes (`relay.notify_other_processes`).
-    pub notify_other_processes: bool,
 }
 
 /// What recording did.
@@ -81,23 +112,28 @@ pub struct Recorded {
 }
 
 /// Records one delivery durably, alone. `Ok` means committed.
-pub async fn record(db: &DatabaseConnection, delivery: &Delivery) -> Result<Recorded, StoreError> {
-    let mut recorded = record_batch(db, &[delivery]).await?;
+pub async fn record(
+    db: &DatabaseConnection,
+    delivery: &Delivery,
+    notify_other_processes: bool,
+) -> Result<Recorded, IntakeError> {
+    let mut recorded = record_batch(db, &[delivery], notify_other_processes).await?;
     recorded
         .pop()
-        .ok_or_else(|| StoreError::from(sea_orm::DbErr::Custom("nothing recorded".to_owned())))
+        .ok_or_else(|| IntakeError::Inconsistent("a delivery recorded nothing".to_owned()))
 }
 
 /// Records deliveries in one transaction, in the order given; one [`Recorded`] each. `Ok` means
-/// committed.
+/// committed. `notify_other_processes`: PostgreSQL `NOTIFY` for relays in other processes.
 pub async fn record_batch(
     db: &DatabaseConnection,
     deliveries: &[&Delivery],
-) -> Result<Vec<Recorded>, StoreError> {
+    notify_other_processes: bool,
+) -> Result<Vec<Recorded>, IntakeError> {
     let mut attempt = 1;
     loop {
-        match record_batch_once(db, deliveries).await {
-            Err(error) if error.is_retryable() && attempt < ATTEMPTS => {
+        match record_batch_once(db, deliveries, notify_other_processes).await {
+            Err(IntakeError::Store(error)) if error.is_retryable() && attempt < ATTEMPTS => {
                 tracing::debug!(attempt, error = %error, "intake transaction lost a race; running it again");
                 attempt += 1;
             }
@@ -152,16 +188,16 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<WriteTransaction, St
 async fn record_batch_once(
     db: &DatabaseConnection,
     deliveries: &[&Delivery],
-) -> Result<Vec<Recorded>, StoreError> {
+    notify_other_processes: bool,
+) -> Result<Vec<Recorded>, IntakeError> {
     let txn = begin_write(db).await?;
     let recorded = batch::record(&txn, deliveries).await?;
     // Relays in other processes LISTEN for this; it is delivered only if the transaction commits.
-    if deliveries.iter().any(|d| d.notify_other_processes)
-        && txn.get_database_backend() == sea_orm::DbBackend::Postgres
-    {
+    if notify_other_processes && txn.get_database_backend() == sea_orm::DbBackend::Postgres {
         txn.execute_unprepared(&format!("NOTIFY {}", crate::outbox::signal::NOTIFY_CHANNEL))
-            .await?;
+            .await
+            .map_err(StoreError::from)?;
     }
-    txn.commit().await?;
+    txn.commit().await.map_err(StoreError::from)?;
     Ok(recorded)
 }

@@ -24,9 +24,34 @@ use super::{Delivery, Outcome, Recorded};
 use crate::kci::Kci;
 use crate::lifecycle::Verdict;
 use crate::outbox::envelope::{self, EnvelopeFacts};
+use crate::store::text::{COLUMN_TEXT_MAX, NOTE_MAX, bounded, storable_json};
 
 /// An entity's natural key: entity type and gateway id.
 pub type EntityKey = (String, String);
+
+/// A KCI's values as the database keeps them: statuses and reasons bounded (they are indexed or
+/// compared, `store::text`), the snapshot without NUL. The raw body keeps the originals.
+struct Stored {
+    status: String,
+    reason: String,
+    update_type: &'static str,
+    supplier_reference: Option<String>,
+}
+
+impl Stored {
+    fn of(kci: &Kci) -> Stored {
+        Stored {
+            status: bounded(&kci.entity.status, COLUMN_TEXT_MAX).into_owned(),
+            reason: bounded(kci.update.reason(), COLUMN_TEXT_MAX).into_owned(),
+            update_type: kci.update.update_type().as_str(),
+            supplier_reference: kci
+                .entity
+                .supplier_reference
+                .as_deref()
+                .map(|reference| bounded(reference, COLUMN_TEXT_MAX).into_owned()),
+        }
+    }
+}
 
 pub fn entity_key(kci: &Kci) -> EntityKey {
     (
@@ -89,6 +114,7 @@ pub fn new_entity(
     now: DateTime<Utc>,
 ) -> tracked_entity::Model {
     let kci = &delivery.kci;
+    let stored = Stored::of(kci);
     let correlation = match original_request {
         Some(_) => Correlation::Matched,
         None if kci.entity_type.is_unsolicited() => Correlation::Unsolicited,
@@ -99,13 +125,13 @@ pub fn new_entity(
         entity_type: kci.entity_type.as_str().to_owned(),
         gateway_id: kci.entity.gateway_id.clone(),
         supplier: kci.supplier.clone(),
-        supplier_reference: kci.entity.supplier_reference.clone(),
-        status: kci.entity.status.clone(),
-        snapshot: kci.entity.body.clone(),
+        supplier_reference: stored.supplier_reference,
+        status: stored.status,
+        snapshot: storable_json(&kci.entity.body).into_owned(),
         last_sequence_number: kci.sequence_number,
         last_kci_id: kci.id,
-        last_update_type: kci.update.update_type().as_str().to_owned(),
-        last_reason: kci.update.reason().to_owned(),
+        last_update_type: stored.update_type.to_owned(),
+        last_reason: stored.reason,
         conversation_id: delivery.conversation_id.clone(),
         correlation,
         conversation_ref: original_request.map(|r| r.id),
@@ -260,11 +286,11 @@ fn redelivery(
             from_status: Set(Some(entity.status.clone())),
             applied: Set(false),
             flag_anomaly: Set(true),
-            note: Set(Some(format!(
+            note: Set(Some(bounded(&format!(
                 "KCI {} delivered again with different content (X-Request-ID {}); differing fields: {differing}; not applied",
                 kci.id, delivery.request_id
-            ))),
-            ..history_entry(kci, entity.id, now)
+            ), NOTE_MAX).into_owned())),
+            ..history_entry(kci, &Stored::of(kci), entity.id, now)
         };
         plan.transitions.push((first.kci, index, transition));
         entity.flag_anomaly = true;
@@ -287,6 +313,7 @@ fn new_kci(
     now: DateTime<Utc>,
 ) -> Result<Recorded, String> {
     let kci = &delivery.kci;
+    let stored = Stored::of(kci);
     let lifecycle = kci.entity_type.lifecycle();
     let original_request = loaded.conversations.get(&delivery.conversation_id);
     let key = entity_key(kci);
@@ -313,7 +340,7 @@ fn new_kci(
         kci.sequence_number,
     );
     let verdict = match &previous_status {
-        Some(from) if facts.applied => lifecycle.judge(from, &kci.entity.status, facts.gap),
+        Some(from) if facts.applied => lifecycle.judge(from, &stored.status, facts.gap),
         _ => Verdict::Unchanged,
     };
     let illegal = verdict == Verdict::Illegal;
@@ -332,8 +359,8 @@ fn new_kci(
         request_id: Set(delivery.request_id.clone()),
         conversation_id: Set(delivery.conversation_id.clone()),
         entity_type: Set(kci.entity_type.as_str().to_owned()),
-        update_type: Set(kci.update.update_type().as_str().to_owned()),
-        reason: Set(kci.update.reason().to_owned()),
+        update_type: Set(stored.update_type.to_owned()),
+        reason: Set(stored.reason.clone()),
         sequence_number: Set(kci.sequence_number),
         issued_on: Set(kci.issued_on),
         received_on: Set(kci.received_on),
@@ -351,6 +378,7 @@ fn new_kci(
 
     let notes = notes(
         kci,
+        &stored,
         &facts,
         illegal,
         previous_status.as_deref(),
@@ -365,8 +393,8 @@ fn new_kci(
         flag_illegal: Set(illegal),
         flag_duplicate: Set(facts.duplicate),
         flag_unknown_value: Set(unknown),
-        note: Set((!notes.is_empty()).then(|| notes.join("; "))),
-        ..history_entry(kci, entity_id, now)
+        note: Set((!notes.is_empty()).then(|| bounded(&notes.join("; "), NOTE_MAX).into_owned())),
+        ..history_entry(kci, &stored, entity_id, now)
     };
     plan.transitions
         .push((KciRef::New(kci_row), index, transition));
@@ -383,16 +411,16 @@ fn new_kci(
         None => None,
     };
     if facts.applied && !is_new {
-        entity.status = kci.entity.status.clone();
-        entity.snapshot = kci.entity.body.clone();
+        entity.status = stored.status.clone();
+        entity.snapshot = storable_json(&kci.entity.body).into_owned();
         entity.supplier = kci.supplier.clone();
-        if kci.entity.supplier_reference.is_some() {
-            entity.supplier_reference = kci.entity.supplier_reference.clone();
+        if stored.supplier_reference.is_some() {
+            entity.supplier_reference = stored.supplier_reference.clone();
         }
         entity.last_sequence_number = kci.sequence_number;
         entity.last_kci_id = kci.id;
-        entity.last_update_type = kci.update.update_type().as_str().to_owned();
-        entity.last_reason = kci.update.reason().to_owned();
+        entity.last_update_type = stored.update_type.to_owned();
+        entity.last_reason = stored.reason.clone();
         entity.updated_at = now;
     }
     entity.correlation = correlation;
@@ -408,6 +436,7 @@ fn new_kci(
     let message = envelope::build(&EnvelopeFacts {
         event_id,
         kci,
+        raw_body: &delivery.raw_body,
         request_id: &delivery.request_id,
         conversation_id: &delivery.conversation_id,
         previous_status: previous_status.as_deref(),
@@ -447,6 +476,7 @@ fn new_kci(
 
 fn notes(
     kci: &Kci,
+    stored: &Stored,
     facts: &SequenceFacts,
     illegal: bool,
     previous_status: Option<&str>,
@@ -477,11 +507,21 @@ fn notes(
         notes.push(format!(
             "{lifecycle} lifecycle does not allow {} -> {}",
             previous_status.unwrap_or("?"),
-            kci.entity.status
+            stored.status
         ));
     }
     if !kci.unknown_values.is_empty() {
-        let values: Vec<String> = kci.unknown_values.iter().map(ToString::to_string).collect();
+        let values: Vec<String> = kci
+            .unknown_values
+            .iter()
+            .map(|unknown| {
+                format!(
+                    "{} = {}",
+                    unknown.path,
+                    bounded(&unknown.value, COLUMN_TEXT_MAX)
+                )
+            })
+            .collect();
         notes.push(format!("undocumented values: {}", values.join(", ")));
     }
     notes
@@ -492,6 +532,7 @@ fn notes(
 /// cites are filled in once their ids are known.
 fn history_entry(
     kci: &Kci,
+    stored: &Stored,
     tracked_entity_id: i64,
     now: DateTime<Utc>,
 ) -> state_transition::ActiveModel {
@@ -499,9 +540,9 @@ fn history_entry(
         tracked_entity_id: Set(tracked_entity_id),
         kci_id: Set(kci.id),
         sequence_number: Set(kci.sequence_number),
-        to_status: Set(kci.entity.status.clone()),
-        update_type: Set(kci.update.update_type().as_str().to_owned()),
-        reason: Set(kci.update.reason().to_owned()),
+        to_status: Set(stored.status.clone()),
+        update_type: Set(stored.update_type.to_owned()),
+        reason: Set(stored.reason.clone()),
         flag_stale: Set(false),
         flag_gap: Set(false),
         flag_illegal: Set(false),

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-pub use parse::{FieldProblem, parse_kci};
+pub use parse::{FieldProblem, parse_kci, parse_kci_with};
 
 use crate::lifecycle::{self, Lifecycle};
 
@@ -80,6 +80,67 @@ impl EntityType {
     /// Unsolicited ceases are created by the gateway: no request of ours started them (spec 2.4.4).
     pub fn is_unsolicited(self) -> bool {
         self == EntityType::UnsolicitedCeaseOrder
+    }
+}
+
+/// A KCI's `entityType`: one of the seven the docs list, or a well-formed value they do not list
+/// yet. The gateway adds types (ethernet cease and modify are "coming soon", and the ethernet
+/// value itself is a guess, spec 6.2): refusing one would lose its KCIs, so an unlisted type is
+/// recorded and published like any other, tracked with the generic lifecycle and flagged
+/// (design.md, "Never reject what we can store").
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KciType {
+    Listed(EntityType),
+    /// Matches `^[A-Z][A-Z0-9_]{0,49}$`.
+    Unlisted(String),
+}
+
+impl KciType {
+    pub fn as_str(&self) -> &str {
+        match self {
+            KciType::Listed(entity_type) => entity_type.as_str(),
+            KciType::Unlisted(name) => name,
+        }
+    }
+
+    pub fn listed(&self) -> Option<EntityType> {
+        match self {
+            KciType::Listed(entity_type) => Some(*entity_type),
+            KciType::Unlisted(_) => None,
+        }
+    }
+
+    /// The lifecycle its statuses follow; the generic one (any move) for an unlisted type.
+    pub fn lifecycle(&self) -> &'static Lifecycle {
+        match self {
+            KciType::Listed(entity_type) => entity_type.lifecycle(),
+            KciType::Unlisted(_) => &lifecycle::GENERIC,
+        }
+    }
+
+    pub fn is_unsolicited(&self) -> bool {
+        self.listed().is_some_and(EntityType::is_unsolicited)
+    }
+
+    /// A label for metrics: an unlisted type is `UNLISTED`, so that the gateway cannot grow the
+    /// label set without bound.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            KciType::Listed(entity_type) => entity_type.as_str(),
+            KciType::Unlisted(_) => "UNLISTED",
+        }
+    }
+
+    /// Where this entity carries the supplier's own reference (spec 2.4), first match wins.
+    fn supplier_reference_fields(&self) -> &'static [&'static str] {
+        match self {
+            KciType::Listed(entity_type) => entity_type.supplier_reference_fields(),
+            KciType::Unlisted(_) => &[
+                "supplierOrderNumber",
+                "supplierIdentifier",
+                "supplierReference",
+            ],
+        }
     }
 }
 
@@ -197,7 +258,7 @@ pub struct Kci {
     pub issued_on: Option<DateTime<Utc>>,
     pub received_on: Option<DateTime<Utc>>,
     pub delivered_on: DateTime<Utc>,
-    pub entity_type: EntityType,
+    pub entity_type: KciType,
     pub update: Update,
     pub entity: EntitySnapshot,
     pub unknown_values: Vec<UnknownValue>,

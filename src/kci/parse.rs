@@ -6,13 +6,16 @@
 //! enums (reasons, problem codes, statuses) outside the documented lists are accepted and reported
 //! in [`Kci::unknown_values`].
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::vocabulary::{ACTION_TYPES, ERROR_CODES, INFORMATION_TYPES, PROBLEM_CODES};
 use super::{
-    EntitySnapshot, EntityType, GatewayError, Kci, Reason, UnknownValue, Update, UpdateType,
+    EntitySnapshot, EntityType, GatewayError, Kci, KciType, Reason, UnknownValue, Update,
+    UpdateType,
 };
 
 /// One reason a body fails the schema.
@@ -32,8 +35,20 @@ impl std::fmt::Display for FieldProblem {
 /// The longest `supplier` the schema allows (`^\w{1,20}$`, spec 2.2).
 const SUPPLIER_MAX_LEN: usize = 20;
 
+/// The longest `entityType` we accept, listed or not (`^[A-Z][A-Z0-9_]{0,49}$`).
+const ENTITY_TYPE_MAX_LEN: usize = 50;
+
 /// Turns a JSON body into a [`Kci`], or lists every schema problem found.
 pub fn parse_kci(body: &Value) -> Result<Kci, Vec<FieldProblem>> {
+    parse_kci_with(body, &HashMap::new())
+}
+
+/// [`parse_kci`], with `aliases`: `entityType` values that stand for a listed type (config
+/// `kci.entity_type_aliases`, for when the gateway's real value for a type is confirmed).
+pub fn parse_kci_with(
+    body: &Value,
+    aliases: &HashMap<String, EntityType>,
+) -> Result<Kci, Vec<FieldProblem>> {
     let mut check = Checker::default();
     let Some(root) = body.as_object() else {
         check.problem(
@@ -70,22 +85,11 @@ pub fn parse_kci(body: &Value) -> Result<Kci, Vec<FieldProblem>> {
         .and_then(|raw| check.date_time("deliveredOn", raw));
     check.supplier_notes(root);
 
-    let entity_type = check.required_str(root, "entityType", "").and_then(|raw| {
-        let parsed = EntityType::from_wire(raw);
-        if parsed.is_none() {
-            let accepted: Vec<&str> = EntityType::ALL.iter().map(|t| t.as_str()).collect();
-            check.problem(
-                "entityType",
-                format!(
-                    "invalid value {raw:?} - accepted values are {}",
-                    accepted.join(", ")
-                ),
-            );
-        }
-        parsed
-    });
+    let entity_type = check
+        .required_str(root, "entityType", "")
+        .and_then(|raw| check.entity_type(raw, aliases));
     let update = check.update(root);
-    let entity = check.entity(root, entity_type);
+    let entity = check.entity(root, entity_type.as_ref());
 
     match (
         id,
@@ -143,6 +147,15 @@ fn kind_of(value: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
+    }
+}
+
+/// A value quoted in a problem message: at most 60 characters of it.
+fn shorten(value: &str) -> String {
+    if value.chars().count() <= 60 {
+        value.to_owned()
+    } else {
+        format!("{}...", value.chars().take(60).collect::<String>())
     }
 }
 
@@ -234,7 +247,10 @@ impl Checker {
             Err(_) => {
                 self.problem(
                     path,
-                    format!("must be an RFC 3339 date-time (e.g. 2024-04-10T09:53:17.044Z), found {raw:?}"),
+                    format!(
+                        "must be an RFC 3339 date-time (e.g. 2024-04-10T09:53:17.044Z), found {:?}",
+                        shorten(raw)
+                    ),
                 );
                 None
             }
@@ -250,7 +266,9 @@ impl Checker {
         self.date_time(field, raw)
     }
 
-    /// `sequenceNumber`: a number >= 1 (spec 2.2); we also require it to be whole.
+    /// `sequenceNumber`: a number >= 1 (spec 2.2); we also require it to be whole and to fit a
+    /// 64-bit signed integer (where it is stored): a larger one is refused, never saturated (a
+    /// saturated number would make every later KCI of the entity look stale).
     fn sequence_number(&mut self, root: &Map<String, Value>) -> Option<i64> {
         match root.get("sequenceNumber") {
             None | Some(Value::Null) => {
@@ -258,9 +276,11 @@ impl Checker {
                 None
             }
             Some(Value::Number(n)) => {
+                // 2^63 as f64: every f64 below it converts exactly to an i64.
+                const TWO_TO_THE_63: f64 = 9_223_372_036_854_775_808.0;
                 let whole = n.as_i64().or_else(|| {
                     n.as_f64()
-                        .filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f <= i64::MAX as f64)
+                        .filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f < TWO_TO_THE_63)
                         .map(|f| f as i64)
                 });
                 match whole {
@@ -268,7 +288,7 @@ impl Checker {
                     _ => {
                         self.problem(
                             "sequenceNumber",
-                            format!("must be a whole number >= 1, found {n}"),
+                            format!("must be a whole number from 1 to {}, found {n}", i64::MAX),
                         );
                         None
                     }
@@ -282,6 +302,36 @@ impl Checker {
                 None
             }
         }
+    }
+
+    /// `entityType` (spec 2.1): a listed type, an alias of one, or a well-formed type the docs do
+    /// not list (accepted and flagged).
+    fn entity_type(&mut self, raw: &str, aliases: &HashMap<String, EntityType>) -> Option<KciType> {
+        if let Some(listed) = EntityType::from_wire(raw).or_else(|| aliases.get(raw).copied()) {
+            return Some(KciType::Listed(listed));
+        }
+        let well_formed = raw.len() <= ENTITY_TYPE_MAX_LEN
+            && raw.starts_with(|c: char| c.is_ascii_uppercase())
+            && raw
+                .chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+        if !well_formed {
+            let listed: Vec<&str> = EntityType::ALL.iter().map(|t| t.as_str()).collect();
+            self.problem(
+                "entityType",
+                format!(
+                    "must match ^[A-Z][A-Z0-9_]{{0,49}}$, found {:?} - documented values are {}",
+                    shorten(raw),
+                    listed.join(", ")
+                ),
+            );
+            return None;
+        }
+        self.unknown_values.push(UnknownValue {
+            path: "entityType".to_owned(),
+            value: raw.to_owned(),
+        });
+        Some(KciType::Unlisted(raw.to_owned()))
     }
 
     /// `supplierNotes`: optional array of `{note, type, created}` (spec 2.2). Only the shape is
@@ -320,7 +370,8 @@ impl Checker {
             self.problem(
                 "updateType",
                 format!(
-                    "invalid value {raw:?} - accepted values are INFORMATIONAL, ACTION_REQUIRED, ERROR"
+                    "invalid value {:?} - accepted values are INFORMATIONAL, ACTION_REQUIRED, ERROR",
+                    shorten(raw)
                 ),
             );
             return None;
@@ -406,7 +457,7 @@ impl Checker {
     fn entity(
         &mut self,
         root: &Map<String, Value>,
-        entity_type: Option<EntityType>,
+        entity_type: Option<&KciType>,
     ) -> Option<EntitySnapshot> {
         let entity = self.required_object(root, "entity", "")?;
         let gateway_id = match entity.get("id") {
@@ -422,11 +473,19 @@ impl Checker {
                 );
                 None
             }
-            Some(Value::String(s)) if !s.trim().is_empty() && s.len() <= 64 => Some(s.clone()),
+            // Gateway ids are numbers (spec 2.4); a string is accepted when it is a plausible id:
+            // it becomes a key of ours, so it is short and printable.
+            Some(Value::String(s))
+                if !s.trim().is_empty()
+                    && s.chars().count() <= 64
+                    && !s.chars().any(char::is_control) =>
+            {
+                Some(s.clone())
+            }
             Some(Value::String(_)) => {
                 self.problem(
                     "entity.id",
-                    "must be a non-empty string of at most 64 characters",
+                    "must be a non-empty string of at most 64 printable characters",
                 );
                 None
             }
@@ -488,7 +547,7 @@ mod tests {
     #[test]
     fn a_valid_body_becomes_a_typed_kci() {
         let kci = parse_kci(&valid_body()).expect("valid");
-        assert_eq!(kci.entity_type, EntityType::ProvideOrder);
+        assert_eq!(kci.entity_type, KciType::Listed(EntityType::ProvideOrder));
         assert_eq!(kci.sequence_number, 3);
         assert_eq!(kci.entity.gateway_id, "12345");
         assert_eq!(kci.entity.supplier_reference.as_deref(), Some("FC123"));
@@ -528,9 +587,9 @@ mod tests {
     }
 
     #[test]
-    fn unknown_entity_type_is_a_problem_but_unknown_reason_is_only_flagged() {
+    fn malformed_entity_type_is_a_problem_but_unknown_reason_is_only_flagged() {
         let mut body = valid_body();
-        body["entityType"] = json!("PROVIDE_SPACESHIP");
+        body["entityType"] = json!("provide spaceship");
         body.as_object_mut().unwrap().remove("entity");
         let problems = parse_kci(&body).unwrap_err();
         let paths: Vec<&str> = problems.iter().map(|p| p.path.as_str()).collect();
@@ -549,6 +608,61 @@ mod tests {
                 "entity.status = IN_ORBIT"
             ]
         );
+    }
+
+    #[test]
+    fn a_well_formed_unlisted_entity_type_is_accepted_and_flagged_and_aliases_map_it() {
+        let mut body = valid_body();
+        body["entityType"] = json!("CEASE_ETHERNET_ORDER");
+        body["entity"]["status"] = json!("ANY_STATUS_AT_ALL");
+        let kci = parse_kci(&body).expect("accepted");
+        assert_eq!(
+            kci.entity_type,
+            KciType::Unlisted("CEASE_ETHERNET_ORDER".to_owned())
+        );
+        let flagged: Vec<String> = kci.unknown_values.iter().map(|u| u.to_string()).collect();
+        assert_eq!(flagged, ["entityType = CEASE_ETHERNET_ORDER"]);
+
+        let aliases = HashMap::from([("CEASE_ETHERNET_ORDER".to_owned(), EntityType::CeaseOrder)]);
+        let kci = parse_kci_with(&body, &aliases).expect("accepted");
+        assert_eq!(kci.entity_type, KciType::Listed(EntityType::CeaseOrder));
+
+        for malformed in ["", "lower", "1ORDER", "ORDER-X", &"A".repeat(51)] {
+            body["entityType"] = json!(malformed);
+            let problems = parse_kci(&body).unwrap_err();
+            assert_eq!(problems[0].path, "entityType", "{malformed:?}");
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_beyond_a_64_bit_integer_are_refused_not_saturated() {
+        let mut body = valid_body();
+        body["sequenceNumber"] = json!(i64::MAX);
+        assert_eq!(parse_kci(&body).unwrap().sequence_number, i64::MAX);
+        for too_big in [
+            json!(9_223_372_036_854_775_808u64),
+            json!(u64::MAX),
+            json!(1e19),
+            json!(9.223372036854776e18),
+        ] {
+            body["sequenceNumber"] = too_big.clone();
+            let problems = parse_kci(&body).unwrap_err();
+            assert_eq!(problems[0].path, "sequenceNumber", "{too_big}");
+        }
+        body["sequenceNumber"] = json!(4.0);
+        assert_eq!(parse_kci(&body).unwrap().sequence_number, 4);
+    }
+
+    #[test]
+    fn string_gateway_ids_must_be_short_and_printable() {
+        let mut body = valid_body();
+        body["entity"]["id"] = json!("ORD-12345");
+        assert_eq!(parse_kci(&body).unwrap().entity.gateway_id, "ORD-12345");
+        for bad in ["a\u{0}b".to_owned(), "tab\there".to_owned(), "9".repeat(65)] {
+            body["entity"]["id"] = json!(bad);
+            let problems = parse_kci(&body).unwrap_err();
+            assert_eq!(problems[0].path, "entity.id", "{bad:?}");
+        }
     }
 
     #[test]

@@ -3,35 +3,44 @@
 //!
 //! One round: take the head event of up to `batch_size` entities (see [`super::store`]), publish
 //! them all at once on a confirming channel (`mandatory`, persistent), wait for the confirms, and
-//! record each outcome. A nack, a `basic.return` or a broker channel error is a refusal: the event
-//! is retried with exponential backoff and is dead after `max_attempts`. A lost connection is not
-//! the event's fault: it stays pending, unchanged, while the relay reconnects with backoff.
+//! record each outcome. A nack, a `basic.return`, a broker channel error, or an event that cannot
+//! be encoded as an AMQP message is a refusal: the event is retried with exponential backoff and
+//! is dead after `max_attempts` (its entity's later events then wait behind it). A lost
+//! connection is not the event's fault: it stays pending, unchanged, while the relay reconnects
+//! with backoff.
 //!
-//! On PostgreSQL a round runs in one transaction that holds an advisory lock per entity, so
-//! several relays share the work without publishing the same entity at once; if a relay dies,
-//! its locks go with its connection and its unconfirmed events are still pending. On SQLite a
-//! single relay reads, publishes, then records the outcomes in a short write transaction (the
-//! write lock is never held while waiting for the broker).
+//! Never a database transaction while waiting on the broker (design.md, "Bounded time"): a round
+//! reads what is due, publishes, then records the outcomes in a short write transaction. On
+//! PostgreSQL several relays share the work through a session-level advisory lock per entity
+//! ([`EntityLocks`]) held on a connection of the relay's own, not in a transaction. Connecting,
+//! publishing and confirming are each under a timeout; while the broker blocks the connection
+//! (`connection.blocked`: a memory or disk alarm) the relay pauses without touching the database.
+//!
+//! No silent stop: [`Relay::run`] supervises the publishing loop; a panic or an unexpected error
+//! restarts it with backoff, logged, counted (`kci_receiver_relay_restarts_total`) and visible in
+//! `/readyz`.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use entity::outbox_event;
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::AMQPErrorKind;
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use sea_orm::{DatabaseConnection, DbBackend, TransactionTrait};
+use sea_orm::{DatabaseConnection, DbBackend};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::signal::{OutboxSignal, forward_postgres_notifications};
-use super::store;
+use super::store::{self, EntityLocks};
 use super::topology::Topology;
 use crate::config::{AmqpSettings, RelaySettings, redact_url};
 use crate::intake::begin_write;
@@ -49,24 +58,49 @@ pub enum BrokerState {
     Connected {
         since: DateTime<Utc>,
     },
+    /// The broker stopped reading from the connection (a resource alarm): nothing is published
+    /// until it lifts; KCIs keep waiting in the outbox.
+    Blocked {
+        since: DateTime<Utc>,
+    },
 }
 
-/// The relay's state and counters, shared with `/readyz` (and, later, metrics).
+/// Whether the relay's publishing loop runs, for `/readyz`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RelayState {
+    /// No relay runs in this process.
+    NotRunning,
+    Running {
+        since: DateTime<Utc>,
+    },
+    /// It failed (a panic or an unexpected error) and restarts after a backoff.
+    Restarting {
+        since: DateTime<Utc>,
+        error: String,
+    },
+}
+
+/// The relay's state and counters, shared with `/readyz` and `/metrics`.
 #[derive(Clone)]
 pub struct RelayHealth(Arc<HealthInner>);
 
 struct HealthInner {
-    state: Mutex<BrokerState>,
+    broker: Mutex<BrokerState>,
+    relay: Mutex<RelayState>,
     published: AtomicU64,
     refused: AtomicU64,
+    restarts: AtomicU64,
 }
 
 impl Default for RelayHealth {
     fn default() -> Self {
         RelayHealth(Arc::new(HealthInner {
-            state: Mutex::new(BrokerState::NotRunning),
+            broker: Mutex::new(BrokerState::NotRunning),
+            relay: Mutex::new(RelayState::NotRunning),
             published: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
         }))
     }
 }
@@ -74,14 +108,28 @@ impl Default for RelayHealth {
 impl RelayHealth {
     pub fn state(&self) -> BrokerState {
         self.0
-            .state
+            .broker
             .lock()
             .map(|s| s.clone())
             .unwrap_or(BrokerState::NotRunning)
     }
 
     fn set(&self, state: BrokerState) {
-        if let Ok(mut current) = self.0.state.lock() {
+        if let Ok(mut current) = self.0.broker.lock() {
+            *current = state;
+        }
+    }
+
+    pub fn relay_state(&self) -> RelayState {
+        self.0
+            .relay
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or(RelayState::NotRunning)
+    }
+
+    fn set_relay(&self, state: RelayState) {
+        if let Ok(mut current) = self.0.relay.lock() {
             *current = state;
         }
     }
@@ -91,9 +139,14 @@ impl RelayHealth {
         self.0.published.load(Ordering::Relaxed)
     }
 
-    /// Broker refusals (nack, return, channel error) since it started.
+    /// Broker refusals (nack, return, channel error, unencodable) since it started.
     pub fn refused(&self) -> u64 {
         self.0.refused.load(Ordering::Relaxed)
+    }
+
+    /// Times the publishing loop failed and was restarted.
+    pub fn restarts(&self) -> u64 {
+        self.0.restarts.load(Ordering::Relaxed)
     }
 }
 
@@ -101,9 +154,9 @@ impl RelayHealth {
 #[derive(Debug)]
 enum Outcome {
     Confirmed,
-    /// The broker refused it: counts as an attempt.
+    /// The broker refused it, or it cannot be made into an AMQP message: counts as an attempt.
     Refused(String),
-    /// Not known to have reached the broker (connection trouble): no attempt counted.
+    /// Not known to have reached the broker (connection trouble, timeout): no attempt counted.
     NotSent,
 }
 
@@ -122,7 +175,11 @@ impl From<sea_orm::DbErr> for RoundError {
     }
 }
 
-pub struct Relay {
+/// The relay; cheap to clone.
+#[derive(Clone)]
+pub struct Relay(Arc<RelayInner>);
+
+struct RelayInner {
     db: DatabaseConnection,
     amqp: AmqpSettings,
     settings: RelaySettings,
@@ -130,6 +187,12 @@ pub struct Relay {
     health: RelayHealth,
     topology: Topology,
 }
+
+/// Restart backoff of a failing publishing loop: doubles from 1 s up to 30 s, and starts again
+/// from 1 s once a loop has run for a minute.
+const RESTART_INITIAL: Duration = Duration::from_secs(1);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+const RESTART_RESET_AFTER: Duration = Duration::from_secs(60);
 
 impl Relay {
     pub fn new(
@@ -140,91 +203,157 @@ impl Relay {
         health: RelayHealth,
     ) -> Relay {
         let topology = Topology::from_settings(&amqp);
-        Relay {
+        Relay(Arc::new(RelayInner {
             db,
             amqp,
             settings,
             signal,
             health,
             topology,
-        }
+        }))
     }
 
     /// Publishes until `shutdown`: then it stops taking new rounds, lets the round in flight
-    /// finish (its confirms are awaited and recorded) and returns.
+    /// finish (bounded by the confirm timeout) and returns. The publishing loop is supervised.
     pub async fn run(self, shutdown: CancellationToken) {
-        if self.db.get_database_backend() == DbBackend::Postgres {
+        let relay = &self.0;
+        if relay.db.get_database_backend() == DbBackend::Postgres {
             tokio::spawn(forward_postgres_notifications(
-                self.db.clone(),
-                self.signal.clone(),
+                relay.db.clone(),
+                relay.signal.clone(),
                 shutdown.child_token(),
             ));
         }
-        let mut reconnect_delay = Duration::from_millis(self.settings.reconnect_initial_ms);
-        let url = self.amqp.url.expose_secret().to_owned();
-        self.health
+        let health = relay.health.clone();
+        let publishing = self.clone();
+        supervise("outbox relay", &health, shutdown.clone(), move |shutdown| {
+            let relay = publishing.clone();
+            async move {
+                relay.publish_forever(shutdown).await;
+                Ok(())
+            }
+        })
+        .await;
+        relay.health.set(BrokerState::NotRunning);
+        tracing::info!("relay stopped");
+    }
+
+    async fn publish_forever(&self, shutdown: CancellationToken) {
+        let relay = &self.0;
+        let mut reconnect_delay = Duration::from_millis(relay.settings.reconnect_initial_ms);
+        let url = relay.amqp.url.expose_secret().to_owned();
+        relay
+            .health
             .set(BrokerState::Connecting { last_error: None });
+        let mut locks = (relay.db.get_database_backend() == DbBackend::Postgres)
+            .then(|| EntityLocks::new(&relay.db));
         while !shutdown.is_cancelled() {
             let (connection, channel) = match self.connect(&url).await {
                 Ok(connected) => connected,
                 Err(error) => {
                     tracing::warn!(broker = %redact_url(&url), error = %error, retry_in = ?reconnect_delay, "broker unreachable");
-                    self.health.set(BrokerState::Connecting {
-                        last_error: Some(error.to_string()),
+                    relay.health.set(BrokerState::Connecting {
+                        last_error: Some(error),
                     });
                     tokio::select! {
                         _ = tokio::time::sleep(reconnect_delay) => {}
                         _ = shutdown.cancelled() => break,
                     }
                     reconnect_delay = (reconnect_delay * 2)
-                        .min(Duration::from_millis(self.settings.reconnect_max_ms));
+                        .min(Duration::from_millis(relay.settings.reconnect_max_ms));
                     continue;
                 }
             };
-            reconnect_delay = Duration::from_millis(self.settings.reconnect_initial_ms);
-            self.health
+            reconnect_delay = Duration::from_millis(relay.settings.reconnect_initial_ms);
+            relay
+                .health
                 .set(BrokerState::Connected { since: Utc::now() });
-            tracing::info!(broker = %redact_url(&url), exchange = %self.amqp.exchange, "relay connected");
+            tracing::info!(broker = %redact_url(&url), exchange = %relay.amqp.exchange, "relay connected");
 
-            let lost = self.publish_until_lost(&channel, &shutdown).await;
-            let _ = connection.close(200, "relay stopping".into()).await;
+            let lost = self
+                .publish_until_lost(&connection, &channel, locks.as_mut(), &shutdown)
+                .await;
+            // Closing politely must not hang on a broker that stopped answering.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                connection.close(200, "relay stopping".into()),
+            )
+            .await;
             if let Some(error) = lost {
                 tracing::warn!(error = %error, "relay lost the broker; reconnecting");
-                self.health.set(BrokerState::Connecting {
+                relay.health.set(BrokerState::Connecting {
                     last_error: Some(error),
                 });
             }
         }
-        self.health.set(BrokerState::NotRunning);
-        tracing::info!("relay stopped");
+        if let Some(locks) = locks.as_mut() {
+            let _ = locks.unlock_all().await;
+        }
     }
 
-    async fn connect(&self, url: &str) -> Result<(Connection, Channel), lapin::Error> {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
-        let channel = connection.create_channel().await?;
-        if self.amqp.declare_topology {
-            self.topology.declare(&channel).await?;
+    /// Connects, opens a confirming channel and declares the topology, all within
+    /// `amqp.connect_timeout_ms`.
+    async fn connect(&self, url: &str) -> Result<(Connection, Channel), String> {
+        let relay = &self.0;
+        let timeout = Duration::from_millis(relay.amqp.connect_timeout_ms);
+        let connecting = async {
+            let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+            let channel = connection.create_channel().await?;
+            if relay.amqp.declare_topology {
+                relay.topology.declare(&channel).await?;
+            }
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
+            Ok::<_, lapin::Error>((connection, channel))
+        };
+        match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(connected)) => Ok(connected),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no connection within {timeout:?}")),
         }
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok((connection, channel))
     }
 
     /// Runs rounds while the channel works; returns why it stopped (none: shutdown).
     async fn publish_until_lost(
         &self,
+        connection: &Connection,
         channel: &Channel,
+        mut locks: Option<&mut EntityLocks>,
         shutdown: &CancellationToken,
     ) -> Option<String> {
-        let poll = Duration::from_millis(self.settings.poll_interval_ms);
-        let linger = Duration::from_millis(self.settings.linger_ms);
+        let relay = &self.0;
+        let poll = Duration::from_millis(relay.settings.poll_interval_ms);
+        let linger = Duration::from_millis(relay.settings.linger_ms);
         loop {
             if shutdown.is_cancelled() {
                 return None;
             }
-            match self.round(channel).await {
-                Ok(handled) if handled >= self.settings.batch_size as usize => continue,
+            if !channel.status().connected() {
+                return Some("the channel closed".to_owned());
+            }
+            if connection.status().blocked() {
+                // The broker does not read what we send: wait, without holding anything.
+                relay.health.set(BrokerState::Blocked { since: Utc::now() });
+                tracing::warn!(
+                    "the broker blocked the connection (resource alarm); publishing paused"
+                );
+                while connection.status().blocked() && connection.status().connected() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        _ = shutdown.cancelled() => return None,
+                    }
+                }
+                if !connection.status().connected() {
+                    return Some("connection closed while blocked".to_owned());
+                }
+                tracing::info!("the broker unblocked the connection; publishing again");
+                relay
+                    .health
+                    .set(BrokerState::Connected { since: Utc::now() });
+            }
+            match self.round(channel, locks.as_deref_mut()).await {
+                Ok(handled) if handled >= relay.settings.batch_size as usize => continue,
                 Ok(handled) if handled > 0 => {
                     // A round that was not full: let events gather for a moment, so that a
                     // steady trickle is published in rounds of many rather than many rounds
@@ -241,7 +370,7 @@ impl Relay {
                 }
             }
             tokio::select! {
-                _ = self.signal.notified() => {}
+                _ = relay.signal.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
                 _ = shutdown.cancelled() => return None,
             }
@@ -249,64 +378,100 @@ impl Relay {
     }
 
     /// One round; returns how many events were handled.
-    async fn round(&self, channel: &Channel) -> Result<usize, RoundError> {
+    async fn round(
+        &self,
+        channel: &Channel,
+        locks: Option<&mut EntityLocks>,
+    ) -> Result<usize, RoundError> {
+        let relay = &self.0;
         let now = Utc::now();
-        if self.db.get_database_backend() == DbBackend::Postgres {
-            let txn = self.db.begin().await?;
-            let head_ids = store::due_head_ids(&txn, now, self.settings.batch_size).await?;
-            let heads = store::lock_heads(&txn, &head_ids).await?;
-            let outcomes = self.publish(channel, &heads).await;
-            let handled = self.record(&txn, &heads, &outcomes).await?;
-            txn.commit().await?;
-            broken_channel(channel, &outcomes)?;
-            Ok(handled)
-        } else {
-            let head_ids = store::due_head_ids(&self.db, now, self.settings.batch_size).await?;
-            let heads = store::pending_by_id(&self.db, &head_ids).await?;
-            let outcomes = self.publish(channel, &heads).await;
-            let txn = begin_write(&self.db).await?;
-            let handled = self.record(&*txn, &heads, &outcomes).await?;
-            txn.commit().await?;
-            broken_channel(channel, &outcomes)?;
-            Ok(handled)
+        let head_ids = store::due_head_ids(
+            &relay.db,
+            now,
+            relay.settings.batch_size,
+            relay.settings.max_round_bytes,
+        )
+        .await?;
+        if head_ids.is_empty() {
+            return Ok(0);
+        }
+        match locks {
+            // PostgreSQL: claim the entities, publish, record, release. The claim is released
+            // whatever happened; unconfirmed events are still pending.
+            Some(locks) => {
+                let locked = locks.lock_heads(&head_ids).await?;
+                let result = self.publish_and_record(channel, &locked).await;
+                let released = locks.unlock_all().await;
+                let handled = result?;
+                released?;
+                Ok(handled)
+            }
+            None => self.publish_and_record(channel, &head_ids).await,
         }
     }
 
-    /// Publishes every event, then waits for all confirms (bounded by `confirm_timeout_ms`).
+    /// Publishes the events with these ids that are still pending (read after claiming them:
+    /// another relay may have published them a moment ago), then records the outcomes.
+    async fn publish_and_record(
+        &self,
+        channel: &Channel,
+        ids: &[i64],
+    ) -> Result<usize, RoundError> {
+        let relay = &self.0;
+        let heads = store::pending_by_id(&relay.db, ids).await?;
+        if heads.is_empty() {
+            return Ok(0);
+        }
+        let outcomes = self.publish(channel, &heads).await;
+        let txn = begin_write(&relay.db).await?;
+        let handled = self.record(&*txn, &heads, &outcomes).await?;
+        txn.commit().await?;
+        broken_channel(channel, &outcomes)?;
+        Ok(handled)
+    }
+
+    /// Publishes every event, then waits for all confirms: sends and confirms together within
+    /// `confirm_timeout_ms`. An event that cannot be encoded is refused without being sent.
     async fn publish(&self, channel: &Channel, events: &[outbox_event::Model]) -> Vec<Outcome> {
+        let relay = &self.0;
         let mut outcomes: Vec<Outcome> = events.iter().map(|_| Outcome::NotSent).collect();
-        let mut confirms = Vec::with_capacity(events.len());
-        // A round holds at most one event per entity, so the order among them does not matter:
-        // they are handed to the channel all at once rather than one send at a time.
-        let sends = events.iter().map(|event| async move {
-            let payload = serde_json::to_vec(&event.payload).unwrap_or_default();
-            channel
-                .basic_publish(
-                    self.amqp.exchange.as_str().into(),
-                    event.routing_key.as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..Default::default()
-                    },
-                    &payload,
-                    properties(event),
-                )
-                .await
-        });
-        for (index, published) in join_all(sends).await.into_iter().enumerate() {
-            match published {
-                Ok(confirm) => confirms.push((index, confirm)),
-                // The channel is gone: this one (and maybe others) did not reach the broker.
-                Err(error) => outcomes[index] = classify(&error),
+        let mut sendable = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            match encode(event) {
+                Ok(message) => sendable.push((index, event, message)),
+                Err(reason) => outcomes[index] = Outcome::Refused(reason),
             }
         }
-        let waiting = join_all(
-            confirms
-                .into_iter()
-                .map(|(index, confirm)| async move { (index, confirm.await) }),
-        );
-        let timeout = Duration::from_millis(self.settings.confirm_timeout_ms);
-        match tokio::time::timeout(timeout, waiting).await {
+        let exchange = relay.amqp.exchange.as_str();
+        // A round holds at most one event per entity, so the order among them does not matter:
+        // they are handed to the channel all at once rather than one send at a time.
+        let publishing = async {
+            let sends =
+                sendable
+                    .into_iter()
+                    .map(|(index, event, (routing_key, properties))| async move {
+                        let published = channel
+                            .basic_publish(
+                                exchange.into(),
+                                routing_key,
+                                BasicPublishOptions {
+                                    mandatory: true,
+                                    ..Default::default()
+                                },
+                                event.payload.as_bytes(),
+                                properties,
+                            )
+                            .await;
+                        let confirmation = match published {
+                            Ok(confirm) => confirm.await,
+                            Err(error) => Err(error),
+                        };
+                        (index, confirmation)
+                    });
+            join_all(sends).await
+        };
+        let timeout = Duration::from_millis(relay.settings.confirm_timeout_ms);
+        match tokio::time::timeout(timeout, publishing).await {
             Ok(results) => {
                 for (index, result) in results {
                     outcomes[index] = match result {
@@ -329,7 +494,7 @@ impl Relay {
             }
             Err(_) => tracing::warn!(
                 ?timeout,
-                "no confirms within the timeout; the events stay pending"
+                "the broker did not confirm in time; the events stay pending"
             ),
         }
         outcomes
@@ -342,6 +507,7 @@ impl Relay {
         events: &[outbox_event::Model],
         outcomes: &[Outcome],
     ) -> Result<usize, RoundError> {
+        let relay = &self.0;
         let now = Utc::now();
         let confirmed: Vec<i64> = events
             .iter()
@@ -351,19 +517,21 @@ impl Relay {
             .collect();
         store::mark_published(db, &confirmed, now).await?;
         let mut handled = confirmed.len();
-        self.health
+        relay
+            .health
             .0
             .published
             .fetch_add(confirmed.len() as u64, Ordering::Relaxed);
         for (event, outcome) in events.iter().zip(outcomes) {
             if let Outcome::Refused(reason) = outcome {
-                let delay = backoff(&self.settings, event.attempts);
+                let delay = backoff(&relay.settings, event.attempts);
                 let next = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                let dead = store::mark_refused(db, event, reason, next, self.settings.max_attempts)
-                    .await?;
-                self.health.0.refused.fetch_add(1, Ordering::Relaxed);
+                let dead =
+                    store::mark_refused(db, event, reason, next, relay.settings.max_attempts)
+                        .await?;
+                relay.health.0.refused.fetch_add(1, Ordering::Relaxed);
                 if dead {
-                    tracing::error!(event.id = %event.event_id, attempts = event.attempts + 1, reason, "outbox event is dead");
+                    tracing::error!(event.id = %event.event_id, attempts = event.attempts + 1, reason, "outbox event is dead; its entity's later events wait behind it");
                 } else {
                     tracing::warn!(event.id = %event.event_id, reason, retry_in = ?delay, "broker refused an outbox event");
                 }
@@ -372,6 +540,59 @@ impl Relay {
         }
         Ok(handled)
     }
+}
+
+/// Runs `task` until `shutdown`, restarting it with backoff when it panics or returns an error
+/// before `shutdown` (and when it returns at all before `shutdown`: a publishing loop has no
+/// reason to end on its own). Each failure is logged, counted and shown in `health`.
+pub async fn supervise<F, Fut>(
+    name: &'static str,
+    health: &RelayHealth,
+    shutdown: CancellationToken,
+    task: F,
+) where
+    F: Fn(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let mut delay = RESTART_INITIAL;
+    loop {
+        let started = tokio::time::Instant::now();
+        health.set_relay(RelayState::Running { since: Utc::now() });
+        let running = tokio::spawn(AssertUnwindSafe(task(shutdown.child_token())).catch_unwind());
+        let failure = match running.await {
+            Ok(Ok(Ok(()))) if shutdown.is_cancelled() => break,
+            Ok(Ok(Ok(()))) => "it returned on its own".to_owned(),
+            Ok(Ok(Err(error))) => format!("{error:#}"),
+            Ok(Err(panic)) => format!("panicked: {}", panic_message(panic.as_ref())),
+            Err(join_error) => format!("{join_error}"),
+        };
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if started.elapsed() >= RESTART_RESET_AFTER {
+            delay = RESTART_INITIAL;
+        }
+        health.0.restarts.fetch_add(1, Ordering::Relaxed);
+        health.set_relay(RelayState::Restarting {
+            since: Utc::now(),
+            error: failure.clone(),
+        });
+        tracing::error!(task = name, error = failure, restart_in = ?delay, "a supervised task failed; restarting it");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        delay = (delay * 2).min(RESTART_MAX);
+    }
+    health.set_relay(RelayState::NotRunning);
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
 /// After a round: a closed channel (broker or connection error) means reconnecting.
@@ -411,35 +632,61 @@ fn backoff(settings: &RelaySettings, attempts: i32) -> Duration {
     )
 }
 
-/// The AMQP properties of design.md's contract.
-fn properties(event: &outbox_event::Model) -> BasicProperties {
+/// Most bytes of AMQP properties (headers included) a message may carry: they travel in one
+/// content-header frame, which must fit RabbitMQ's smallest allowed `frame_max` with room to
+/// spare. Events written by intake are far below it (every header bounded at 255 bytes); an
+/// event over it (written otherwise) is refused, not sent, so that it cannot break the channel.
+const MAX_PROPERTIES_BYTES: usize = 64 * 1024;
+
+/// The routing key and properties of design.md's contract, or why the event cannot be an AMQP
+/// message (a routing key or short string over 255 bytes, headers too large for a frame).
+fn encode(event: &outbox_event::Model) -> Result<(ShortString, BasicProperties), String> {
+    let short = |what: &str, value: &str| {
+        ShortString::try_new(value.to_owned())
+            .map_err(|_| format!("cannot be encoded: the {what} is over 255 bytes"))
+    };
+    let routing_key = short("routing key", &event.routing_key)?;
     let mut headers = FieldTable::default();
+    let mut size = 0usize;
     if let Value::Object(map) = &event.headers {
         for (name, value) in map {
             let value = match value {
                 Value::Number(n) if n.is_i64() => {
                     AMQPValue::LongLongInt(n.as_i64().unwrap_or_default())
                 }
-                Value::String(s) => AMQPValue::LongString(s.as_str().into()),
-                other => AMQPValue::LongString(other.to_string().as_str().into()),
+                Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+                other => AMQPValue::LongString(LongString::from(other.to_string())),
             };
-            headers.insert(name.as_str().into(), value);
+            size += 1
+                + name.len()
+                + 5
+                + match &value {
+                    AMQPValue::LongString(s) => s.as_bytes().len(),
+                    _ => 8,
+                };
+            headers.insert(short("header name", name)?, value);
         }
+    }
+    if size > MAX_PROPERTIES_BYTES {
+        return Err(format!(
+            "cannot be encoded: {size} bytes of headers do not fit an AMQP frame"
+        ));
     }
     let conversation_id = event
         .headers
         .get("x-conversation-id")
         .and_then(Value::as_str)
         .unwrap_or("");
-    BasicProperties::default()
-        .with_message_id(event.event_id.to_string().as_str().into())
-        .with_correlation_id(conversation_id.into())
+    let properties = BasicProperties::default()
+        .with_message_id(short("message id", &event.event_id.to_string())?)
+        .with_correlation_id(short("correlation id", conversation_id)?)
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
         .with_timestamp(event.created_at.timestamp().max(0) as u64)
-        .with_type(event.message_type.as_str().into())
+        .with_type(short("type", &event.message_type)?)
         .with_app_id("kci-receiver".into())
-        .with_headers(headers)
+        .with_headers(headers);
+    Ok((routing_key, properties))
 }
 
 #[cfg(test)]
@@ -453,5 +700,88 @@ mod tests {
         settings.retry_max_ms = 1000;
         let delays: Vec<u128> = (0..6).map(|a| backoff(&settings, a).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+    }
+
+    fn event(routing_key: &str, headers: Value) -> outbox_event::Model {
+        outbox_event::Model {
+            id: 1,
+            event_id: uuid::Uuid::now_v7(),
+            tracked_entity_id: 1,
+            kci_ref: 1,
+            routing_key: routing_key.to_owned(),
+            message_type: "PROVIDE_ORDER".to_owned(),
+            headers,
+            payload: "{}".to_owned(),
+            status: outbox_event::OutboxStatus::Pending,
+            attempts: 0,
+            next_attempt_at: Utc::now(),
+            last_error: None,
+            created_at: Utc::now(),
+            published_at: None,
+            publish_count: 0,
+        }
+    }
+
+    #[test]
+    fn an_event_that_cannot_be_an_amqp_message_is_refused_not_a_panic() {
+        let fine = event("kci.a.b.c", serde_json::json!({"x-conversation-id": "c"}));
+        assert!(encode(&fine).is_ok());
+        let long_key = event(&"k".repeat(256), serde_json::json!({}));
+        assert!(encode(&long_key).unwrap_err().contains("routing key"));
+        let huge_header = event(
+            "kci.a.b.c",
+            serde_json::json!({"new-status": "S".repeat(200_000)}),
+        );
+        assert!(encode(&huge_header).unwrap_err().contains("frame"));
+        let long_correlation = event(
+            "kci.a.b.c",
+            serde_json::json!({"x-conversation-id": "c".repeat(300)}),
+        );
+        assert!(
+            encode(&long_correlation)
+                .unwrap_err()
+                .contains("correlation")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_supervised_task_that_panics_is_restarted_counted_and_shown() {
+        let health = RelayHealth::default();
+        let shutdown = CancellationToken::new();
+        let runs = Arc::new(AtomicU64::new(0));
+        let counted = runs.clone();
+        let supervising = tokio::spawn({
+            let health = health.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                supervise("test task", &health, shutdown, move |stop| {
+                    let run = counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        match run {
+                            0 => panic!("first run panics"),
+                            1 => anyhow::bail!("second run fails"),
+                            _ => {
+                                stop.cancelled().await;
+                                Ok(())
+                            }
+                        }
+                    }
+                })
+                .await
+            }
+        });
+        while runs.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(health.restarts(), 2);
+        assert!(matches!(health.relay_state(), RelayState::Running { .. }));
+        shutdown.cancel();
+        supervising.await.unwrap();
+        assert_eq!(health.relay_state(), RelayState::NotRunning);
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            3,
+            "not restarted after shutdown"
+        );
     }
 }

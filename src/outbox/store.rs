@@ -3,15 +3,17 @@
 //!
 //! Per-entity order: only an entity's oldest pending event (its "head") is ever published, so
 //! events about one entity go out one after the other, in the order their KCIs were accepted,
-//! retries included. Dead events do not block the events after them; retried or replayed, they
-//! go out again (consumers see each event's sequence number in its envelope).
+//! retries included. A dead event holds its entity: the entity's later events wait behind it
+//! (design.md, "Per-entity order"), until an operator retries it (it then goes first, and order
+//! is kept) or skips it (recorded; the later events then go, and the skipped one never does
+//! unless the entity is replayed). Held entities are listed in the attention view.
 
 use chrono::{DateTime, Utc};
 use entity::outbox_event::{self, OutboxStatus};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, ExprTrait, FromQueryResult, QueryFilter,
-    QueryOrder, QuerySelect, Statement,
+    QueryOrder, QuerySelect,
 };
 
 use crate::store::StoreError;
@@ -22,41 +24,60 @@ const ENTITY_LOCK_NAMESPACE: i32 = 0x4b43_4931; // "KCI1"
 /// How many pending events a round looks at per head it may publish.
 const WINDOW_PER_HEAD: u32 = 4;
 
-/// The ids of the heads of up to `limit` entities whose head is due, oldest first.
+/// The ids of the heads of up to `limit` entities whose head is due, oldest first, whose
+/// payloads together stay within `max_bytes` (the first head always goes).
 ///
 /// Pending events are read in id order from the oldest (the `(status, id)` index), ids only, at
 /// most `limit * 4` of them: an entity's first pending event in that window is its head, since
-/// everything older is published or dead. The cost of a round is bounded by the window, not by
-/// the backlog (a `GROUP BY` over every pending event cost 15 ms a round at 1,000 KCIs/s and
-/// 77 ms in a 11,000-event drain). An entity whose head is waiting for a retry is skipped with
-/// its later events; a window full of such entities delays the others until those retries
-/// (at most `relay.retry_max_ms`).
+/// everything older is published, dead or skipped. The cost of a round is bounded by the window,
+/// not by the backlog (a `GROUP BY` over every pending event cost 15 ms a round at 1,000 KCIs/s
+/// and 77 ms in a 11,000-event drain). An entity whose head is waiting for a retry is skipped
+/// with its later events, and so is an entity with a dead event (held, see the module
+/// documentation); a window full of such entities delays the others until those retries (at
+/// most `relay.retry_max_ms`).
 pub async fn due_head_ids(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
     limit: u32,
+    max_bytes: u64,
 ) -> Result<Vec<i64>, StoreError> {
     #[derive(FromQueryResult)]
     struct Pending {
         id: i64,
         tracked_entity_id: i64,
         next_attempt_at: DateTime<Utc>,
+        size: i64,
     }
+    // The size of a payload, read from its header (PostgreSQL does not detoast to know it).
+    let size = match db.get_database_backend() {
+        DbBackend::Postgres => "octet_length(payload)::bigint",
+        _ => "length(payload)",
+    };
     let window = outbox_event::Entity::find()
         .select_only()
         .column(outbox_event::Column::Id)
         .column(outbox_event::Column::TrackedEntityId)
         .column(outbox_event::Column::NextAttemptAt)
+        .column_as(Expr::cust(size), "size")
         .filter(outbox_event::Column::Status.eq(OutboxStatus::Pending))
         .order_by_asc(outbox_event::Column::Id)
         .limit(u64::from(limit.saturating_mul(WINDOW_PER_HEAD)))
         .into_model::<Pending>()
         .all(db)
         .await?;
+    let held = held_among(db, window.iter().map(|event| event.tracked_entity_id)).await?;
     let mut entities_seen = std::collections::HashSet::new();
     let mut heads = Vec::new();
+    let mut bytes = 0u64;
     for event in window {
-        if entities_seen.insert(event.tracked_entity_id) && event.next_attempt_at <= now {
+        if entities_seen.insert(event.tracked_entity_id)
+            && event.next_attempt_at <= now
+            && !held.contains(&event.tracked_entity_id)
+        {
+            bytes = bytes.saturating_add(u64::try_from(event.size).unwrap_or(0));
+            if !heads.is_empty() && bytes > max_bytes {
+                break;
+            }
             heads.push(event.id);
             if heads.len() >= limit as usize {
                 break;
@@ -64,6 +85,33 @@ pub async fn due_head_ids(
         }
     }
     Ok(heads)
+}
+
+/// Which of these entities are held by a dead event.
+async fn held_among(
+    db: &impl ConnectionTrait,
+    entities: impl Iterator<Item = i64>,
+) -> Result<std::collections::HashSet<i64>, StoreError> {
+    let entities: std::collections::BTreeSet<i64> = entities.collect();
+    if entities.is_empty() {
+        return Ok(Default::default());
+    }
+    #[derive(FromQueryResult)]
+    struct Held {
+        tracked_entity_id: i64,
+    }
+    Ok(outbox_event::Entity::find()
+        .select_only()
+        .column(outbox_event::Column::TrackedEntityId)
+        .distinct()
+        .filter(outbox_event::Column::Status.eq(OutboxStatus::Dead))
+        .filter(outbox_event::Column::TrackedEntityId.is_in(entities))
+        .into_model::<Held>()
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|held| held.tracked_entity_id)
+        .collect())
 }
 
 /// Integer ids as an SQL list (safe to inline).
@@ -90,32 +138,93 @@ pub async fn pending_by_id(
         .await?)
 }
 
-/// PostgreSQL: takes the transaction-scoped entity lock of each head that no other relay holds,
-/// then returns those heads that are still pending. The locks go with the transaction, also when
-/// its relay dies.
-///
-/// The status is read in a second statement on purpose: a statement's snapshot is taken when it
-/// starts, so a status read in the locking statement could predate the commit of the relay that
-/// held the lock a moment before (and publish its event again).
-pub async fn lock_heads(
-    txn: &impl ConnectionTrait,
-    head_ids: &[i64],
-) -> Result<Vec<outbox_event::Model>, StoreError> {
-    if head_ids.is_empty() {
-        return Ok(Vec::new());
+/// PostgreSQL: the relays' claim on entities they are publishing. A session-level advisory lock
+/// per entity, held on a connection of the relay's own outside any transaction, so that waiting
+/// for the broker never holds a transaction open (design.md, "Bounded time"). The locks are
+/// released after the round's outcomes are committed, and by the server if the relay's
+/// connection goes away (even after `kill -9`): another relay then publishes the unconfirmed
+/// events again (at least once).
+pub struct EntityLocks {
+    connection: Option<sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>>,
+    pool: sea_orm::sqlx::PgPool,
+}
+
+/// How long a lock statement may take before the relay gives up on its lock connection.
+const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl EntityLocks {
+    pub fn new(db: &sea_orm::DatabaseConnection) -> EntityLocks {
+        EntityLocks {
+            connection: None,
+            pool: db.get_postgres_connection_pool().clone(),
+        }
     }
-    let lock = format!(
-        "SELECT e.id FROM outbox_event e WHERE e.id IN ({}) \
-         AND pg_try_advisory_xact_lock({ENTITY_LOCK_NAMESPACE}, (e.tracked_entity_id % 2147483647)::int)",
-        id_list(head_ids)
-    );
-    let locked: Vec<i64> = txn
-        .query_all_raw(Statement::from_string(DbBackend::Postgres, lock))
-        .await?
-        .iter()
-        .map(|row| row.try_get::<i64>("", "id"))
-        .collect::<Result<_, _>>()?;
-    pending_by_id(txn, &locked).await
+
+    async fn run<T>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut sea_orm::sqlx::PgConnection) -> Result<T, sea_orm::sqlx::Error>,
+    ) -> Result<T, StoreError> {
+        let unavailable = |error: String| StoreError {
+            kind: crate::store::StoreErrorKind::Unavailable,
+            source: sea_orm::DbErr::Custom(format!("relay lock connection: {error}")),
+        };
+        if self.connection.is_none() {
+            let connection = tokio::time::timeout(LOCK_TIMEOUT, self.pool.acquire())
+                .await
+                .map_err(|_| unavailable("no connection in time".to_owned()))?
+                .map_err(|error| unavailable(error.to_string()))?;
+            self.connection = Some(connection);
+        }
+        let Some(connection) = self.connection.as_mut() else {
+            return Err(unavailable("no connection".to_owned()));
+        };
+        match tokio::time::timeout(LOCK_TIMEOUT, work(&mut *connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            failure => {
+                // A connection in an unknown state (or hung) is closed, not pooled: the server
+                // then releases whatever it held.
+                if let Some(mut connection) = self.connection.take() {
+                    connection.close_on_drop();
+                }
+                Err(unavailable(match failure {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => "timed out".to_owned(),
+                }))
+            }
+        }
+    }
+
+    /// Locks the entity of each head that no other relay holds; returns those heads' ids.
+    pub async fn lock_heads(&mut self, head_ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+        if head_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let statement = format!(
+            "SELECT e.id FROM outbox_event e WHERE e.id IN ({}) \
+             AND pg_try_advisory_lock({ENTITY_LOCK_NAMESPACE}, (e.tracked_entity_id % 2147483647)::int)",
+            id_list(head_ids)
+        );
+        self.run(async move |connection| {
+            sea_orm::sqlx::query_scalar::<_, i64>(sea_orm::sqlx::AssertSqlSafe(statement))
+                .fetch_all(connection)
+                .await
+        })
+        .await
+    }
+
+    /// Releases every entity this relay holds.
+    pub async fn unlock_all(&mut self) -> Result<(), StoreError> {
+        if self.connection.is_none() {
+            return Ok(());
+        }
+        self.run(async |connection| {
+            sea_orm::sqlx::query("SELECT pg_advisory_unlock_all()")
+                .execute(connection)
+                .await
+                .map(|_| ())
+        })
+        .await
+    }
 }
 
 /// Marks events the broker confirmed.
@@ -177,6 +286,36 @@ pub async fn mark_refused(
         .exec(db)
         .await?;
     Ok(dead)
+}
+
+/// Skips a dead event (design.md, "Per-entity order"): it will not be published, and its
+/// entity's later events go on. Recorded on the event: who, when, why. Returns false when no
+/// dead event has this id.
+pub async fn skip_dead(
+    db: &impl ConnectionTrait,
+    event_id: uuid::Uuid,
+    by: &str,
+    reason: Option<&str>,
+) -> Result<bool, StoreError> {
+    let now = Utc::now();
+    let note = format!(
+        "skipped by {by} at {}{}",
+        now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        reason.map(|r| format!(": {r}")).unwrap_or_default()
+    );
+    let note = crate::store::text::bounded(&note, crate::store::text::NOTE_MAX).into_owned();
+    let skipped = outbox_event::Entity::update_many()
+        .col_expr(
+            outbox_event::Column::Status,
+            Expr::value(OutboxStatus::Skipped),
+        )
+        .col_expr(outbox_event::Column::LastError, Expr::value(note))
+        .filter(outbox_event::Column::EventId.eq(event_id))
+        .filter(outbox_event::Column::Status.eq(OutboxStatus::Dead))
+        .exec(db)
+        .await?
+        .rows_affected;
+    Ok(skipped > 0)
 }
 
 /// Dead events, oldest first, after `after_id` (a cursor).

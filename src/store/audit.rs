@@ -1,12 +1,25 @@
 //! The audit log: every inbound request, accepted or rejected (design.md, flow step 5).
+//!
+//! An accepted KCI's record is written in the KCI's own transaction. Everything else (rejections,
+//! egress calls) goes through the [`AuditSink`]: a bounded queue written in batches by one
+//! background task, so that answering a request never waits for the database (which may be
+//! slow or hung) and a flood of bad requests costs one multi-row insert per batch, not one
+//! insert each.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use entity::audit_log;
-use sea_orm::{ActiveModelTrait, ConnectionTrait, Set};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DatabaseConnection, EntityTrait, Set};
 use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::StoreError;
+use super::text::{AUDIT_ID_MAX, bounded, storable, storable_json};
 
 /// What the audit log records of one request; filled in as the request is processed.
 #[derive(Debug, Clone)]
@@ -37,21 +50,28 @@ impl AuditRecord {
         Ok(self.to_active_model().insert(db).await?.id)
     }
 
-    /// The row to insert; its duration runs until now.
+    /// The row to insert; its duration runs until now. Whatever came from the request is made
+    /// storable: the correlation headers (indexed) bounded, NUL replaced (`store::text`).
     pub fn to_active_model(&self) -> audit_log::ActiveModel {
         let duration_ms = (Utc::now() - self.received_at).num_milliseconds().max(0);
+        let id = |value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|v| bounded(v, AUDIT_ID_MAX).into_owned())
+        };
+        let text = |value: &Option<String>| value.as_deref().map(|v| storable(v).into_owned());
         audit_log::ActiveModel {
-            request_id: Set(self.request_id.clone()),
-            conversation_id: Set(self.conversation_id.clone()),
+            request_id: Set(id(&self.request_id)),
+            conversation_id: Set(id(&self.conversation_id)),
             method: Set(self.method.clone()),
-            path: Set(self.path.clone()),
+            path: Set(storable(&self.path).into_owned()),
             remote_addr: Set(self.remote_addr.clone()),
-            principal: Set(self.principal.clone()),
-            request_headers: Set(self.headers.clone()),
-            request_body: Set(self.body.clone()),
+            principal: Set(text(&self.principal)),
+            request_headers: Set(storable_json(&self.headers).into_owned()),
+            request_body: Set(text(&self.body)),
             request_body_size: Set(self.body_size),
             response_status: Set(i32::from(self.response_status)),
-            response_body: Set(self.response_body.clone()),
+            response_body: Set(text(&self.response_body)),
             error_uuid: Set(self.error_uuid),
             error_code: Set(self.error_code.clone()),
             outcome: Set(self.outcome.clone()),
@@ -71,15 +91,14 @@ const SECRET_HEADERS: &[&str] = &[
     "set-cookie",
 ];
 
-/// The request headers as a JSON object, credentials removed.
-pub fn sanitized_headers(headers: &actix_web::http::header::HeaderMap) -> Value {
+/// Request headers (name, raw value) as a JSON object, credentials removed.
+pub fn sanitized_headers<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Value {
     let mut object = serde_json::Map::new();
     for (name, value) in headers {
-        let name = name.as_str();
         if SECRET_HEADERS.contains(&name) {
             continue;
         }
-        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let value = String::from_utf8_lossy(value).into_owned();
         match object.get_mut(name) {
             Some(Value::String(existing)) => {
                 existing.push_str(", ");
@@ -91,4 +110,119 @@ pub fn sanitized_headers(headers: &actix_web::http::header::HeaderMap) -> Value 
         }
     }
     Value::Object(object)
+}
+
+/// Most records waiting to be written; beyond it a record is dropped (logged and counted), so
+/// that an outage of the database cannot grow memory without bound.
+const SINK_CAPACITY: usize = 10_000;
+/// Most records in one insert.
+const SINK_BATCH: usize = 500;
+
+/// Writes audit records in the background, in batches, without ever making a request wait.
+#[derive(Clone)]
+pub struct AuditSink {
+    queue: mpsc::Sender<AuditRecord>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AuditSink {
+    /// Starts the writer on the current runtime; it writes what is queued and stops after
+    /// `shutdown` (writing what it has first, if the database lets it).
+    pub fn start(db: DatabaseConnection, shutdown: CancellationToken) -> AuditSink {
+        let (queue, records) = mpsc::channel(SINK_CAPACITY);
+        tokio::spawn(write_batches(db, records, shutdown));
+        AuditSink {
+            queue,
+            dropped: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Queues a record; never waits. A full queue drops it (the log keeps a summary).
+    pub fn record(&self, record: AuditRecord) {
+        if let Err(error) = self.queue.try_send(record) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            let record = match &error {
+                mpsc::error::TrySendError::Full(record)
+                | mpsc::error::TrySendError::Closed(record) => record,
+            };
+            tracing::warn!(
+                request_id = ?record.request_id,
+                status = record.response_status,
+                error_uuid = ?record.error_uuid,
+                "audit queue full: record kept in this log line only"
+            );
+        }
+    }
+
+    /// Records dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+async fn write_batches(
+    db: DatabaseConnection,
+    mut records: mpsc::Receiver<AuditRecord>,
+    shutdown: CancellationToken,
+) {
+    let mut batch: Vec<AuditRecord> = Vec::with_capacity(SINK_BATCH);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if batch.is_empty() {
+            tokio::select! {
+                received = records.recv_many(&mut batch, SINK_BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    records.close();
+                    if records.recv_many(&mut batch, SINK_BATCH).await == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+        let rows = batch.iter().map(AuditRecord::to_active_model);
+        let written = tokio::time::timeout(
+            Duration::from_secs(10),
+            audit_log::Entity::insert_many(rows).exec_without_returning(&db),
+        )
+        .await;
+        let unavailable = match written {
+            Ok(Ok(_)) => {
+                batch.clear();
+                backoff = Duration::from_millis(200);
+                continue;
+            }
+            Ok(Err(error)) => {
+                let error = StoreError::from(error);
+                if error.is_unavailable() {
+                    error.to_string()
+                } else {
+                    // Something in the batch is refused: write one at a time, keep what can be.
+                    for record in batch.drain(..) {
+                        if let Err(error) = record.insert(&db).await {
+                            tracing::error!(error = %error, request_id = ?record.request_id, status = record.response_status, "audit record refused by the database; dropped");
+                        }
+                    }
+                    continue;
+                }
+            }
+            Err(_) => "timed out".to_owned(),
+        };
+        tracing::warn!(records = batch.len(), error = unavailable, retry_in = ?backoff, "could not write audit records; retrying");
+        if shutdown.is_cancelled() {
+            tracing::warn!(
+                records = batch.len(),
+                "shutting down: audit records not written"
+            );
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
 }

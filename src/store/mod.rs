@@ -2,6 +2,7 @@
 //! database errors in one place.
 
 pub mod audit;
+pub mod text;
 
 use std::time::Duration;
 
@@ -112,9 +113,31 @@ pub fn classify(error: &DbErr) -> StoreErrorKind {
     }
 }
 
+/// What a connection pool is for: serving (every statement bounded in time) or maintenance
+/// (migrations, which may rewrite a large table and must not be cancelled halfway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Serving,
+    Maintenance,
+}
+
 /// Opens the connection pool. SQLite files are created when missing, in WAL mode with
 /// `synchronous=FULL` so that a commit is on disk before we answer 204.
 pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, DbErr> {
+    connect_for(settings, Purpose::Serving).await
+}
+
+/// [`connect`], for a purpose. On PostgreSQL a serving pool's sessions carry the server-side
+/// bounds of design.md's "Bounded time": `statement_timeout`,
+/// `idle_in_transaction_session_timeout`, and TCP keepalives from the server, so that a session
+/// whose client vanished (a frozen host, a dropped route) is ended and its locks released. Our
+/// side of a hung connection is bounded by the timeouts around every database call (intake's
+/// deadline, the relay's rounds, readiness), since the PostgreSQL driver cannot set keepalives
+/// on its own sockets.
+pub async fn connect_for(
+    settings: &DatabaseSettings,
+    purpose: Purpose,
+) -> Result<DatabaseConnection, DbErr> {
     let url = settings.url.expose_secret();
     if let Some(path) = sqlite_file(url)
         && let Some(parent) = std::path::Path::new(path).parent()
@@ -134,6 +157,23 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<DatabaseConnection, 
         // connection that broke under load fails its request with 503 and leaves the pool.
         .test_before_acquire_if_idle_for(Duration::from_secs(5))
         .sqlx_logging(false);
+    let mut server_settings: Vec<(&str, String)> = vec![
+        ("application_name", "kci-receiver".to_owned()),
+        ("tcp_keepalives_idle", "30".to_owned()),
+        ("tcp_keepalives_interval", "10".to_owned()),
+        ("tcp_keepalives_count", "3".to_owned()),
+    ];
+    if purpose == Purpose::Serving {
+        server_settings.push((
+            "statement_timeout",
+            settings.statement_timeout_ms.to_string(),
+        ));
+        server_settings.push((
+            "idle_in_transaction_session_timeout",
+            settings.idle_in_transaction_timeout_ms.to_string(),
+        ));
+    }
+    options.map_sqlx_postgres_opts(move |postgres| postgres.options(server_settings.clone()));
     let busy_timeout = Duration::from_millis(settings.sqlite_busy_timeout_ms);
     options.map_sqlx_sqlite_opts(move |sqlite| {
         use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};

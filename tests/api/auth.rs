@@ -69,7 +69,7 @@ async fn basic_credentials_are_checked_and_the_operations_users_may_not_post_kci
         "only the authorised KCI was recorded"
     );
     assert_eq!(
-        app.count("FROM audit_log WHERE response_status IN (401, 403)")
+        app.count_eventually("FROM audit_log WHERE response_status IN (401, 403)", 4)
             .await,
         4
     );

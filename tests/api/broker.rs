@@ -109,6 +109,7 @@ impl TestBroker {
             unrouted_queue: format!("{prefix}.unrouted"),
             queue_type: "classic".to_owned(),
             declare_topology: true,
+            connect_timeout_ms: 5000,
         };
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await

@@ -171,10 +171,12 @@ fn the_asyncapi_document_names_every_routing_key_word_and_header_the_relay_publi
         "entity": {"id": 1, "status": "SENT_TO_SUPPLIER"}, "information": {"type": "UPDATE"}
     });
     let kci = kci_receiver::kci::parse_kci(&body).unwrap();
+    let raw_body = body.to_string();
     let message =
         kci_receiver::outbox::envelope::build(&kci_receiver::outbox::envelope::EnvelopeFacts {
             event_id: uuid::Uuid::nil(),
             kci: &kci,
+            raw_body: &raw_body,
             request_id: "r",
             conversation_id: "c",
             previous_status: None,
@@ -195,7 +197,8 @@ fn the_asyncapi_document_names_every_routing_key_word_and_header_the_relay_publi
             "header {header} is documented"
         );
     }
-    for (section, fields) in message.payload.as_object().unwrap() {
+    let payload: serde_json::Value = serde_json::from_str(&message.payload).unwrap();
+    for (section, fields) in payload.as_object().unwrap() {
         assert!(
             document.contains(&format!("{section}:")),
             "{section} is documented"

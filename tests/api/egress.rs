@@ -256,7 +256,8 @@ async fn requests_go_upstream_with_a_cached_token_and_correlation_headers_passed
     }
     assert_eq!(fake.token_requests(), 1, "the token is cached");
     assert_eq!(
-        app.count("FROM audit_log WHERE outcome = 'PROXIED'").await,
+        app.count_eventually("FROM audit_log WHERE outcome = 'PROXIED'", 2)
+            .await,
         2
     );
     assert_eq!(
@@ -449,18 +450,24 @@ async fn timeouts_refusals_and_broken_answers_come_back_in_the_gateway_format() 
     );
 
     assert_eq!(
-        app.count("FROM audit_log WHERE outcome = 'PROXY_FAILED' AND error_uuid IS NOT NULL")
-            .await,
+        app.count_eventually(
+            "FROM audit_log WHERE outcome = 'PROXY_FAILED' AND error_uuid IS NOT NULL",
+            2
+        )
+        .await,
         2
     );
     assert_eq!(
-        app.count("FROM audit_log WHERE outcome = 'PROXIED_UPSTREAM_ERROR'")
+        app.count_eventually("FROM audit_log WHERE outcome = 'PROXIED_UPSTREAM_ERROR'", 1)
             .await,
         1
     );
     assert_eq!(
         unreachable_app
-            .count("FROM audit_log WHERE outcome = 'PROXY_FAILED' AND response_status = 502")
+            .count_eventually(
+                "FROM audit_log WHERE outcome = 'PROXY_FAILED' AND response_status = 502",
+                1
+            )
             .await,
         1
     );

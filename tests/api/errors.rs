@@ -28,8 +28,9 @@ fn cases() -> Vec<Case> {
         .as_object_mut()
         .unwrap()
         .remove("status");
-    let mut unknown_type = fixture("ProvideServiceOrderUpdate-1");
-    unknown_type["entityType"] = json!("PROVIDE_SPACESHIP");
+    // A well-formed type the docs do not list is accepted (see hostile.rs); a malformed one is not.
+    let mut malformed_type = fixture("ProvideServiceOrderUpdate-1");
+    malformed_type["entityType"] = json!("provide-spaceship");
     vec![
         Case {
             name: "missing X-Request-ID",
@@ -102,14 +103,14 @@ fn cases() -> Vec<Case> {
             message_contains: "sequenceNumber: must be a number",
         },
         Case {
-            name: "unknown entityType",
+            name: "malformed entityType",
             content_type: Some("application/json"),
             request_id: Some("req-err-8"),
             conversation_id: Some("conv"),
-            body: serde_json::to_vec(&unknown_type).unwrap(),
+            body: serde_json::to_vec(&malformed_type).unwrap(),
             status: 422,
             code: "INVALID_REQUEST",
-            message_contains: "accepted values are PROVIDE_ORDER",
+            message_contains: "entityType: must match ^[A-Z][A-Z0-9_]{0,49}$",
         },
     ]
 }
@@ -129,10 +130,13 @@ pub async fn assert_gateway_error(response: reqwest::Response, status: u16, code
 
 async fn audit_of(app: &TestApp, error_uuid: &str) -> Value {
     let rows = app
-        .rows(&format!(
-            "SELECT * FROM audit_log WHERE error_uuid = {}",
-            app.uuid_sql(error_uuid)
-        ))
+        .rows_eventually(
+            &format!(
+                "SELECT * FROM audit_log WHERE error_uuid = {}",
+                app.uuid_sql(error_uuid)
+            ),
+            1,
+        )
         .await;
     assert_eq!(rows.len(), 1, "one audit record for error {error_uuid}");
     rows.into_iter().next().unwrap()

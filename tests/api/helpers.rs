@@ -187,6 +187,8 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings.operations_auth.read_password = Some(SecretString::from(READ_PASSWORD));
     // Only the relay tests publish, each to exchanges of its own (see `relay.rs`).
     settings.relay.enabled = false;
+    // Gauges read by the background task show up quickly.
+    settings.metrics.refresh_interval_ms = 200;
     settings.amqp.url = SecretString::from(amqp_url());
     settings.validate().expect("test settings are valid");
     settings
@@ -363,6 +365,43 @@ impl TestApp {
             .all(&self.db)
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// [`TestApp::rows`], once there are `expected` of them (within 5 s): for what the app
+    /// writes in the background, such as the audit records of rejected requests.
+    pub async fn rows_eventually(&self, sql: &str, expected: usize) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let rows = self.rows(sql).await;
+            if rows.len() >= expected || tokio::time::Instant::now() >= deadline {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// [`TestApp::count`], once it reaches `expected` (within 5 s).
+    pub async fn count_eventually(&self, sql_from_where: &str, expected: i64) -> i64 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let count = self.count(sql_from_where).await;
+            if count >= expected || tokio::time::Instant::now() >= deadline {
+                return count;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// GET `path` as JSON until `ready` holds of it (within 5 s); returns the last answer.
+    pub async fn get_json_until(&self, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let value: Value = self.get(path).await.json().await.unwrap_or(Value::Null);
+            if ready(&value) || tokio::time::Instant::now() >= deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn count(&self, sql_from_where: &str) -> i64 {

@@ -264,10 +264,12 @@ async fn a_broker_down_at_start_up_or_cut_mid_run_stops_nothing_and_loses_nothin
             204
         );
     }
-    let ready: Value = app.get("/readyz").await.json().await.unwrap();
+    let ready = app
+        .get_json_until("/readyz", |ready| ready["outbox"]["pending"] == 20)
+        .await;
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["broker"]["status"], "down");
-    assert_eq!(ready["outbox"]["pending"], 20);
+    assert_eq!(ready["outbox"]["pending"], 20, "{ready}");
     assert!(capture.messages().is_empty());
 
     // The broker comes back; then goes away again while KCIs keep arriving.
@@ -674,11 +676,14 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
         let id = |n: usize| events[n]["id"].as_i64().unwrap();
         let now = chrono::Utc::now();
         assert_eq!(
-            due_head_ids(&app.db, now, 10).await.unwrap(),
+            due_head_ids(&app.db, now, 10, u64::MAX).await.unwrap(),
             [id(0), id(1), id(3)],
             "{backend:?}: one head per entity, oldest first"
         );
-        assert_eq!(due_head_ids(&app.db, now, 2).await.unwrap(), [id(0), id(1)]);
+        assert_eq!(
+            due_head_ids(&app.db, now, 2, u64::MAX).await.unwrap(),
+            [id(0), id(1)]
+        );
 
         // Entity 1's head is refused and waits for its retry: its second event waits too.
         let later = (now + chrono::Duration::minutes(5)).to_rfc3339();
@@ -690,7 +695,7 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
             .await
             .unwrap();
         assert_eq!(
-            due_head_ids(&app.db, now, 10).await.unwrap(),
+            due_head_ids(&app.db, now, 10, u64::MAX).await.unwrap(),
             [id(1), id(3)],
             "{backend:?}"
         );
@@ -704,7 +709,7 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
             .await
             .unwrap();
         assert_eq!(
-            due_head_ids(&app.db, now, 10).await.unwrap(),
+            due_head_ids(&app.db, now, 10, u64::MAX).await.unwrap(),
             [id(4)],
             "{backend:?}"
         );

@@ -453,6 +453,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         unrouted_queue: format!("{prefix}.unrouted"),
         queue_type: "classic".to_owned(),
         declare_topology: true,
+        connect_timeout_ms: 5000,
     };
     let (consumer, arrivals) = consume(&args.amqp_url, &amqp).await?;
     let broker = host_port(&args.amqp_url, 5672)?;
