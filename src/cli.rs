@@ -72,6 +72,15 @@ pub enum OutboxCommand {
     },
     /// Requeue dead events: one by its event id, or all.
     Retry(RetryArgs),
+    /// Do not publish a dead event: its entity's later events, which wait behind it, go on.
+    /// Recorded on the event (who, when, why).
+    Skip {
+        /// The event id (the AMQP message_id).
+        event_id: Uuid,
+        /// Why, kept on the event.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Publish again (same message ids) the events of an entity, a conversation or a time range.
     Replay(ReplayArgs),
     /// How many events wait to be published, and since when.
@@ -207,6 +216,16 @@ async fn outbox(settings: Settings, command: OutboxCommand) -> anyhow::Result<()
                 "{}",
                 serde_json::json!({"pending": pending, "oldestPendingCreatedAt": oldest})
             );
+            return Ok(());
+        }
+        OutboxCommand::Skip { event_id, reason } => {
+            let operator = std::env::var("USER").unwrap_or_else(|_| "command line".to_owned());
+            let skipped =
+                outbox_store::skip_dead(&db, event_id, &operator, reason.as_deref()).await?;
+            if !skipped {
+                anyhow::bail!("no dead event {event_id}");
+            }
+            println!("{}", serde_json::json!({"skipped": 1}));
             return Ok(());
         }
         OutboxCommand::Retry(retry) => match retry.event_id {

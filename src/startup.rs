@@ -112,6 +112,7 @@ impl Application {
         });
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(crate::http::refuse_nul)
                 .wrap_fn(crate::http::timing)
                 .wrap(TracingLogger::<KciRootSpan>::new())
                 .app_data(state.clone())

@@ -12,20 +12,30 @@ use crate::config::{LogFormat, LogSettings};
 
 /// Installs the global subscriber, writing to stderr. `RUST_LOG` overrides the configured filter.
 pub fn init(settings: &LogSettings) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.filter));
+    // The AMQP client logs a lost connection at ERROR from its I/O loop. A broker outage is
+    // handled (KCIs wait in the outbox, the relay reconnects and says so at WARN): those events
+    // are dropped, so that ERROR keeps meaning "a person must look". The client's warnings and
+    // everything else still pass.
+    let amqp_client_errors = tracing_subscriber::filter::filter_fn(|metadata| {
+        !(metadata.target().starts_with("lapin") && *metadata.level() == tracing::Level::ERROR)
+    });
     // stderr: stdout is for what commands print (`outbox dead` lines, `check-config`).
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(amqp_client_errors);
     let result = match settings.format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
+        LogFormat::Json => registry
+            .with(fmt.json().flatten_event(true).with_current_span(true))
             .try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => registry.with(fmt).try_init(),
     };
     if result.is_err() {
         tracing::debug!("a tracing subscriber was already installed");

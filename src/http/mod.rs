@@ -129,9 +129,41 @@ pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
                 "/outbox/dead/{event_id}/retry",
                 web::post().to(outbox::retry_one),
             )
+            .route(
+                "/outbox/dead/{event_id}/skip",
+                web::post().to(outbox::skip_one),
+            )
             .route("/outbox/replay", web::post().to(outbox::replay)),
     )
     .default_service(web::to(not_found));
+}
+
+/// Refuses, before any handler runs, a request whose path or query string carries an encoded NUL
+/// (`%00`): no id, filter or path of ours contains one, and PostgreSQL cannot even compare with
+/// it (every such request was a 500). 400 in the gateway's format.
+pub fn refuse_nul<S, B>(
+    request: actix_web::dev::ServiceRequest,
+    service: &S,
+) -> futures_util::future::Either<
+    S::Future,
+    std::future::Ready<Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>>,
+>
+where
+    S: Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+{
+    let uri = request.uri();
+    let encoded_nul = |text: &str| text.to_ascii_lowercase().contains("%00");
+    if encoded_nul(uri.path()) || uri.query().is_some_and(encoded_nul) {
+        let error = ApiError::Malformed(vec![
+            "The path or query string contains an encoded NUL (%00)".to_owned(),
+        ]);
+        return futures_util::future::Either::Right(std::future::ready(Err(error.into())));
+    }
+    futures_util::future::Either::Left(service.call(request))
 }
 
 /// Times every request into the latency histogram, labelled by route pattern (not raw path, to

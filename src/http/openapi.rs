@@ -24,11 +24,11 @@ use crate::error::{ErrorBody, ErrorCode};
         operations::list_all_entities,
         operations::get_conversation, operations::get_kci, operations::get_audit,
         operations::get_attention, operations::search,
-        outbox::list_dead, outbox::retry_one, outbox::retry_all, outbox::replay,
+        outbox::list_dead, outbox::retry_one, outbox::skip_one, outbox::retry_all, outbox::replay,
         super::egress::proxy,
         super::health::healthz, super::health::readyz, super::metrics_doc, super::openapi_doc, super::dashboard::dashboard,
     ),
-    components(schemas(ErrorBody, ErrorCode, kcis::KciBody, outbox::ReplayRequest)),
+    components(schemas(ErrorBody, ErrorCode, kcis::KciBody, outbox::ReplayRequest, outbox::SkipRequest)),
     modifiers(&SecuritySchemes),
     tags(
         (name = "tenant updates", description = "The Fibre Cafe Tenant Updates API 1.14: called by the gateway"),

@@ -58,6 +58,52 @@ pub async fn retry_one(
     Ok(HttpResponse::Ok().json(json!({"requeued": requeued})))
 }
 
+/// Why an operator skips a dead event.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SkipRequest {
+    /// Kept on the event with who skipped it and when (at most 500 characters).
+    reason: Option<String>,
+}
+
+/// `POST /api/v1/outbox/dead/{eventId}/skip`: the event is not published; its entity's later
+/// events, which waited behind it, go on. Recorded on the event (who, when, why).
+#[utoipa::path(post, path = "/api/v1/outbox/dead/{eventId}/skip", tag = "operations",
+    params(("eventId" = uuid::Uuid, Path, description = "The event id (AMQP message_id)")),
+    request_body(content = Option<SkipRequest>, content_type = "application/json"),
+    responses((status = 200, description = "{skipped: 1}"), (status = 404, body = crate::error::ErrorBody),
+              (status = 422, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
+    security(("operations_basic" = [])))]
+pub async fn skip_one(
+    request: HttpRequest,
+    path: web::Path<Uuid>,
+    body: web::Bytes,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let operator = state.auth.operations(request.headers(), OpsRole::Admin)?;
+    let skip: SkipRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SkipRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(vec![format!("body: {e}")]))?
+    };
+    if skip
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 500)
+    {
+        return Err(ApiError::Invalid(vec![
+            "reason: at most 500 characters".to_owned(),
+        ]));
+    }
+    let event_id = path.into_inner();
+    if !store::skip_dead(&state.db, event_id, &operator, skip.reason.as_deref()).await? {
+        return Err(ApiError::NotFound("No dead event with this id".to_owned()));
+    }
+    state.outbox_signal.notify();
+    tracing::warn!(event.id = %event_id, operator, reason = ?skip.reason, "dead outbox event skipped; its entity's later events go on");
+    Ok(HttpResponse::Ok().json(json!({"skipped": 1})))
+}
+
 /// `POST /api/v1/outbox/dead/retry`: every dead event.
 #[utoipa::path(post, path = "/api/v1/outbox/dead/retry", tag = "operations",
     responses((status = 200, description = "{requeued: n}"), (status = 403, body = crate::error::ErrorBody)),

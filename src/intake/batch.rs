@@ -43,6 +43,13 @@ pub async fn record(
 
 async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loaded, StoreError> {
     let mut loaded = Loaded::default();
+    // First of all, before any entity is locked (so that no cycle of waits can form): the
+    // batch's conversations, shared, against a registration of one of them (exclusive).
+    let conversation_ids: std::collections::BTreeSet<&str> = deliveries
+        .iter()
+        .map(|d| d.conversation_id.as_str())
+        .collect();
+    super::conversations::lock_conversations(txn, conversation_ids.iter().copied(), false).await?;
     let kci_ids: HashSet<Uuid> = deliveries.iter().map(|d| d.kci.id).collect();
     for known in kci_row::Entity::find()
         .filter(kci_row::Column::KciId.is_in(kci_ids))
@@ -82,10 +89,6 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
     lock_entities(txn, &keys, &anomaly_entities, &mut loaded).await?;
 
     // Conversations of the new KCIs: needed now to create entities matched.
-    let conversation_ids: HashSet<&str> = deliveries
-        .iter()
-        .map(|d| d.conversation_id.as_str())
-        .collect();
     for request in conversation::Entity::find()
         .filter(conversation::Column::ConversationId.is_in(conversation_ids))
         .all(txn)

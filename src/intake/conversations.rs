@@ -129,6 +129,53 @@ pub async fn register(
     }
 }
 
+/// Advisory lock namespace for "a conversation is being registered or used to create entities"
+/// (PostgreSQL).
+const CONVERSATION_LOCK_NAMESPACE: i32 = 0x4b43_4932; // "KCI2"
+
+/// PostgreSQL: takes transaction-scoped advisory locks on these conversation ids, shared (intake)
+/// or exclusive (registration). Without them, a registration and an intake batch that creates an
+/// entity of the same conversation could each miss the other's uncommitted row under READ
+/// COMMITTED, leaving the entity UNMATCHED for good: intake reads no original request, and the
+/// registration's update does not see the new entity. With them, one waits for the other's
+/// commit and then sees it. SQLite has one writer at a time: nothing to do.
+pub async fn lock_conversations<'a>(
+    txn: &sea_orm::DatabaseTransaction,
+    conversation_ids: impl Iterator<Item = &'a str>,
+    exclusive: bool,
+) -> Result<(), StoreError> {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, Value as SqlValue};
+    if txn.get_database_backend() != DbBackend::Postgres {
+        return Ok(());
+    }
+    // Locks are taken in the order of the ids, sorted: the same order in every transaction.
+    let ids: Vec<SqlValue> = conversation_ids
+        .collect::<std::collections::BTreeSet<&str>>()
+        .into_iter()
+        .map(|id| SqlValue::from(id.to_owned()))
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let function = if exclusive {
+        "pg_advisory_xact_lock"
+    } else {
+        "pg_advisory_xact_lock_shared"
+    };
+    let rows: Vec<String> = (1..=ids.len()).map(|n| format!("(${n})")).collect();
+    let sql = format!(
+        "SELECT {function}({CONVERSATION_LOCK_NAMESPACE}, hashtext(c)) FROM (VALUES {}) AS v(c)",
+        rows.join(", ")
+    );
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        ids,
+    ))
+    .await?;
+    Ok(())
+}
+
 async fn register_once(
     db: &DatabaseConnection,
     new: &NewConversation,
@@ -137,6 +184,7 @@ async fn register_once(
     let write = begin_write(db).await?;
     let txn: &sea_orm::DatabaseTransaction = &write;
     let conversation_id = new.conversation_id.trim();
+    lock_conversations(txn, std::iter::once(conversation_id), true).await?;
     let gateway_id = new.gateway_id().ok().flatten();
     let entity_type = new.created_entity_type();
     let existing = conversation::Entity::find()

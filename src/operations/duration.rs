@@ -1,7 +1,12 @@
 //! ISO-8601 durations of fixed length (`PT4H`, `P2D`, `P1W`, `P1DT12H30M`), as the operations API
 //! takes them for "stuck for longer than".
 
-/// Parses a duration; years and months are refused (they have no fixed length).
+/// The longest duration accepted: 100 years of 365.25 days. Longer ones would overflow date
+/// arithmetic ("stuck for longer than" is subtracted from now).
+const MAX_SECONDS: i64 = 3_155_760_000;
+
+/// Parses a duration; years and months are refused (they have no fixed length), and so is
+/// anything longer than 100 years.
 pub fn parse_iso8601(text: &str) -> Result<chrono::Duration, String> {
     let invalid = || format!("{text:?} is not an ISO-8601 duration such as PT4H, P2D or P1DT12H");
     let rest = text.strip_prefix('P').ok_or_else(invalid)?;
@@ -52,7 +57,10 @@ pub fn parse_iso8601(text: &str) -> Result<chrono::Duration, String> {
     if let Some(time) = time {
         add(time, &[('H', 3_600), ('M', 60), ('S', 1)])?;
     }
-    Ok(chrono::Duration::seconds(seconds))
+    if seconds > MAX_SECONDS {
+        return Err(format!("{text:?} is longer than 100 years"));
+    }
+    chrono::Duration::try_seconds(seconds).ok_or_else(invalid)
 }
 
 #[cfg(test)]
@@ -80,5 +88,13 @@ mod tests {
             assert!(parse_iso8601(bad).is_err(), "{bad}");
         }
         assert!(parse_iso8601("P1Y").unwrap_err().contains("fixed length"));
+        for huge in ["PT9223372036854776S", "P99999999999999999999D", "P5300W"] {
+            assert!(parse_iso8601(huge).is_err(), "{huge}");
+        }
+        assert_eq!(
+            parse_iso8601("P5200W").map(|d| d.num_weeks()),
+            Ok(5200),
+            "a hundred years is fine"
+        );
     }
 }

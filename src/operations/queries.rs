@@ -280,14 +280,29 @@ pub async fn history(
         .order_by_asc(state_transition::Column::Id)
         .all(db)
         .await?;
-    let kcis = kci::Entity::find()
+    // Only the correlation of each KCI: its raw body (any size) is not needed here.
+    #[derive(sea_orm::FromQueryResult)]
+    struct Correlation {
+        id: i64,
+        request_id: String,
+        conversation_id: String,
+    }
+    let kcis: std::collections::HashMap<i64, Correlation> = kci::Entity::find()
+        .select_only()
+        .column(kci::Column::Id)
+        .column(kci::Column::RequestId)
+        .column(kci::Column::ConversationId)
         .filter(kci::Column::TrackedEntityId.eq(entity_id))
+        .into_model::<Correlation>()
         .all(db)
-        .await?;
+        .await?
+        .into_iter()
+        .map(|k| (k.id, k))
+        .collect();
     Ok(transitions
         .into_iter()
         .map(|transition| {
-            let first = kcis.iter().find(|k| k.id == transition.kci_ref);
+            let first = kcis.get(&transition.kci_ref);
             HistoryEntry {
                 request_id: first.map(|k| k.request_id.clone()),
                 conversation_id: first.map(|k| k.conversation_id.clone()),
@@ -461,8 +476,14 @@ pub struct Attention {
     pub unmatched: Counted<tracked_entity::Model>,
     /// In flight, and no KCI for longer than `stuckFor`.
     pub stuck: Counted<tracked_entity::Model>,
-    /// Outbox events the broker kept refusing.
+    /// Outbox events the broker kept refusing. Each holds its entity: the entity's later events
+    /// wait until it is retried or skipped.
     pub dead_events: Counted<outbox_event::Model>,
+    /// Entities whose events wait behind a dead event.
+    pub held_entities: Counted<tracked_entity::Model>,
+    /// Entities of an `entityType` the docs do not list (accepted, generic lifecycle): confirm
+    /// the value with the gateway, then map it with `kci.entity_type_aliases`.
+    pub unlisted_types: Counted<tracked_entity::Model>,
     /// Conflicting redeliveries and illegal transitions since `since`.
     pub recent_anomalies: Counted<state_transition::Model>,
 }
@@ -518,6 +539,25 @@ pub async fn attention(
             .all(db)
             .await?,
     };
+    let held_entities = counted(entities(
+        Condition::all().add(
+            C::Id.in_subquery(
+                sea_orm::sea_query::Query::select()
+                    .column(outbox_event::Column::TrackedEntityId)
+                    .from(outbox_event::Entity)
+                    .and_where(outbox_event::Column::Status.eq(OutboxStatus::Dead))
+                    .to_owned(),
+            ),
+        ),
+        false,
+    ))
+    .await?;
+    let listed: Vec<&str> = EntityType::ALL.iter().map(|t| t.as_str()).collect();
+    let unlisted_types = counted(entities(
+        Condition::all().add(C::EntityType.is_not_in(listed)),
+        false,
+    ))
+    .await?;
     let anomalies = state_transition::Entity::find()
         .filter(
             Condition::any()
@@ -538,6 +578,8 @@ pub async fn attention(
         unmatched,
         stuck,
         dead_events,
+        held_entities,
+        unlisted_types,
         recent_anomalies,
     })
 }

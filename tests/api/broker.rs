@@ -28,6 +28,8 @@ pub struct Captured {
     pub kind: Option<String>,
     pub headers: Value,
     pub body: Value,
+    /// The body's bytes as they arrived.
+    pub raw: Vec<u8>,
 }
 
 impl Captured {
@@ -226,6 +228,7 @@ impl TestBroker {
                     kind: short(properties.kind()),
                     headers: Value::Object(headers),
                     body: serde_json::from_slice(&delivery.data).unwrap_or(Value::Null),
+                    raw: delivery.data.clone(),
                 });
             }
         });

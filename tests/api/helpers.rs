@@ -473,3 +473,39 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A child process that is killed (and reaped) when the test ends, also when it panics.
+pub struct ChildProcess(std::process::Child);
+
+impl ChildProcess {
+    pub fn spawn(command: &mut std::process::Command) -> ChildProcess {
+        ChildProcess(command.spawn().expect("start the child process"))
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill -TERM");
+    }
+
+    /// Waits for the process to exit, at most `timeout`; none if it is still running.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

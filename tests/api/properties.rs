@@ -6,7 +6,9 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use crate::helpers::{Backend, GATEWAY_PASSWORD, GATEWAY_USER, fixture, fixture_names, spawn_app};
+use crate::helpers::{
+    BACKENDS, Backend, GATEWAY_PASSWORD, GATEWAY_USER, fixture, fixture_names, spawn_app,
+};
 
 /// A fixture with a fresh id, another entity and sequence number, undocumented values and extra
 /// fields: all things the schema allows.
@@ -38,8 +40,14 @@ fn varied_fixture() -> impl Strategy<Value = Value> {
 
 #[test]
 fn every_valid_variation_of_the_documented_kcis_is_accepted_once() {
+    for backend in BACKENDS {
+        every_valid_variation_is_accepted_once_on(backend);
+    }
+}
+
+fn every_valid_variation_is_accepted_once_on(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let app = runtime.block_on(spawn_app(Backend::Sqlite));
+    let app = runtime.block_on(spawn_app(backend));
     let mut runner = TestRunner::new(Config {
         cases: 64,
         ..Config::default()
@@ -51,7 +59,7 @@ fn every_valid_variation_of_the_documented_kcis_is_accepted_once() {
             let response = runtime.block_on(app.post_kci(&body, "conv-property"));
             let status = response.status().as_u16();
             let text = runtime.block_on(response.text()).unwrap();
-            prop_assert_eq!(status, 204, "{} -> {}", body, text);
+            prop_assert_eq!(status, 204, "{:?}: {} -> {}", backend, body, text);
             posted
                 .borrow_mut()
                 .insert(body["id"].as_str().unwrap().to_owned());
@@ -64,8 +72,14 @@ fn every_valid_variation_of_the_documented_kcis_is_accepted_once() {
 
 #[test]
 fn arbitrary_bytes_get_an_answer_in_the_gateway_format_never_a_crash() {
+    for backend in BACKENDS {
+        arbitrary_bytes_on(backend);
+    }
+}
+
+fn arbitrary_bytes_on(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let app = runtime.block_on(spawn_app(Backend::Sqlite));
+    let app = runtime.block_on(spawn_app(backend));
     let mut runner = TestRunner::new(Config {
         cases: 64,
         ..Config::default()
@@ -90,7 +104,12 @@ fn arbitrary_bytes_get_an_answer_in_the_gateway_format_never_a_crash() {
                 )
                 .unwrap();
             let status = response.status().as_u16();
-            prop_assert!(status == 400 || status == 422, "status {}", status);
+            prop_assert!(
+                status == 400 || status == 422,
+                "{:?}: status {}",
+                backend,
+                status
+            );
             let error: Value = runtime.block_on(response.json()).unwrap();
             prop_assert!(
                 error["uuid"].is_string()

@@ -501,7 +501,9 @@ async fn events_the_broker_refuses_become_dead_and_are_published_once_retried() 
     .await;
     let first = kci("SERVICE_TEST", 801, 1, "SENT_TO_SUPPLIER", "UPDATE");
     let second = kci("SERVICE_TEST", 802, 1, "SENT_TO_SUPPLIER", "UPDATE");
-    for body in [&first, &second] {
+    // Entity 801's next event: it waits behind 801's dead head, never attempted.
+    let held = kci("SERVICE_TEST", 801, 2, "IN_PROGRESS", "UPDATE");
+    for body in [&first, &second, &held] {
         assert_eq!(app.post_kci(body, "conv-dead").await.status().as_u16(), 204);
     }
     assert!(
@@ -512,7 +514,7 @@ async fn events_the_broker_refuses_become_dead_and_are_published_once_retried() 
         "both events die after 3 refusals"
     );
     let dead = app
-        .rows("SELECT attempts, last_error FROM outbox_event")
+        .rows("SELECT attempts, last_error FROM outbox_event WHERE status = 'DEAD'")
         .await;
     for row in &dead {
         assert_eq!(row["attempts"], 3);
@@ -546,13 +548,21 @@ async fn events_the_broker_refuses_become_dead_and_are_published_once_retried() 
             .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
             .send()
     };
+    assert_eq!(
+        app.count("FROM outbox_event WHERE status = 'PENDING' AND attempts = 0")
+            .await,
+        1,
+        "801's second event was held, never attempted"
+    );
     let retried = admin_post(format!("/api/v1/outbox/dead/{first_event}/retry"))
         .await
         .unwrap();
     assert_eq!(retried.status().as_u16(), 200);
-    let one = capture.wait_for(1, Duration::from_secs(15)).await;
-    assert_eq!(one.len(), 1);
+    // The retried head goes first, then the event that waited behind it: order kept.
+    let one = capture.wait_for(2, Duration::from_secs(15)).await;
+    assert_eq!(one.len(), 2);
     assert_eq!(one[0].message_id.as_deref(), Some(first_event.as_str()));
+    assert_eq!(one[1].body["kci"]["id"], held["id"]);
     let again = admin_post(format!("/api/v1/outbox/dead/{first_event}/retry"))
         .await
         .unwrap();
@@ -564,12 +574,12 @@ async fn events_the_broker_refuses_become_dead_and_are_published_once_retried() 
         .await
         .unwrap();
     assert_eq!(all["requeued"], 1);
-    let both = capture.wait_for(2, Duration::from_secs(15)).await;
-    assert_eq!(both.len(), 2);
+    let all_three = capture.wait_for(3, Duration::from_secs(15)).await;
+    assert_eq!(all_three.len(), 3);
     assert_eq!(
         app.count("FROM outbox_event WHERE status = 'PUBLISHED'")
             .await,
-        2
+        3
     );
 }
 
@@ -713,5 +723,123 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
             [id(4)],
             "{backend:?}"
         );
+    }
+}
+
+/// design.md, "Per-entity order": a dead event holds its entity. Here the first event of entity
+/// 901 cannot be made into an AMQP message (a routing key over 255 bytes, as an older version
+/// could write): it is refused without being sent, dies after `max_attempts`, and the entity's
+/// second event waits behind it, while other entities go on; the relay never restarts. An
+/// operator skips it (recorded), and the second event goes.
+#[tokio::test]
+async fn a_dead_event_holds_its_entity_until_an_operator_skips_or_retries_it() {
+    for backend in crate::helpers::BACKENDS {
+        let broker = TestBroker::new(true).await;
+        let capture = broker.capture("kci.#").await;
+        let database = TestDatabase::create(backend).await;
+        let mut settings = test_settings(&database.url);
+        broker.apply(&mut settings);
+        settings.relay.enabled = false;
+        settings.relay.max_attempts = 2;
+        let app = spawn_on(database, settings.clone()).await;
+        let bodies = [
+            kci("SERVICE_TEST", 901, 1, "SENT_TO_SUPPLIER", "UPDATE"),
+            kci("SERVICE_TEST", 901, 2, "IN_PROGRESS", "UPDATE"),
+            kci("SERVICE_TEST", 903, 1, "SENT_TO_SUPPLIER", "UPDATE"),
+        ];
+        for body in &bodies {
+            assert_eq!(app.post_kci(body, "conv-hold").await.status().as_u16(), 204);
+        }
+        let first = app
+            .rows("SELECT id, event_id FROM outbox_event ORDER BY id LIMIT 1")
+            .await;
+        let poison_id = first[0]["id"].as_i64().unwrap();
+        let poison_event = uuid_text(&first[0]["event_id"]);
+        use sea_orm::ConnectionTrait;
+        app.db
+            .execute_unprepared(&format!(
+                "UPDATE outbox_event SET routing_key = 'kci.{}' WHERE id = {poison_id}",
+                "x".repeat(300)
+            ))
+            .await
+            .unwrap();
+
+        let shutdown = CancellationToken::new();
+        let health = start_relay(&settings, &shutdown).await;
+        let others = capture.wait_for(1, Duration::from_secs(15)).await;
+        assert_eq!(
+            others.len(),
+            1,
+            "{backend:?}: the other entity is published"
+        );
+        assert_eq!(others[0].body["entity"]["gatewayId"], "903");
+        assert!(
+            eventually(Duration::from_secs(15), || async {
+                app.count("FROM outbox_event WHERE status = 'DEAD'").await == 1
+            })
+            .await,
+            "{backend:?}: the unencodable event dies"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            capture.messages().len(),
+            1,
+            "{backend:?}: entity 901's second event waits behind its dead head"
+        );
+        assert_eq!(health.restarts(), 0, "refused, not a panic");
+        let last_error = app
+            .rows(&format!(
+                "SELECT last_error FROM outbox_event WHERE id = {poison_id}"
+            ))
+            .await;
+        assert!(
+            last_error[0]["last_error"]
+                .as_str()
+                .unwrap()
+                .contains("routing key"),
+            "{last_error:?}"
+        );
+        let attention: Value = app
+            .client
+            .get(format!("{}/api/v1/attention", app.address))
+            .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(attention["heldEntities"]["total"], 1);
+        assert_eq!(attention["heldEntities"]["items"][0]["gatewayId"], "901");
+
+        // Skipped by an operator: recorded, and the held event goes.
+        let skipped = app
+            .client
+            .post(format!(
+                "{}/api/v1/outbox/dead/{poison_event}/skip",
+                app.address
+            ))
+            .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+            .json(&json!({"reason": "written by an old version; consumers told"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(skipped.status().as_u16(), 200);
+        let released = capture.wait_for(2, Duration::from_secs(15)).await;
+        assert_eq!(released.len(), 2, "{backend:?}");
+        assert_eq!(released[1].body["entity"]["gatewayId"], "901");
+        assert_eq!(released[1].body["sequence"]["sequenceNumber"], 2);
+        let skip = app
+            .rows(&format!(
+                "SELECT status, last_error FROM outbox_event WHERE id = {poison_id}"
+            ))
+            .await;
+        assert_eq!(skip[0]["status"], "SKIPPED");
+        let note = skip[0]["last_error"].as_str().unwrap();
+        assert!(
+            note.contains("skipped by ops-admin") && note.contains("consumers told"),
+            "{note}"
+        );
+        shutdown.cancel();
     }
 }
