@@ -61,6 +61,9 @@ pub enum ApiError {
     Malformed(Vec<String>),
     #[error("body larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// The body is not the media type the endpoint reads (415).
+    #[error("unsupported media type: {0}")]
+    UnsupportedMediaType(String),
     #[error("invalid request: {}", .0.join("; "))]
     Invalid(Vec<String>),
     #[error("not found: {0}")]
@@ -83,6 +86,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::Malformed(_) => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,9 +98,9 @@ impl ApiError {
     pub fn code(&self) -> ErrorCode {
         match self {
             ApiError::Unauthenticated(_) | ApiError::Forbidden(_) => ErrorCode::NotAuthorised,
-            ApiError::Malformed(_) | ApiError::PayloadTooLarge { .. } => {
-                ErrorCode::MalformedRequest
-            }
+            ApiError::Malformed(_)
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::UnsupportedMediaType(_) => ErrorCode::MalformedRequest,
             ApiError::Invalid(_) => ErrorCode::InvalidRequest,
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::Unavailable(_) | ApiError::Internal(_) => ErrorCode::TenantFault,
@@ -110,6 +114,7 @@ impl ApiError {
             ApiError::Unauthenticated(message)
             | ApiError::Forbidden(message)
             | ApiError::NotFound(message)
+            | ApiError::UnsupportedMediaType(message)
             | ApiError::Upstream { message, .. } => vec![message.clone()],
             ApiError::Malformed(messages) | ApiError::Invalid(messages) => messages.clone(),
             ApiError::PayloadTooLarge { limit } => {

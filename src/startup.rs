@@ -1,7 +1,6 @@
 //! Building and running the application: connect, migrate (if configured), bind, serve, and
 //! publish the outbox (if configured).
 
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -83,10 +82,9 @@ impl Application {
             .egress
             .enabled
             .then(|| settings.egress.path_prefix.clone());
-        let listener = TcpListener::bind((settings.server.host.as_str(), settings.server.port))?;
-        let port = listener.local_addr()?.port();
         let workers = settings.server.workers;
         let shutdown_timeout = Duration::from_secs(settings.server.shutdown_timeout_seconds);
+        let (host, requested_port) = (settings.server.host.clone(), settings.server.port);
         let intake = crate::intake::group_commit::GroupCommit::start(
             db.clone(),
             &settings.intake,
@@ -104,6 +102,7 @@ impl Application {
             auth,
             audit: crate::store::audit::AuditSink::start(db.clone(), shutdown.child_token()),
             entity_type_aliases: settings.kci.aliases(),
+            openapi: serde_json::to_vec(&crate::http::openapi::document(&settings))?.into(),
             settings: Arc::new(settings),
             outbox_signal,
             relay_health,
@@ -118,8 +117,15 @@ impl Application {
                 .app_data(state.clone())
                 .configure(|cfg| routes(cfg, egress_prefix.as_deref()))
         })
-        .listen(listener)?
+        // actix binds with SO_REUSEADDR: a restarted instance gets its port back at once, also
+        // after a kill -9 that left connections in TIME_WAIT.
+        .bind((host.as_str(), requested_port))?
         .shutdown_timeout(shutdown_timeout.as_secs());
+        let port = server
+            .addrs()
+            .first()
+            .map(|address| address.port())
+            .unwrap_or(requested_port);
         if workers > 0 {
             server = server.workers(workers);
         }

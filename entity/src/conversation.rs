@@ -21,7 +21,7 @@ pub struct Model {
     /// The gateway id from the call's response (`id`), when known.
     pub gateway_id: Option<String>,
     #[sea_orm(column_type = "JsonBinary", nullable)]
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub request_body: Option<Json>,
     pub response_status: Option<i32>,
     pub source: ConversationSource,

@@ -309,7 +309,7 @@ pub async fn record_original_request(
         operation: format!("{} {}", outbound.method, outbound.path()),
         request_body: serde_json::from_slice(&outbound.body).ok(),
         gateway_id,
-        response_status: Some(status),
+        response_status: Some(Value::from(status)),
     };
     register(db, &new, ConversationSource::Egress).await
 }

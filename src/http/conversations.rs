@@ -18,12 +18,15 @@ use crate::intake::conversations::{NewConversation, register as register_convers
     security(("operations_basic" = [])))]
 pub async fn register(
     request: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.auth.operations(request.headers(), OpsRole::Admin)?;
+    let body = super::read_json_body(&request, payload, true)
+        .await?
+        .unwrap_or_default();
     let new: NewConversation =
-        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(vec![format!("body: {e}")]))?;
+        serde_json::from_value(body).map_err(|e| ApiError::Invalid(vec![format!("body: {e}")]))?;
     let problems = new.problems();
     if !problems.is_empty() {
         return Err(ApiError::Invalid(problems));

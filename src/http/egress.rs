@@ -16,6 +16,18 @@ use crate::egress::{
 use crate::error::ApiError;
 use crate::store::audit::AuditRecord;
 
+/// The methods the proxy forwards (the Tenant API's); others are answered 405.
+pub const PROXIED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE";
+
+/// A guard that lets the proxied methods through.
+pub fn proxied_method() -> impl actix_web::guard::Guard {
+    actix_web::guard::Any(actix_web::guard::Get())
+        .or(actix_web::guard::Post())
+        .or(actix_web::guard::Put())
+        .or(actix_web::guard::Patch())
+        .or(actix_web::guard::Delete())
+}
+
 /// Bodies of upstream answers kept in the audit log (larger ones by size only).
 const AUDIT_RESPONSE_LIMIT: usize = 64 * 1024;
 

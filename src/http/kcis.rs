@@ -22,43 +22,9 @@ const X_CONVERSATION_ID: &str = "x-conversation-id";
 /// Longest correlation header we store; the docs give no limit (spec 1.1).
 const MAX_ID_HEADER_LEN: usize = 255;
 
-/// The KCI body (Tenant Updates API 1.14): one of 7 entity types x 3 update types. Only the
-/// envelope is described here; every other field is kept as received.
-#[derive(utoipa::ToSchema)]
-#[schema(example = json!({"id": "0c6f2b8e-5a51-4d0b-9a0e-7d2f3c1b4e21", "supplier": "FIBRECO", "sequenceNumber": 3,
-    "deliveredOn": "2024-04-10T10:15:24.310Z", "updateType": "INFORMATIONAL", "entityType": "PROVIDE_ORDER",
-    "entity": {"id": 12345, "status": "IN_PROGRESS"}, "information": {"type": "COMMITTED"}}))]
-#[allow(
-    dead_code,
-    reason = "describes the body for OpenAPI only; the handler parses it with crate::kci"
-)]
-pub struct KciBody {
-    /// UUID: the permanent idempotency key.
-    id: uuid::Uuid,
-    /// `^\w{1,20}$`
-    supplier: String,
-    /// Per entity, >= 1.
-    sequence_number: i64,
-    issued_on: Option<chrono::DateTime<chrono::Utc>>,
-    received_on: Option<chrono::DateTime<chrono::Utc>>,
-    delivered_on: chrono::DateTime<chrono::Utc>,
-    /// `INFORMATIONAL` (with `information`), `ACTION_REQUIRED` (with `action`) or `ERROR` (with `error`).
-    update_type: String,
-    /// `PROVIDE_ORDER`, `CEASE_ORDER`, `MODIFY_ORDER`, `UNSOLICITED_CEASE_ORDER`, `PROVIDE_ETHERNET_ORDER`, `SERVICE_TEST`, `SERVICE_PROBLEM`.
-    entity_type: String,
-    /// The latest snapshot of the entity, with at least `id` and `status`.
-    #[schema(value_type = Object)]
-    entity: serde_json::Value,
-    #[schema(value_type = Option<Object>)]
-    information: Option<serde_json::Value>,
-    #[schema(value_type = Option<Object>)]
-    action: Option<serde_json::Value>,
-    #[schema(value_type = Option<Object>)]
-    error: Option<serde_json::Value>,
-}
-
 #[utoipa::path(post, path = "/kcis", tag = "tenant updates",
-    request_body(content = KciBody, content_type = "application/json"),
+    request_body(content = Object, content_type = "application/json",
+        description = "A KCI; its schema is `KciBody` (see `crate::http::openapi`)"),
     params(("X-Request-ID" = String, Header, description = "Unique per request"),
            ("X-Conversation-ID" = String, Header, description = "Matches the header of the request that created the order, test or problem")),
     responses(

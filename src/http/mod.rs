@@ -45,13 +45,43 @@ pub struct AppState {
     pub audit: crate::store::audit::AuditSink,
     /// `kci.entity_type_aliases`, resolved.
     pub entity_type_aliases: std::collections::HashMap<String, crate::kci::EntityType>,
+    /// `/openapi.json` for this configuration, serialized once.
+    pub openapi: web::Bytes,
+}
+
+/// One path and its one method; any other method is answered 405 with `Allow`.
+macro_rules! resource {
+    ($path:expr, $method:ident => $handler:expr) => {
+        web::resource($path)
+            .route(web::$method().to($handler))
+            .default_service(web::to(|| {
+                method_not_allowed(const { method_name(stringify!($method)) })
+            }))
+    };
+}
+
+/// The HTTP method a route function of actix stands for.
+const fn method_name(route: &str) -> &'static str {
+    match route.as_bytes() {
+        b"get" => "GET",
+        b"post" => "POST",
+        _ => "GET, POST",
+    }
 }
 
 /// Every route. `egress_prefix`: where the egress proxy is mounted, when enabled.
 pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
     use operations as ops;
     if let Some(prefix) = egress_prefix {
-        cfg.service(web::scope(prefix).default_service(web::to(egress::proxy)));
+        cfg.service(
+            web::scope(prefix)
+                .guard(egress::proxied_method())
+                .default_service(web::to(egress::proxy)),
+        )
+        .service(
+            web::scope(prefix)
+                .default_service(web::to(|| method_not_allowed(egress::PROXIED_METHODS))),
+        );
     }
     // Malformed query strings and paths answer in the gateway's error format too.
     cfg.app_data(
@@ -62,78 +92,38 @@ pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
         web::PathConfig::default()
             .error_handler(|error, _| ApiError::Malformed(vec![format!("path: {error}")]).into()),
     )
-    .service(
-        web::resource("/kcis")
-            .route(web::post().to(kcis::post_kci))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .route("/healthz", web::get().to(health::healthz))
-    .route("/readyz", web::get().to(health::readyz))
-    .route("/metrics", web::get().to(metrics_doc))
-    .route("/openapi.json", web::get().to(openapi_doc))
-    .route("/dashboard", web::get().to(dashboard::dashboard))
+    .service(resource!("/kcis", post => kcis::post_kci))
+    .service(resource!("/healthz", get => health::healthz))
+    .service(resource!("/readyz", get => health::readyz))
+    .service(resource!("/metrics", get => metrics_doc))
+    .service(resource!("/openapi.json", get => openapi_doc))
+    .service(resource!("/dashboard", get => dashboard::dashboard))
     .service(
         web::scope("/api/v1")
-            .route("/service-orders", web::get().to(ops::list_service_orders))
-            .route(
-                "/service-orders/{id}",
-                web::get().to(ops::get_service_order),
-            )
-            .route(
-                "/service-orders/{id}/history",
-                web::get().to(ops::service_order_history),
-            )
-            .route(
-                "/ethernet/service-orders",
-                web::get().to(ops::list_ethernet_service_orders),
-            )
-            .route(
-                "/ethernet/service-orders/{id}",
-                web::get().to(ops::get_ethernet_service_order),
-            )
-            .route(
-                "/ethernet/service-orders/{id}/history",
-                web::get().to(ops::ethernet_service_order_history),
-            )
-            .route("/service-tests", web::get().to(ops::list_service_tests))
-            .route("/service-tests/{id}", web::get().to(ops::get_service_test))
-            .route(
-                "/service-tests/{id}/history",
-                web::get().to(ops::service_test_history),
-            )
-            .route(
-                "/service-problems",
-                web::get().to(ops::list_service_problems),
-            )
-            .route(
-                "/service-problems/{id}",
-                web::get().to(ops::get_service_problem),
-            )
-            .route(
-                "/service-problems/{id}/history",
-                web::get().to(ops::service_problem_history),
-            )
-            .route("/entities", web::get().to(ops::list_all_entities))
-            .route("/conversations", web::post().to(conversations::register))
-            .route(
-                "/conversations/{conversation_id}",
-                web::get().to(ops::get_conversation),
-            )
-            .route("/kcis/{kci_id}", web::get().to(ops::get_kci))
-            .route("/audit/{request_id}", web::get().to(ops::get_audit))
-            .route("/attention", web::get().to(ops::get_attention))
-            .route("/search", web::get().to(ops::search))
-            .route("/outbox/dead", web::get().to(outbox::list_dead))
-            .route("/outbox/dead/retry", web::post().to(outbox::retry_all))
-            .route(
-                "/outbox/dead/{event_id}/retry",
-                web::post().to(outbox::retry_one),
-            )
-            .route(
-                "/outbox/dead/{event_id}/skip",
-                web::post().to(outbox::skip_one),
-            )
-            .route("/outbox/replay", web::post().to(outbox::replay)),
+            .service(resource!("/service-orders", get => ops::list_service_orders))
+            .service(resource!("/service-orders/{id}", get => ops::get_service_order))
+            .service(resource!("/service-orders/{id}/history", get => ops::service_order_history))
+            .service(resource!("/ethernet/service-orders", get => ops::list_ethernet_service_orders))
+            .service(resource!("/ethernet/service-orders/{id}", get => ops::get_ethernet_service_order))
+            .service(resource!("/ethernet/service-orders/{id}/history", get => ops::ethernet_service_order_history))
+            .service(resource!("/service-tests", get => ops::list_service_tests))
+            .service(resource!("/service-tests/{id}", get => ops::get_service_test))
+            .service(resource!("/service-tests/{id}/history", get => ops::service_test_history))
+            .service(resource!("/service-problems", get => ops::list_service_problems))
+            .service(resource!("/service-problems/{id}", get => ops::get_service_problem))
+            .service(resource!("/service-problems/{id}/history", get => ops::service_problem_history))
+            .service(resource!("/entities", get => ops::list_all_entities))
+            .service(resource!("/conversations", post => conversations::register))
+            .service(resource!("/conversations/{conversation_id}", get => ops::get_conversation))
+            .service(resource!("/kcis/{kci_id}", get => ops::get_kci))
+            .service(resource!("/audit/{request_id}", get => ops::get_audit))
+            .service(resource!("/attention", get => ops::get_attention))
+            .service(resource!("/search", get => ops::search))
+            .service(resource!("/outbox/dead", get => outbox::list_dead))
+            .service(resource!("/outbox/dead/retry", post => outbox::retry_all))
+            .service(resource!("/outbox/dead/{event_id}/retry", post => outbox::retry_one))
+            .service(resource!("/outbox/dead/{event_id}/skip", post => outbox::skip_one))
+            .service(resource!("/outbox/replay", post => outbox::replay)),
     )
     .default_service(web::to(not_found));
 }
@@ -206,8 +196,8 @@ async fn metrics_doc(state: web::Data<AppState>) -> HttpResponse {
 
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
-async fn openapi_doc() -> HttpResponse {
-    openapi::openapi_json().await
+async fn openapi_doc(state: web::Data<AppState>) -> HttpResponse {
+    openapi::openapi_json(&state.openapi).await
 }
 
 /// The audit record of a request as it arrives; handlers fill in the rest as they go.
@@ -274,17 +264,56 @@ pub(crate) async fn read_limited(
     Ok(body.freeze())
 }
 
+/// Whether the request declares a JSON body (`application/json`, parameters allowed).
+pub(crate) fn is_json(request: &actix_web::HttpRequest) -> bool {
+    request
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Largest body the operations API reads.
+pub(crate) const OPERATIONS_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Reads the JSON body of an operations request; call it only once the caller is authenticated
+/// (nothing is read for someone who may not send it). `None` when there is no body and it is
+/// optional. 415 unless `application/json`, 413 over [`OPERATIONS_BODY_LIMIT`], 400 when it is
+/// not JSON.
+pub(crate) async fn read_json_body(
+    request: &actix_web::HttpRequest,
+    payload: web::Payload,
+    required: bool,
+) -> Result<Option<serde_json::Value>, ApiError> {
+    let body = read_limited(payload, OPERATIONS_BODY_LIMIT)
+        .await
+        .map_err(|(error, _)| error)?;
+    if body.iter().all(u8::is_ascii_whitespace) && !required {
+        return Ok(None);
+    }
+    if !is_json(request) {
+        return Err(ApiError::UnsupportedMediaType(
+            "The body must be application/json".to_owned(),
+        ));
+    }
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| ApiError::Malformed(vec![format!("The body is not valid JSON: {e}")]))
+}
+
 async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("No such resource".to_owned()))
 }
 
-async fn method_not_allowed() -> HttpResponse {
+/// 405 with `Allow`, in the gateway's error format.
+async fn method_not_allowed(allow: &'static str) -> HttpResponse {
     let body = crate::error::ErrorBody {
         uuid: uuid::Uuid::new_v4(),
         code: crate::error::ErrorCode::NotImplemented,
-        messages: vec!["Only POST is supported on /kcis".to_owned()],
+        messages: vec![format!("Only {allow} is supported here")],
     };
     HttpResponse::MethodNotAllowed()
-        .insert_header(("Allow", "POST"))
+        .insert_header(("Allow", allow))
         .json(body)
 }

@@ -21,30 +21,77 @@ use crate::operations::support::support_text;
 const DEFAULT_LIMIT: u64 = 50;
 const MAX_LIMIT: u64 = 500;
 
-/// Filters and paging of the entity lists.
+/// `correlation=` values (documented as an enum; parsed by hand for a clear message).
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code, reason = "describes the parameter for OpenAPI only")]
+enum CorrelationFilter {
+    Matched,
+    Unmatched,
+    Unsolicited,
+}
+
+/// `flagged=` values (documented as an enum; parsed by hand for a clear message).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, reason = "describes the parameter for OpenAPI only")]
+enum FlagFilter {
+    #[schema(rename = "illegal")]
+    Illegal,
+    #[schema(rename = "stale")]
+    Stale,
+    #[schema(rename = "gap")]
+    Gap,
+    #[schema(rename = "anomaly")]
+    Anomaly,
+    #[schema(rename = "unknown_value")]
+    UnknownValue,
+    #[schema(rename = "any")]
+    Any,
+}
+
+/// Filters and paging of the entity lists. What each parameter accepts is exactly what the
+/// OpenAPI document says; anything else is a 400 naming the parameter.
 #[derive(Debug, Default, Deserialize, IntoParams)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Statuses, comma separated (e.g. `PENDING,HELD`).
+    /// Statuses, comma separated (e.g. `PENDING,HELD`); empty: any.
     status: Option<String>,
     supplier: Option<String>,
-    /// KCI entity types, comma separated (e.g. `CEASE_ORDER`).
+    /// KCI entity types, comma separated (e.g. `CEASE_ORDER`); empty: any.
     entity_type: Option<String>,
-    /// `matched`, `unmatched` or `unsolicited`.
+    #[param(value_type = Option<CorrelationFilter>, inline)]
     correlation: Option<String>,
-    /// `illegal`, `stale`, `gap`, `anomaly`, `unknown_value`, or `any`.
+    /// Entities carrying this flag (`any`: any flag).
+    #[param(value_type = Option<FlagFilter>, inline)]
     flagged: Option<String>,
     /// Last KCI after this time (RFC 3339).
     updated_after: Option<DateTime<Utc>>,
     /// Last KCI before this time (RFC 3339).
     updated_before: Option<DateTime<Utc>>,
-    /// Not terminal and no KCI for longer than this ISO-8601 duration (e.g. `PT4H`, `P2D`).
+    /// Not terminal and no KCI for longer than this ISO-8601 duration (e.g. `PT4H`, `P2D`;
+    /// weeks, days, hours, minutes, seconds).
+    #[param(
+        pattern = "^P([0-9]{1,3}W)?([0-9]{1,4}D)?(T([0-9]{1,5}H)?([0-9]{1,6}M)?([0-9]{1,8}S)?)?$"
+    )]
     stuck_for: Option<String>,
     /// The `nextCursor` of the previous page.
+    #[param(pattern = "^[0-9]{1,18}$")]
     cursor: Option<String>,
-    /// Page size, 1 to 500 (default 50).
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u64>,
+}
+
+/// `limit`, checked against its documented range.
+fn page_size(limit: Option<u64>, max: u64) -> Result<u64, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_LIMIT.min(max)),
+        Some(limit) if (1..=max).contains(&limit) => Ok(limit),
+        Some(limit) => Err(ApiError::Malformed(vec![format!(
+            "limit: {limit} is not between 1 and {max}"
+        )])),
+    }
 }
 
 fn comma_list(value: &Option<String>) -> Vec<String> {
@@ -113,10 +160,7 @@ impl ListQuery {
                 ApiError::Malformed(vec!["cursor: not a cursor this API gave out".to_owned()])
             })?),
         };
-        Ok((
-            before_id,
-            self.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT),
-        ))
+        Ok((before_id, page_size(self.limit, MAX_LIMIT)?))
     }
 }
 
@@ -135,7 +179,7 @@ async fn list(
 
 /// `?entityType=` to choose when several order types share a gateway id.
 #[derive(Debug, Default, Deserialize, IntoParams)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct EntityQuery {
     /// The KCI entity type, when several share the gateway id (e.g. `MODIFY_ORDER`).
@@ -303,16 +347,28 @@ pub async fn get_kci(
     }
 }
 
+/// `format=` values of the audit view.
+#[derive(utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code, reason = "describes the parameter for OpenAPI only")]
+enum AuditFormat {
+    Json,
+    Support,
+}
+
 #[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// `support`: the text of a support request to the gateway's desk, as `text/plain`.
+    #[param(value_type = Option<AuditFormat>, inline)]
     format: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/audit/{xRequestId}", tag = "operations",
     params(("xRequestId" = String, Path, description = "X-Request-ID of the request"), AuditQuery),
-    responses((status = 200, description = "The audit records (JSON), or the support text (`?format=support`)", body = Vec<entity::audit_log::Model>),
+    responses((status = 200, description = "The audit records (JSON), or the support text (`?format=support`)",
+                content((Vec<entity::audit_log::Model> = "application/json"), (String = "text/plain"))),
               (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn get_audit(
@@ -359,14 +415,21 @@ pub async fn get_audit(
 }
 
 #[derive(Debug, Default, Deserialize, IntoParams)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct AttentionQuery {
     /// "Stuck": in flight with no KCI for longer than this ISO-8601 duration (default `P1D`).
+    #[param(
+        pattern = "^P([0-9]{1,3}W)?([0-9]{1,4}D)?(T([0-9]{1,5}H)?([0-9]{1,6}M)?([0-9]{1,8}S)?)?$"
+    )]
     stuck_for: Option<String>,
     /// Anomalies recorded within this ISO-8601 duration (default `P1D`).
+    #[param(
+        pattern = "^P([0-9]{1,3}W)?([0-9]{1,4}D)?(T([0-9]{1,5}H)?([0-9]{1,6}M)?([0-9]{1,8}S)?)?$"
+    )]
     anomalies_within: Option<String>,
-    /// Items per list (default 50, at most 500).
+    /// Items per list (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u64>,
 }
 
@@ -386,14 +449,16 @@ pub async fn get_attention(
     };
     let stuck_for = duration("stuckFor", &query.stuck_for)?;
     let since = Utc::now() - duration("anomaliesWithin", &query.anomalies_within)?;
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let limit = page_size(query.limit, MAX_LIMIT)?;
     Ok(HttpResponse::Ok().json(queries::attention(&state.db, stuck_for, since, limit).await?))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct SearchQuery {
-    /// Any id: gateway id, supplier reference, conversation id, X-Request-ID or KCI id.
+    /// Any id: gateway id, supplier reference, conversation id, X-Request-ID or KCI id (blank:
+    /// nothing found).
     q: String,
 }
 
@@ -406,10 +471,5 @@ pub async fn search(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.auth.operations(request.headers(), OpsRole::Read)?;
-    if query.q.trim().is_empty() {
-        return Err(ApiError::Malformed(vec![
-            "q: give an id to search for".to_owned(),
-        ]));
-    }
     Ok(HttpResponse::Ok().json(queries::search(&state.db, &query.q).await?))
 }

@@ -14,17 +14,30 @@ use crate::outbox::store::{self, Selection};
 const DEFAULT_PAGE: u64 = 100;
 const MAX_PAGE: u64 = 1000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct DeadQuery {
     /// Cursor: the `nextCursor` of the previous page.
     after: Option<i64>,
+    /// Page size (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u64>,
 }
 
+/// One page of dead events, oldest first.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, reason = "describes the answer for OpenAPI only")]
+pub struct DeadPage {
+    items: Vec<entity::outbox_event::Model>,
+    /// Pass as `after` for the next page; null on the last page.
+    #[schema(rename = "nextCursor")]
+    next_cursor: Option<i64>,
+}
+
 /// `GET /api/v1/outbox/dead`: events the broker kept refusing, oldest first.
-#[utoipa::path(get, path = "/api/v1/outbox/dead", tag = "operations",
-    params(("after" = Option<i64>, Query, description = "Cursor: the previous page's nextCursor"), ("limit" = Option<u64>, Query, description = "1 to 1000, default 100")),
-    responses((status = 200, description = "Dead events, oldest first: {items, nextCursor}"), (status = 401, body = crate::error::ErrorBody)),
+#[utoipa::path(get, path = "/api/v1/outbox/dead", tag = "operations", params(DeadQuery),
+    responses((status = 200, description = "Dead events, oldest first", body = DeadPage)),
     security(("operations_basic" = [])))]
 pub async fn list_dead(
     request: HttpRequest,
@@ -32,7 +45,15 @@ pub async fn list_dead(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.auth.operations(request.headers(), OpsRole::Read)?;
-    let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let limit = match query.limit {
+        None => DEFAULT_PAGE,
+        Some(limit) if (1..=MAX_PAGE).contains(&limit) => limit,
+        Some(limit) => {
+            return Err(ApiError::Malformed(vec![format!(
+                "limit: {limit} is not between 1 and {MAX_PAGE}"
+            )]));
+        }
+    };
     let items = store::dead_events(&state.db, query.after, limit).await?;
     let next_cursor = (items.len() as u64 == limit)
         .then(|| items.last().map(|e| e.id))
@@ -43,7 +64,7 @@ pub async fn list_dead(
 /// `POST /api/v1/outbox/dead/{eventId}/retry`
 #[utoipa::path(post, path = "/api/v1/outbox/dead/{eventId}/retry", tag = "operations",
     params(("eventId" = uuid::Uuid, Path, description = "The event id (AMQP message_id)")),
-    responses((status = 200, description = "{requeued: 1}"), (status = 404, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
+    responses((status = 200, description = "Requeued", body = Requeued), (status = 404, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn retry_one(
     request: HttpRequest,
@@ -62,8 +83,23 @@ pub async fn retry_one(
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SkipRequest {
-    /// Kept on the event with who skipped it and when (at most 500 characters).
+    /// Kept on the event with who skipped it and when.
+    #[schema(max_length = 500)]
     reason: Option<String>,
+}
+
+/// How many events were requeued.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, reason = "describes the answer for OpenAPI only")]
+pub struct Requeued {
+    requeued: u64,
+}
+
+/// How many events were skipped (always 1).
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, reason = "describes the answer for OpenAPI only")]
+pub struct Skipped {
+    skipped: u64,
 }
 
 /// `POST /api/v1/outbox/dead/{eventId}/skip`: the event is not published; its entity's later
@@ -71,20 +107,20 @@ pub struct SkipRequest {
 #[utoipa::path(post, path = "/api/v1/outbox/dead/{eventId}/skip", tag = "operations",
     params(("eventId" = uuid::Uuid, Path, description = "The event id (AMQP message_id)")),
     request_body(content = Option<SkipRequest>, content_type = "application/json"),
-    responses((status = 200, description = "{skipped: 1}"), (status = 404, body = crate::error::ErrorBody),
+    responses((status = 200, description = "Skipped", body = Skipped), (status = 404, body = crate::error::ErrorBody),
               (status = 422, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn skip_one(
     request: HttpRequest,
     path: web::Path<Uuid>,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let operator = state.auth.operations(request.headers(), OpsRole::Admin)?;
-    let skip: SkipRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        SkipRequest::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(vec![format!("body: {e}")]))?
+    let skip: SkipRequest = match super::read_json_body(&request, payload, false).await? {
+        None | Some(serde_json::Value::Null) => SkipRequest::default(),
+        Some(body) => serde_json::from_value(body)
+            .map_err(|e| ApiError::Invalid(vec![format!("body: {e}")]))?,
     };
     if skip
         .reason
@@ -106,7 +142,7 @@ pub async fn skip_one(
 
 /// `POST /api/v1/outbox/dead/retry`: every dead event.
 #[utoipa::path(post, path = "/api/v1/outbox/dead/retry", tag = "operations",
-    responses((status = 200, description = "{requeued: n}"), (status = 403, body = crate::error::ErrorBody)),
+    responses((status = 200, description = "How many events were requeued", body = Requeued), (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn retry_all(
     request: HttpRequest,
@@ -117,43 +153,86 @@ pub async fn retry_all(
     Ok(HttpResponse::Ok().json(json!({"requeued": requeued})))
 }
 
-/// What to replay: exactly one of an entity, a conversation, or a time range.
-#[derive(Debug, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ReplayRequest {
-    entity_type: Option<String>,
-    gateway_id: Option<String>,
-    conversation_id: Option<String>,
-    from: Option<DateTime<Utc>>,
-    to: Option<DateTime<Utc>>,
+/// What to replay: exactly one of an entity (`entityType` with `gatewayId`), a conversation
+/// (`conversationId`), or a time range (`from` with `to`; an empty or reversed range replays
+/// nothing). No other field, and no nulls.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(
+    dead_code,
+    reason = "describes the body for OpenAPI only; read by `selection`"
+)]
+pub enum ReplayRequest {
+    /// Every event of one entity.
+    #[schema(title = "Entity")]
+    Entity {
+        #[schema(rename = "entityType")]
+        entity_type: String,
+        #[schema(rename = "gatewayId")]
+        gateway_id: String,
+    },
+    /// Every event of the KCIs that came with this `X-Conversation-ID`.
+    #[schema(title = "Conversation")]
+    Conversation {
+        #[schema(rename = "conversationId")]
+        conversation_id: String,
+    },
+    /// Every event created in [from, to).
+    #[schema(title = "TimeRange")]
+    TimeRange {
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    },
 }
 
-impl ReplayRequest {
-    pub fn selection(self) -> Result<Selection, ApiError> {
-        Selection::replay(
-            self.entity_type,
-            self.gateway_id,
-            self.conversation_id,
-            self.from,
-            self.to,
-        )
-        .map_err(|problem| ApiError::Invalid(vec![problem]))
+/// Reads a replay body: exactly the fields of one kind of [`ReplayRequest`].
+fn replay_selection(body: &serde_json::Value) -> Result<Selection, ApiError> {
+    let invalid = |message: String| ApiError::Invalid(vec![message]);
+    let Some(object) = body.as_object() else {
+        return Err(invalid("body: must be a JSON object".to_owned()));
+    };
+    if let Some(unknown) = object.keys().find(|k| {
+        !["entityType", "gatewayId", "conversationId", "from", "to"].contains(&k.as_str())
+    }) {
+        return Err(invalid(format!("{unknown}: not a field of a replay")));
     }
+    // Present fields must have a value: a null is refused, not read as absent.
+    let text = |field: &str| match object.get(field) {
+        None => Ok(None),
+        Some(serde_json::Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(invalid(format!("{field}: must be a string"))),
+    };
+    let time = |field: &str| match object.get(field) {
+        None => Ok(None),
+        Some(serde_json::Value::String(text)) => DateTime::parse_from_rfc3339(text)
+            .map(|t| Some(t.with_timezone(&Utc)))
+            .map_err(|_| invalid(format!("{field}: must be an RFC 3339 date-time"))),
+        Some(_) => Err(invalid(format!("{field}: must be an RFC 3339 date-time"))),
+    };
+    Selection::replay(
+        text("entityType")?,
+        text("gatewayId")?,
+        text("conversationId")?,
+        time("from")?,
+        time("to")?,
+    )
+    .map_err(invalid)
 }
 
 /// `POST /api/v1/outbox/replay`: publish again (same message ids) what was already published.
 #[utoipa::path(post, path = "/api/v1/outbox/replay", tag = "operations", request_body = ReplayRequest,
-    responses((status = 200, description = "{requeued: n}"), (status = 422, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
+    responses((status = 200, description = "How many events were requeued", body = Requeued),
+              (status = 422, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn replay(
     request: HttpRequest,
-    body: web::Bytes,
+    payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     state.auth.operations(request.headers(), OpsRole::Admin)?;
-    let replay: ReplayRequest =
-        serde_json::from_slice(&body).map_err(|e| ApiError::Invalid(vec![format!("body: {e}")]))?;
-    let requeued = requeue(&state, replay.selection()?).await?;
+    let body = super::read_json_body(&request, payload, true)
+        .await?
+        .unwrap_or_default();
+    let requeued = requeue(&state, replay_selection(&body)?).await?;
     Ok(HttpResponse::Ok().json(json!({"requeued": requeued})))
 }
 

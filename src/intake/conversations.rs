@@ -16,33 +16,55 @@ use serde_json::Value;
 use super::begin_write;
 use crate::store::StoreError;
 
-/// An original request to register.
+/// An original request to register. What each field accepts is what the OpenAPI document says
+/// (checked by the test suite with schemathesis).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NewConversation {
-    /// The `X-Conversation-ID` the request carried.
+    /// The `X-Conversation-ID` the request carried: 1 to 255 characters, not blank (spaces
+    /// around it are dropped).
+    #[schema(min_length = 1, max_length = 255, pattern = r"[^ \t\n\r]")]
     pub conversation_id: String,
     /// Its `X-Request-ID`.
     pub request_id: Option<String>,
     /// `METHOD /path` of the Tenant API call, e.g. `POST /service-orders`.
+    #[schema(pattern = r"^(GET|POST|PUT|PATCH|DELETE) /[^ \t\n\r\x0B\x0C]*$")]
     pub operation: String,
     /// The request body as sent to the Tenant API.
     #[schema(value_type = Option<Object>)]
     pub request_body: Option<Value>,
-    /// `id` from the Tenant API's response, when known (a number or a string).
+    /// `id` from the Tenant API's response, when known: a positive whole number or a string
+    /// that is not blank (its exact schema is set in `crate::http::openapi`).
     #[schema(value_type = Option<String>)]
     pub gateway_id: Option<Value>,
-    /// The Tenant API's response status, when known.
-    pub response_status: Option<u16>,
+    /// The Tenant API's response status, when known (0 to 65535).
+    #[schema(value_type = Option<u16>)]
+    pub response_status: Option<Value>,
+}
+
+/// A JSON number that is a whole number (`42` or `42.0`, as JSON Schema's `integer` allows),
+/// within u64.
+fn whole_number(n: &serde_json::Number) -> Option<u64> {
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f < 18_446_744_073_709_551_616.0)
+            .map(|f| f as u64)
+    })
+}
+
+/// Text without the ASCII blanks around it (what "blank" means everywhere in the APIs, see
+/// [`crate::kci::parse::is_blank`]).
+fn trimmed(text: &str) -> &str {
+    text.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
 }
 
 impl NewConversation {
     /// Lists what is wrong with the request, each with its field.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        let id = self.conversation_id.trim();
-        if id.is_empty() || id.len() > 255 {
-            problems.push("conversationId: must be 1 to 255 characters".to_owned());
+        let id = trimmed(&self.conversation_id);
+        if id.is_empty() || self.conversation_id.chars().count() > 255 {
+            problems.push("conversationId: must be 1 to 255 characters, not blank".to_owned());
         }
         let valid_operation = self
             .operation
@@ -50,7 +72,7 @@ impl NewConversation {
             .is_some_and(|(method, path)| {
                 ["GET", "POST", "PUT", "PATCH", "DELETE"].contains(&method)
                     && path.starts_with('/')
-                    && !path.contains(char::is_whitespace)
+                    && !path.contains([' ', '\t', '\n', '\r', '\u{b}', '\u{c}'])
             });
         if !valid_operation {
             problems.push(
@@ -60,14 +82,32 @@ impl NewConversation {
         if self.gateway_id().is_err() {
             problems.push("gatewayId: must be a positive number or a non-empty string".to_owned());
         }
+        if self.response_status().is_err() {
+            problems.push("responseStatus: must be a whole number from 0 to 65535".to_owned());
+        }
         problems
     }
 
     fn gateway_id(&self) -> Result<Option<String>, ()> {
         match &self.gateway_id {
             None | Some(Value::Null) => Ok(None),
-            Some(Value::Number(n)) if n.as_u64().is_some_and(|n| n >= 1) => Ok(Some(n.to_string())),
-            Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.clone())),
+            Some(Value::Number(n)) => match whole_number(n) {
+                Some(id) if id >= 1 => Ok(Some(id.to_string())),
+                _ => Err(()),
+            },
+            Some(Value::String(s)) if !trimmed(s).is_empty() => Ok(Some(s.clone())),
+            Some(_) => Err(()),
+        }
+    }
+
+    /// The response status, 0 to 65535.
+    fn response_status(&self) -> Result<Option<u16>, ()> {
+        match &self.response_status {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => whole_number(n)
+                .and_then(|status| u16::try_from(status).ok())
+                .map(Some)
+                .ok_or(()),
             Some(_) => Err(()),
         }
     }
@@ -183,7 +223,7 @@ async fn register_once(
 ) -> Result<Registration, StoreError> {
     let write = begin_write(db).await?;
     let txn: &sea_orm::DatabaseTransaction = &write;
-    let conversation_id = new.conversation_id.trim();
+    let conversation_id = trimmed(&new.conversation_id);
     lock_conversations(txn, std::iter::once(conversation_id), true).await?;
     let gateway_id = new.gateway_id().ok().flatten();
     let entity_type = new.created_entity_type();
@@ -201,8 +241,9 @@ async fn register_once(
                 update.gateway_id = Set(gateway_id.clone());
                 changed = true;
             }
-            if existing.response_status.is_none() && new.response_status.is_some() {
-                update.response_status = Set(new.response_status.map(i32::from));
+            if existing.response_status.is_none() && new.response_status().ok().flatten().is_some()
+            {
+                update.response_status = Set(new.response_status().ok().flatten().map(i32::from));
                 changed = true;
             }
             let model = if changed {
@@ -220,7 +261,7 @@ async fn register_once(
                 entity_type: Set(entity_type.map(str::to_owned)),
                 gateway_id: Set(gateway_id.clone()),
                 request_body: Set(new.request_body.clone()),
-                response_status: Set(new.response_status.map(i32::from)),
+                response_status: Set(new.response_status().ok().flatten().map(i32::from)),
                 source: Set(source),
                 registered_at: Set(Utc::now()),
                 ..Default::default()

@@ -61,15 +61,17 @@ pub fn parse_kci_with(
     let id = check
         .required_str(root, "id", "")
         .and_then(|raw| match Uuid::try_parse(raw) {
-            Ok(id) => Some(id),
-            Err(_) => {
+            // The API's pattern is the hyphenated form only (spec 2.2).
+            Ok(id) if raw.len() == 36 => Some(id),
+            _ => {
                 check.problem("id", "must be a UUID (8-4-4-4-12 hexadecimal digits)");
                 None
             }
         });
     let supplier = check.required_str(root, "supplier", "").and_then(|raw| {
-        let valid = (1..=SUPPLIER_MAX_LEN).contains(&raw.chars().count())
-            && raw.chars().all(|c| c.is_alphanumeric() || c == '_');
+        // `\w` of the API's pattern is ECMA-262's (JSON Schema's): ASCII letters, digits, `_`.
+        let valid = (1..=SUPPLIER_MAX_LEN).contains(&raw.len())
+            && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if valid {
             Some(raw.to_owned())
         } else {
@@ -150,6 +152,13 @@ fn kind_of(value: &Value) -> &'static str {
     }
 }
 
+/// Empty, or only ASCII blanks (space, tab, CR, LF): what "must not be empty" means for every
+/// text the APIs take. The OpenAPI document says the same with the pattern `[^ \t\n\r]`, so
+/// that clients generated from it and the handlers agree to the character.
+pub fn is_blank(text: &str) -> bool {
+    text.chars().all(|c| matches!(c, ' ' | '\t' | '\n' | '\r'))
+}
+
 /// A value quoted in a problem message: at most 60 characters of it.
 fn shorten(value: &str) -> String {
     if value.chars().count() <= 60 {
@@ -189,7 +198,7 @@ impl Checker {
                 self.problem(path, "is required");
                 None
             }
-            Some(Value::String(s)) if s.trim().is_empty() => {
+            Some(Value::String(s)) if is_blank(s) => {
                 self.problem(path, "must not be empty");
                 None
             }
@@ -262,7 +271,10 @@ impl Checker {
         root: &Map<String, Value>,
         field: &str,
     ) -> Option<DateTime<Utc>> {
-        let raw = self.optional_str(root, field, "")?;
+        // An optional timestamp sent empty is read as not set (the raw body keeps it).
+        let raw = self
+            .optional_str(root, field, "")
+            .filter(|raw| !raw.is_empty())?;
         self.date_time(field, raw)
     }
 
@@ -351,7 +363,10 @@ impl Checker {
                     };
                     self.optional_str(note, "note", &prefix);
                     self.optional_str(note, "type", &prefix);
-                    if let Some(created) = self.optional_str(note, "created", &prefix) {
+                    if let Some(created) = self
+                        .optional_str(note, "created", &prefix)
+                        .filter(|created| !created.is_empty())
+                    {
                         self.date_time(&join(&prefix, "created"), created);
                     }
                 }
@@ -466,6 +481,14 @@ impl Checker {
                 None
             }
             Some(Value::Number(n)) if n.as_u64().is_some_and(|id| id >= 1) => Some(n.to_string()),
+            // A whole number written as a float (`12345.0`) is the same id.
+            Some(Value::Number(n))
+                if n.as_f64().is_some_and(|f| {
+                    f.fract() == 0.0 && (1.0..9.007_199_254_740_992e15).contains(&f)
+                }) =>
+            {
+                Some(format!("{}", n.as_f64().unwrap_or_default() as u64))
+            }
             Some(Value::Number(n)) => {
                 self.problem(
                     "entity.id",
@@ -476,9 +499,7 @@ impl Checker {
             // Gateway ids are numbers (spec 2.4); a string is accepted when it is a plausible id:
             // it becomes a key of ours, so it is short and printable.
             Some(Value::String(s))
-                if !s.trim().is_empty()
-                    && s.chars().count() <= 64
-                    && !s.chars().any(char::is_control) =>
+                if !is_blank(s) && s.chars().count() <= 64 && !s.chars().any(char::is_control) =>
             {
                 Some(s.clone())
             }

@@ -1,6 +1,5 @@
 //! Read queries of the operations API.
 
-use base64::Engine;
 use chrono::{DateTime, Utc};
 use entity::outbox_event::{self, OutboxStatus};
 use entity::tracked_entity::{self, Correlation};
@@ -68,7 +67,7 @@ impl Flag {
             "gap" => Flag::Gap,
             "anomaly" => Flag::Anomaly,
             "unknown_value" => Flag::UnknownValue,
-            "any" | "true" => Flag::Any,
+            "any" => Flag::Any,
             _ => return None,
         })
     }
@@ -174,20 +173,18 @@ pub struct Page<T: ToSchema> {
     pub next_cursor: Option<String>,
 }
 
-/// Cursors are opaque to callers: the last row id, encoded.
+/// A cursor: the id of the last row of the page, as decimal digits. Callers pass it back as
+/// they got it; any string of 1 to 18 digits is a valid cursor (it means "older than this row"),
+/// so that the document's pattern and the handler agree.
 pub fn encode_cursor(id: i64) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("id:{id}"))
+    id.to_string()
 }
 
 pub fn decode_cursor(cursor: &str) -> Option<i64> {
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()?;
-    String::from_utf8(bytes)
-        .ok()?
-        .strip_prefix("id:")?
-        .parse()
-        .ok()
+    if !(1..=18).contains(&cursor.len()) || !cursor.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    cursor.parse().ok()
 }
 
 /// Entities matching `filter`, newest first (by id: stable while new entities arrive).
@@ -600,6 +597,14 @@ pub struct SearchResult {
 pub async fn search(db: &impl ConnectionTrait, query: &str) -> Result<SearchResult, StoreError> {
     use tracked_entity::Column as C;
     let query = query.trim();
+    if query.is_empty() {
+        return Ok(SearchResult {
+            entities: Vec::new(),
+            conversations: Vec::new(),
+            audit: Vec::new(),
+            kcis: Vec::new(),
+        });
+    }
     let entities = tracked_entity::Entity::find()
         .filter(
             Condition::any()
@@ -641,10 +646,8 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
         assert_eq!(decode_cursor(&encode_cursor(42)), Some(42));
-        assert_eq!(decode_cursor("not a cursor"), None);
-        assert_eq!(
-            decode_cursor(&base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("id:x")),
-            None
-        );
+        for garbage in ["not a cursor", "", "-1", "+1", "1234567890123456789", "١٢"] {
+            assert_eq!(decode_cursor(garbage), None, "{garbage}");
+        }
     }
 }

@@ -10,6 +10,7 @@ mod auth;
 mod broker;
 mod cli;
 mod concurrency;
+mod contract;
 mod conversations;
 mod dashboard;
 mod egress;

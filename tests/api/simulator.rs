@@ -183,3 +183,66 @@ async fn creating_calls_through_the_egress_proxy_register_the_original_requests(
         0
     );
 }
+
+/// The drills are a tool, not a timed test: this runs each one briefly against the real binary
+/// (2 kills, 3-second outages and freeze, PostgreSQL; the kill drill on SQLite too) and checks
+/// that nothing acknowledged went missing and order held. The full drills are
+/// `kci-tools drill` (docs/reliability.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_drills_run_end_to_end_and_lose_nothing() {
+    use clap::Parser;
+    let args = kci_tools::cli::Cli::parse_from([
+        "kci-tools",
+        "drill",
+        "--kills",
+        "2",
+        "--kill-every-seconds",
+        "1.5",
+        "--broker-outage-seconds",
+        "3",
+        "--database-outage-seconds",
+        "3",
+        "--freeze-seconds",
+        "3",
+        "--rate",
+        "60",
+        "--sqlite",
+        "--postgres-url",
+        &std::env::var("KCI_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+        "--amqp-url",
+        &crate::helpers::amqp_url(),
+        "--service-binary",
+        env!("CARGO_BIN_EXE_kci-receiver"),
+    ]);
+    let kci_tools::cli::Command::Drill(args) = args.command else {
+        unreachable!("parsed as drill")
+    };
+    let findings = kci_tools::drill::run(args).await.expect("the drills run");
+    assert_eq!(
+        findings.len(),
+        5,
+        "four drills on PostgreSQL, one on SQLite"
+    );
+    for finding in &findings {
+        assert!(finding.delivery.acknowledged > 0, "{:?}", finding.drill);
+        assert!(finding.held(), "{:?} on {}", finding.drill, finding.store);
+    }
+    let freeze = findings
+        .iter()
+        .find(|f| f.drill == kci_tools::drill::Drill::DatabaseFreeze)
+        .unwrap();
+    assert!(
+        freeze.slowest_during_fault < std::time::Duration::from_secs(7),
+        "answered within the deadline while frozen: {:?}",
+        freeze.slowest_during_fault
+    );
+    assert!(
+        freeze
+            .during_fault
+            .keys()
+            .all(|status| status == "503" || status == "204"),
+        "{:?}",
+        freeze.during_fault
+    );
+}

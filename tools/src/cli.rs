@@ -23,6 +23,59 @@ pub enum Command {
     /// Measure throughput, latency, publish lag, backlog drain, memory and loss against
     /// PostgreSQL and RabbitMQ (and SQLite), and print the figures.
     Bench(BenchArgs),
+    /// Reliability drills under load: kill -9 of the service, broker outage, database outage,
+    /// database freeze; report what was acknowledged, what is missing, duplicates, order,
+    /// answers during each fault and recovery times.
+    Drill(DrillArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DrillArgs {
+    /// An administrative PostgreSQL URL; the drills create (and drop) their own database.
+    #[arg(
+        long,
+        env = "KCI_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub postgres_url: String,
+    #[arg(
+        long,
+        env = "KCI_BENCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Which drills, comma separated (default: all, in this order).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "kill,broker-outage,database-outage,database-freeze"
+    )]
+    pub only: Vec<crate::drill::Drill>,
+    /// kill -9s of the service.
+    #[arg(long, default_value_t = 20)]
+    pub kills: u32,
+    /// Seconds of load between two kills.
+    #[arg(long, default_value_t = 3.0)]
+    pub kill_every_seconds: f64,
+    #[arg(long, default_value_t = 60.0)]
+    pub broker_outage_seconds: f64,
+    #[arg(long, default_value_t = 20.0)]
+    pub database_outage_seconds: f64,
+    #[arg(long, default_value_t = 20.0)]
+    pub freeze_seconds: f64,
+    /// KCIs per second offered.
+    #[arg(long, default_value_t = 150.0)]
+    pub rate: f64,
+    /// POSTs in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Also run the kill drill on SQLite (the embedded default).
+    #[arg(long)]
+    pub sqlite: bool,
+    /// The kci-receiver binary (default: `kci-receiver` beside this program).
+    #[arg(long, env = "KCI_RECEIVER_BIN")]
+    pub service_binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -89,6 +142,9 @@ pub struct SimulateArgs {
     /// Gateway ids start here.
     #[arg(long, default_value_t = 1_000_000)]
     pub first_gateway_id: u64,
+    /// Like the gateway: send a KCI again after a 503 or no answer.
+    #[arg(long)]
+    pub retry_unavailable: bool,
 }
 
 #[derive(Debug, Args)]

@@ -4,12 +4,19 @@
 //! - [`simulator`]: a simulator of the Fibre Cafe gateway (and of its Tenant API);
 //! - [`bench`]: the benchmark, which starts the real `kci-receiver` binary and drives it with the
 //!   simulator;
-//! - [`tcp_proxy`]: a TCP proxy that can cut a connection to a dependency, used by the benchmark
-//!   and by the integration tests;
+//! - [`drill`]: the reliability drills (kill -9, broker outage, database outage and freeze, all
+//!   under load);
+//! - [`service`], [`delivery`]: the kci-receiver under test as a process of its own, and the
+//!   consumer that checks what reaches RabbitMQ (loss, duplicates, per-entity order);
+//! - [`tcp_proxy`]: a TCP proxy that can cut or freeze a connection to a dependency, used by the
+//!   benchmark, the drills and the integration tests;
 //! - [`cli`]: the `kci-tools` command line.
 
 pub mod bench;
 pub mod cli;
+pub mod delivery;
+pub mod drill;
+pub mod service;
 pub mod simulator;
 pub mod tcp_proxy;
 
@@ -40,6 +47,10 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         gap_chance: args.gaps,
         late_registration_chance: args.late_registrations,
         first_gateway_id: args.first_gateway_id,
+        retry_unavailable: args
+            .retry_unavailable
+            .then(|| std::time::Duration::from_secs(1)),
+        stop: None,
     };
     let tenant_api = match &args.serve_tenant_api {
         Some(address) => {

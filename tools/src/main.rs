@@ -12,5 +12,12 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Simulate(args) => kci_tools::simulate(args).await,
         Command::Bench(args) => kci_tools::bench::run(args).await.map(|_| ()),
+        Command::Drill(args) => {
+            let findings = kci_tools::drill::run(args).await?;
+            if !findings.iter().all(kci_tools::drill::Finding::held) {
+                anyhow::bail!("a drill lost acknowledged KCIs or broke per-entity order");
+            }
+            Ok(())
+        }
     }
 }

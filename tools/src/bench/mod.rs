@@ -8,39 +8,24 @@
 pub mod ceiling;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 use sea_orm::{ConnectionTrait, Database};
-use secrecy::SecretString;
 
 use crate::cli::BenchArgs;
+use crate::delivery::{self, Arrival, Consumer};
+use crate::service::{
+    ADMIN_PASSWORD, GATEWAY_PASSWORD, Service, host_port, machine, with_authority,
+};
 use crate::simulator::{self, Accepted, Report};
 use crate::tcp_proxy::TcpProxy;
-use kci_receiver::config::AmqpSettings;
-use kci_receiver::outbox::topology::Topology;
-
-const GATEWAY_PASSWORD: &str = "bench-gateway";
-const ADMIN_PASSWORD: &str = "bench-admin";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Store {
     Postgres,
     Sqlite,
-}
-
-/// A message as the benchmark's consumer received it.
-struct Arrival {
-    at: Instant,
-    kci_id: String,
-    entity: String,
 }
 
 #[derive(Default)]
@@ -75,7 +60,7 @@ pub struct StoreFigures {
 /// Runs the benchmark, prints its figures and returns the loss check of each store.
 pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<StoreFigures>> {
     println!("# kci-receiver benchmark");
-    let binary = service_binary(&args)?;
+    let binary = crate::service::binary(args.service_binary.as_deref())?;
     println!("{}", machine());
     let mut stores = vec![Store::Postgres];
     if !args.postgres_only {
@@ -100,264 +85,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<StoreFigures>> {
         });
     }
     Ok(results)
-}
-
-/// The kci-receiver binary under test: `--service-binary`, else `kci-receiver` beside this
-/// program.
-pub fn service_binary(args: &BenchArgs) -> anyhow::Result<PathBuf> {
-    let binary = match &args.service_binary {
-        Some(binary) => binary.clone(),
-        None => std::env::current_exe()?
-            .with_file_name(format!("kci-receiver{}", std::env::consts::EXE_SUFFIX)),
-    };
-    if !binary.is_file() {
-        anyhow::bail!(
-            "the kci-receiver binary is not at {}: build it first (cargo build --release --workspace) or pass --service-binary",
-            binary.display()
-        );
-    }
-    Ok(binary)
-}
-
-fn machine() -> String {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned());
-    let memory = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|info| {
-            info.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-                    / 1024
-                    / 1024
-            })
-        })
-        .unwrap_or(0);
-    format!("machine: {cores} cores ({cpu}), {memory} GiB memory")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// Host and port of an amqp:// or postgres:// URL.
-fn host_port(url: &str, default_port: u16) -> anyhow::Result<std::net::SocketAddr> {
-    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
-    let authority = rest.split('/').next().unwrap_or(rest);
-    let host = authority
-        .rsplit_once('@')
-        .map(|(_, h)| h)
-        .unwrap_or(authority);
-    let host = host.replace("localhost", "127.0.0.1");
-    let host = if host.contains(':') {
-        host
-    } else {
-        format!("{host}:{default_port}")
-    };
-    Ok(host.parse()?)
-}
-
-fn with_authority(url: &str, authority: &str, database: Option<&str>) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let (old_authority, tail) = rest.split_once('/').unwrap_or((rest, ""));
-    let userinfo = old_authority
-        .rsplit_once('@')
-        .map(|(u, _)| format!("{u}@"))
-        .unwrap_or_default();
-    let tail = match database {
-        Some(database) => match tail.split_once('?') {
-            Some((_, query)) => format!("{database}?{query}"),
-            None => database.to_owned(),
-        },
-        None => tail.to_owned(),
-    };
-    format!("{scheme}://{userinfo}{authority}/{tail}")
-}
-
-/// The kci-receiver under test, as its own process (so that its memory is its own).
-struct Service {
-    child: Child,
-    base_url: String,
-}
-
-impl Service {
-    fn start(
-        binary: &Path,
-        database_url: &str,
-        amqp: &AmqpSettings,
-        amqp_url: &str,
-    ) -> anyhow::Result<Service> {
-        let port = free_port()?;
-        // Its logs (the broker outage is noisy on purpose) go to a file, not into the figures.
-        let log = std::env::temp_dir().join(format!("{}.log", amqp.exchange));
-        println!("kci-receiver under test logs to {}", log.display());
-        let child = Command::new(binary)
-            .arg("serve")
-            .env("KCI_ENVIRONMENT", "bench-no-such-file")
-            .env("KCI__SERVER__PORT", port.to_string())
-            .env("KCI__DATABASE__URL", database_url)
-            .env("KCI__DATABASE__MAX_CONNECTIONS", "32")
-            .env("KCI__GATEWAY_AUTH__BASIC_PASSWORD", GATEWAY_PASSWORD)
-            .env("KCI__OPERATIONS_AUTH__ADMIN_PASSWORD", ADMIN_PASSWORD)
-            .env("KCI__AMQP__URL", amqp_url)
-            .env("KCI__AMQP__EXCHANGE", &amqp.exchange)
-            .env("KCI__AMQP__ALTERNATE_EXCHANGE", &amqp.alternate_exchange)
-            .env("KCI__AMQP__UNROUTED_QUEUE", &amqp.unrouted_queue)
-            .env("KCI__RELAY__RECONNECT_MAX_MS", "1000")
-            .env("KCI__LOG__FILTER", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(&log)?))
-            .spawn()?;
-        Ok(Service {
-            child,
-            base_url: format!("http://127.0.0.1:{port}"),
-        })
-    }
-
-    async fn wait_ready(&self, broker_up: bool) -> anyhow::Result<()> {
-        let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline {
-            if let Ok(response) = client.get(format!("{}/readyz", self.base_url)).send().await
-                && let Ok(body) = response.json::<serde_json::Value>().await
-                && body["status"] == "ready"
-                && (body["broker"]["status"] == "up") == broker_up
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::bail!("kci-receiver did not become ready (broker up: {broker_up})")
-    }
-
-    /// Peak resident memory so far (VmHWM), KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|status| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with("VmHWM:"))
-                    .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse().ok()))
-            })
-            .unwrap_or(0)
-    }
-
-    fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Everything the benchmark's queue receives.
-async fn consume(
-    amqp_url: &str,
-    amqp: &AmqpSettings,
-) -> anyhow::Result<(Connection, Arc<Mutex<Vec<Arrival>>>)> {
-    let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
-    let channel = connection.create_channel().await?;
-    Topology::from_settings(amqp).declare(&channel).await?;
-    channel.basic_qos(1000, BasicQosOptions::default()).await?;
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            amqp.exchange.as_str().into(),
-            "kci.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "bench".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    let arrivals = Arc::new(Mutex::new(Vec::new()));
-    let sink = arrivals.clone();
-    tokio::spawn(async move {
-        let _channel = channel;
-        while let Some(Ok(delivery)) = consumer.next().await {
-            let at = Instant::now();
-            let Ok(body) = serde_json::from_slice::<serde_json::Value>(&delivery.data) else {
-                continue;
-            };
-            let arrival = Arrival {
-                at,
-                kci_id: body["kci"]["id"].as_str().unwrap_or_default().to_owned(),
-                entity: format!("{}:{}", body["entity"]["type"], body["entity"]["gatewayId"]),
-            };
-            if let Ok(mut arrivals) = sink.lock() {
-                arrivals.push(arrival);
-            }
-        }
-    });
-    Ok((connection, arrivals))
-}
-
-fn distinct_arrived(arrivals: &Arc<Mutex<Vec<Arrival>>>) -> usize {
-    let arrivals = arrivals.lock().map(|a| {
-        a.iter()
-            .map(|x| x.kci_id.clone())
-            .collect::<std::collections::HashSet<_>>()
-            .len()
-    });
-    arrivals.unwrap_or(0)
-}
-
-async fn wait_for_arrivals(
-    arrivals: &Arc<Mutex<Vec<Arrival>>>,
-    expected: usize,
-    timeout: Duration,
-) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if distinct_arrived(arrivals) >= expected {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 fn options(
@@ -446,21 +173,28 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     .await?;
 
     let prefix = format!("kci-bench-{}", uuid::Uuid::new_v4().simple());
-    let amqp = AmqpSettings {
-        url: SecretString::from(args.amqp_url.clone()),
-        exchange: prefix.clone(),
-        alternate_exchange: format!("{prefix}.unrouted"),
-        unrouted_queue: format!("{prefix}.unrouted"),
-        queue_type: "classic".to_owned(),
-        declare_topology: true,
-        connect_timeout_ms: 5000,
-    };
-    let (consumer, arrivals) = consume(&args.amqp_url, &amqp).await?;
+    let amqp = delivery::amqp_settings(&args.amqp_url, &prefix);
+    let consumer = Consumer::start(&args.amqp_url, &amqp).await?;
     let broker = host_port(&args.amqp_url, 5672)?;
     let proxy = TcpProxy::start(broker).await;
     let service_amqp = with_authority(&args.amqp_url, &format!("127.0.0.1:{}", proxy.port), None);
-    let service = Service::start(binary, database_url, &amqp, &service_amqp)?;
-    service.wait_ready(true).await?;
+    let service = Service::start(
+        binary,
+        &prefix,
+        &[
+            ("KCI__DATABASE__URL", database_url.to_owned()),
+            ("KCI__DATABASE__MAX_CONNECTIONS", "32".to_owned()),
+            ("KCI__AMQP__URL", service_amqp),
+            ("KCI__AMQP__EXCHANGE", amqp.exchange.clone()),
+            (
+                "KCI__AMQP__ALTERNATE_EXCHANGE",
+                amqp.alternate_exchange.clone(),
+            ),
+            ("KCI__AMQP__UNROUTED_QUEUE", amqp.unrouted_queue.clone()),
+            ("KCI__RELAY__RECONNECT_MAX_MS", "1000".to_owned()),
+        ],
+    )?;
+    service.wait_ready(Some(true)).await?;
 
     let outcome = async {
         // Saturation.
@@ -498,12 +232,12 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         {
             accepted.entry(a.kci_id.clone()).or_insert(a.at);
         }
-        wait_for_arrivals(&arrivals, accepted.len(), Duration::from_secs(120)).await;
-        let lag = publish_lag(&arrivals, &half.accepted)?;
+        consumer.wait_for(&accepted, Duration::from_secs(120)).await;
+        let lag = consumer.with_arrivals(|arrivals| publish_lag(arrivals, &half.accepted))?;
 
         // Backlog drain: the broker goes away, KCIs keep coming, the broker comes back.
         proxy.cut();
-        service.wait_ready(false).await?;
+        service.wait_ready(Some(false)).await?;
         let backlog_entities = (args.backlog / 4).max(1);
         let mut backlog_options = options(&service.base_url, args.concurrency, 13, 30_000_000);
         backlog_options.orders = backlog_entities / 2;
@@ -515,21 +249,18 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         for a in &backlog.accepted {
             accepted.entry(a.kci_id.clone()).or_insert(a.at);
         }
-        let before = distinct_arrived(&arrivals);
+        let before = consumer.distinct();
         let restored = Instant::now();
         proxy.restore();
-        let drained = wait_for_arrivals(&arrivals, accepted.len(), Duration::from_secs(300)).await;
+        let drained = consumer.wait_for(&accepted, Duration::from_secs(300)).await;
         // The relay may be in its reconnect backoff when the broker returns: the wait for the
         // first message is reported apart from the drain itself.
-        let (first, last) = arrivals
-            .lock()
-            .map(|a| {
-                let after = a.iter().map(|x| x.at).filter(|at| *at >= restored);
-                (after.clone().min(), after.max())
-            })
-            .unwrap_or((None, None));
+        let (first, last) = consumer.with_arrivals(|a| {
+            let after = a.iter().map(|x| x.at).filter(|at| *at >= restored);
+            (after.clone().min(), after.max())
+        });
         let (first, last) = (first.unwrap_or(restored), last.unwrap_or(restored));
-        let drain_events = distinct_arrived(&arrivals).saturating_sub(before);
+        let drain_events = consumer.distinct().saturating_sub(before);
         if !drained {
             eprintln!(
                 "warning: not every accepted KCI arrived within 300 s of the broker's return"
@@ -557,18 +288,11 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         outcome?;
 
     // Loss, duplicates, order.
-    let check = {
-        let arrivals = arrivals
-            .lock()
-            .map_err(|_| anyhow::anyhow!("consumer poisoned"))?;
-        check_delivery(&arrivals, &accepted)
-    };
-    figures.accepted_distinct = accepted.len();
-    (
-        figures.arrived_distinct,
-        figures.duplicates,
-        figures.order_violations,
-    ) = check;
+    let check = consumer.with_arrivals(|arrivals| delivery::check(arrivals, &accepted));
+    figures.accepted_distinct = check.acknowledged;
+    figures.arrived_distinct = check.arrived;
+    figures.duplicates = check.duplicates;
+    figures.order_violations = check.order_violations;
     figures.saturation = Some(saturation);
     figures.half = Some(half);
     figures.fixed = fixed;
@@ -576,55 +300,12 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     figures.drain_events = drain_events;
     figures.drain_seconds = drain_seconds;
     figures.reconnect_seconds = reconnect_seconds;
-    delete_topology(&consumer, &amqp).await;
+    consumer.close().await;
     Ok(figures)
 }
 
-/// How many acknowledged KCIs arrived, how many duplicates came, and how many first arrivals
-/// came before a KCI about the same entity that was accepted earlier.
-fn check_delivery(
-    arrivals: &[Arrival],
-    accepted: &HashMap<String, Instant>,
-) -> (usize, usize, usize) {
-    let mut first_arrival: HashMap<&str, usize> = HashMap::new();
-    for (index, arrival) in arrivals.iter().enumerate() {
-        first_arrival
-            .entry(arrival.kci_id.as_str())
-            .or_insert(index);
-    }
-    let arrived = accepted
-        .keys()
-        .filter(|id| first_arrival.contains_key(id.as_str()))
-        .count();
-    let duplicates = arrivals.len() - first_arrival.len();
-    let mut last_accepted: HashMap<&str, Instant> = HashMap::new();
-    let mut order_violations = 0;
-    for (index, arrival) in arrivals.iter().enumerate() {
-        if first_arrival.get(arrival.kci_id.as_str()) != Some(&index) {
-            continue;
-        }
-        let Some(at) = accepted.get(&arrival.kci_id) else {
-            continue;
-        };
-        if last_accepted
-            .get(arrival.entity.as_str())
-            .is_some_and(|previous| at < previous)
-        {
-            order_violations += 1;
-        }
-        last_accepted.insert(arrival.entity.as_str(), *at);
-    }
-    (arrived, duplicates, order_violations)
-}
-
 /// From 204 to the consumer, for the KCIs of the fixed-rate phase (microseconds).
-fn publish_lag(
-    arrivals: &Arc<Mutex<Vec<Arrival>>>,
-    accepted: &[Accepted],
-) -> anyhow::Result<Histogram<u64>> {
-    let arrivals = arrivals
-        .lock()
-        .map_err(|_| anyhow::anyhow!("consumer poisoned"))?;
+fn publish_lag(arrivals: &[Arrival], accepted: &[Accepted]) -> anyhow::Result<Histogram<u64>> {
     let mut first: HashMap<&str, Instant> = HashMap::new();
     for arrival in arrivals.iter() {
         first.entry(arrival.kci_id.as_str()).or_insert(arrival.at);
@@ -641,20 +322,6 @@ fn publish_lag(
         }
     }
     Ok(histogram)
-}
-
-async fn delete_topology(connection: &Connection, amqp: &AmqpSettings) {
-    if let Ok(channel) = connection.create_channel().await {
-        let _ = channel
-            .queue_delete(amqp.unrouted_queue.as_str().into(), Default::default())
-            .await;
-        for exchange in [&amqp.exchange, &amqp.alternate_exchange] {
-            let _ = channel
-                .exchange_delete(exchange.as_str().into(), Default::default())
-                .await;
-        }
-    }
-    let _ = connection.close(200, "bench done".into()).await;
 }
 
 fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {

@@ -56,6 +56,11 @@ pub struct Options {
     pub late_registration_chance: f64,
     /// Gateway ids start here (different runs can use different ranges).
     pub first_gateway_id: u64,
+    /// Like the gateway: a KCI answered 503 (or not answered at all) is sent again after this
+    /// long (or its `Retry-After`, whichever is shorter), up to 100 times. None: never.
+    pub retry_unavailable: Option<Duration>,
+    /// Stop starting new POSTs once this is set (for drills that end a load from outside).
+    pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for Options {
@@ -80,8 +85,20 @@ impl Default for Options {
             gap_chance: 0.02,
             late_registration_chance: 0.05,
             first_gateway_id: 1_000_000,
+            retry_unavailable: None,
+            stop: None,
         }
     }
+}
+
+/// One answer to a `POST /kcis`, for timelines (drills).
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    /// When the answer came (or the request failed).
+    pub at: Instant,
+    /// The status; none when no answer came (connection refused or cut, timeout).
+    pub status: Option<u16>,
+    pub latency: Duration,
 }
 
 /// A KCI that got 204, and when.
@@ -103,6 +120,8 @@ pub struct Report {
     /// POST /kcis latency, microseconds.
     pub latency: Histogram<u64>,
     pub elapsed: Duration,
+    /// Every answer, in no particular order.
+    pub answers: Vec<Answer>,
 }
 
 impl Report {
@@ -178,6 +197,7 @@ struct WorkerTally {
     other_statuses: BTreeMap<u16, u64>,
     transport_errors: u64,
     registrations: u64,
+    answers: Vec<Answer>,
 }
 
 /// Runs the simulation to the end (or its duration).
@@ -222,6 +242,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         report_tally.accepted.extend(tally.accepted);
         report_tally.transport_errors += tally.transport_errors;
         report_tally.registrations += tally.registrations;
+        report_tally.answers.extend(tally.answers);
         for (status, count) in tally.other_statuses {
             *report_tally.other_statuses.entry(status).or_default() += count;
         }
@@ -235,16 +256,27 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         registrations: report_tally.registrations,
         latency,
         elapsed: shared.started.elapsed(),
+        answers: report_tally.answers,
     })
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.options
+            .duration
+            .is_some_and(|d| self.started.elapsed() >= d)
+            || self
+                .options
+                .stop
+                .as_ref()
+                .is_some_and(|stop| stop.load(Ordering::Relaxed))
+    }
 }
 
 async fn worker(shared: &Shared, tally: &mut WorkerTally, histogram: &mut Histogram<u64>) {
     let options = &shared.options;
     loop {
-        if options
-            .duration
-            .is_some_and(|d| shared.started.elapsed() >= d)
-        {
+        if shared.stopped() {
             return;
         }
         let index = shared.next.fetch_add(1, Ordering::Relaxed);
@@ -342,6 +374,7 @@ async fn register(shared: &Shared, story: &scenarios::Lifecycle, tally: &mut Wor
     }
 }
 
+/// Posts one KCI; like the gateway, again after a 503 or no answer when `retry_unavailable`.
 async fn post(
     shared: &Shared,
     body: &serde_json::Value,
@@ -349,6 +382,25 @@ async fn post(
     tally: &mut WorkerTally,
     histogram: &mut Histogram<u64>,
 ) {
+    for _ in 0..100 {
+        let retry_after = post_once(shared, body, conversation_id, tally, histogram).await;
+        match (retry_after, shared.options.retry_unavailable) {
+            (Some(retry_after), Some(delay)) if !shared.stopped() => {
+                tokio::time::sleep(retry_after.min(delay)).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// One attempt; returns how long to wait before trying again, when it should be tried again.
+async fn post_once(
+    shared: &Shared,
+    body: &serde_json::Value,
+    conversation_id: &str,
+    tally: &mut WorkerTally,
+    histogram: &mut Histogram<u64>,
+) -> Option<Duration> {
     if let Some(pacer) = &shared.pacer {
         pacer.lock().await.tick().await;
     }
@@ -369,18 +421,41 @@ async fn post(
     match sent {
         Ok(response) => {
             let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .map(Duration::from_secs)
+                .unwrap_or(Duration::from_secs(1));
             let _ = response.bytes().await;
             let now = Instant::now();
             let _ = histogram.record((now - started).as_micros().max(1) as u64);
+            tally.answers.push(Answer {
+                at: now,
+                status: Some(status),
+                latency: now - started,
+            });
             if status == 204 {
                 tally.accepted.push(Accepted {
                     kci_id: body["id"].as_str().unwrap_or_default().to_owned(),
                     at: now,
                 });
+                None
             } else {
                 *tally.other_statuses.entry(status).or_default() += 1;
+                (status == 503).then_some(retry_after)
             }
         }
-        Err(_) => tally.transport_errors += 1,
+        Err(_) => {
+            let now = Instant::now();
+            tally.answers.push(Answer {
+                at: now,
+                status: None,
+                latency: now - started,
+            });
+            tally.transport_errors += 1;
+            Some(Duration::from_secs(1))
+        }
     }
 }
