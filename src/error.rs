@@ -139,7 +139,10 @@ impl ApiError {
             code: self.code(),
             messages: self.messages(),
         };
-        if self.is_server_fault() {
+        if matches!(self, ApiError::Unavailable(_)) {
+            // Ours, but passing and handled (the caller retries): not a page for a person.
+            tracing::warn!(error.uuid = %body.uuid, error.code = body.code.as_str(), error = %self.cause_chain(), "request not served: temporarily unavailable");
+        } else if self.is_server_fault() {
             tracing::error!(error.uuid = %body.uuid, error.code = body.code.as_str(), error = %self.cause_chain(), "request failed");
         } else {
             tracing::info!(error.uuid = %body.uuid, error.code = body.code.as_str(), error = %self, "request rejected");

@@ -25,8 +25,10 @@ pub fn init(settings: &LogSettings) {
         !(metadata.target().starts_with("lapin") && *metadata.level() == tracing::Level::ERROR)
     });
     // stderr: stdout is for what commands print (`outbox dead` lines, `check-config`).
+    // Colours only on a terminal: a log file or `podman logs` gets plain text.
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let registry = tracing_subscriber::registry()
         .with(filter)
