@@ -268,11 +268,18 @@ impl Relay {
             relay
                 .health
                 .set(BrokerState::Connected { since: Utc::now() });
+            // The broker says at once when it blocks publishers (a resource alarm) and when it
+            // lets them go again: shown in /readyz as it happens, even mid-round.
+            let watcher = tokio::spawn(watch_blocking(
+                connection.events_listener(),
+                relay.health.clone(),
+            ));
             tracing::info!(broker = %redact_url(&url), exchange = %relay.amqp.exchange, "relay connected");
 
             let lost = self
                 .publish_until_lost(&connection, &channel, locks.as_mut(), &shutdown)
                 .await;
+            watcher.abort();
             // Closing politely must not hang on a broker that stopped answering.
             let _ = tokio::time::timeout(
                 Duration::from_secs(1),
@@ -333,11 +340,8 @@ impl Relay {
                 return Some("the channel closed".to_owned());
             }
             if connection.status().blocked() {
-                // The broker does not read what we send: wait, without holding anything.
-                relay.health.set(BrokerState::Blocked { since: Utc::now() });
-                tracing::warn!(
-                    "the broker blocked the connection (resource alarm); publishing paused"
-                );
+                // The broker does not read what we send: wait, without holding anything (the
+                // watcher of the connection's events keeps /readyz and the log up to date).
                 while connection.status().blocked() && connection.status().connected() {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -347,12 +351,8 @@ impl Relay {
                 if !connection.status().connected() {
                     return Some("connection closed while blocked".to_owned());
                 }
-                tracing::info!("the broker unblocked the connection; publishing again");
-                relay
-                    .health
-                    .set(BrokerState::Connected { since: Utc::now() });
             }
-            match self.round(channel, locks.as_deref_mut()).await {
+            match self.round(connection, channel, locks.as_deref_mut()).await {
                 Ok(handled) if handled >= relay.settings.batch_size as usize => continue,
                 Ok(handled) if handled > 0 => {
                     // A round that was not full: let events gather for a moment, so that a
@@ -380,6 +380,7 @@ impl Relay {
     /// One round; returns how many events were handled.
     async fn round(
         &self,
+        connection: &Connection,
         channel: &Channel,
         locks: Option<&mut EntityLocks>,
     ) -> Result<usize, RoundError> {
@@ -400,13 +401,16 @@ impl Relay {
             // whatever happened; unconfirmed events are still pending.
             Some(locks) => {
                 let locked = locks.lock_heads(&head_ids).await?;
-                let result = self.publish_and_record(channel, &locked).await;
+                let result = self.publish_and_record(connection, channel, &locked).await;
                 let released = locks.unlock_all().await;
                 let handled = result?;
                 released?;
                 Ok(handled)
             }
-            None => self.publish_and_record(channel, &head_ids).await,
+            None => {
+                self.publish_and_record(connection, channel, &head_ids)
+                    .await
+            }
         }
     }
 
@@ -414,6 +418,7 @@ impl Relay {
     /// another relay may have published them a moment ago), then records the outcomes.
     async fn publish_and_record(
         &self,
+        connection: &Connection,
         channel: &Channel,
         ids: &[i64],
     ) -> Result<usize, RoundError> {
@@ -422,7 +427,7 @@ impl Relay {
         if heads.is_empty() {
             return Ok(0);
         }
-        let outcomes = self.publish(channel, &heads).await;
+        let outcomes = self.publish(connection, channel, &heads).await;
         let txn = begin_write(&relay.db).await?;
         let handled = self.record(&*txn, &heads, &outcomes).await?;
         txn.commit().await?;
@@ -431,8 +436,15 @@ impl Relay {
     }
 
     /// Publishes every event, then waits for all confirms: sends and confirms together within
-    /// `confirm_timeout_ms`. An event that cannot be encoded is refused without being sent.
-    async fn publish(&self, channel: &Channel, events: &[outbox_event::Model]) -> Vec<Outcome> {
+    /// `confirm_timeout_ms`, not counting the time the broker blocks the connection (what was
+    /// sent is confirmed once it lets go: waiting is cheaper than publishing it all again). An
+    /// event that cannot be encoded is refused without being sent.
+    async fn publish(
+        &self,
+        connection: &Connection,
+        channel: &Channel,
+        events: &[outbox_event::Model],
+    ) -> Vec<Outcome> {
         let relay = &self.0;
         let mut outcomes: Vec<Outcome> = events.iter().map(|_| Outcome::NotSent).collect();
         let mut sendable = Vec::with_capacity(events.len());
@@ -471,8 +483,16 @@ impl Relay {
             join_all(sends).await
         };
         let timeout = Duration::from_millis(relay.settings.confirm_timeout_ms);
-        match tokio::time::timeout(timeout, publishing).await {
-            Ok(results) => {
+        let mut publishing = std::pin::pin!(publishing);
+        let results = loop {
+            match tokio::time::timeout(timeout, &mut publishing).await {
+                Ok(results) => break Some(results),
+                Err(_) if connection.status().blocked() && connection.status().connected() => {}
+                Err(_) => break None,
+            }
+        };
+        match results {
+            Some(results) => {
                 for (index, result) in results {
                     outcomes[index] = match result {
                         Ok(Confirmation::Ack(None)) => Outcome::Confirmed,
@@ -492,7 +512,7 @@ impl Relay {
                     };
                 }
             }
-            Err(_) => tracing::warn!(
+            None => tracing::warn!(
                 ?timeout,
                 "the broker did not confirm in time; the events stay pending"
             ),
@@ -539,6 +559,31 @@ impl Relay {
             }
         }
         Ok(handled)
+    }
+}
+
+/// Follows the connection's events: blocked and unblocked by the broker.
+async fn watch_blocking(
+    events: impl futures_util::Stream<Item = lapin::Event> + Send,
+    health: RelayHealth,
+) {
+    use futures_util::StreamExt;
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::ConnectionBlocked(reason) => {
+                health.set(BrokerState::Blocked { since: Utc::now() });
+                tracing::warn!(
+                    reason,
+                    "the broker blocks publishing (resource alarm); the relay waits, KCIs wait in the outbox"
+                );
+            }
+            lapin::Event::ConnectionUnblocked => {
+                health.set(BrokerState::Connected { since: Utc::now() });
+                tracing::info!("the broker unblocked publishing");
+            }
+            _ => {}
+        }
     }
 }
 

@@ -49,7 +49,7 @@ pub struct DrillArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "kill,broker-outage,database-outage,database-freeze"
+        default_value = "kill,broker-outage,database-outage,database-freeze,broker-blocked"
     )]
     pub only: Vec<crate::drill::Drill>,
     /// kill -9s of the service.
@@ -64,6 +64,10 @@ pub struct DrillArgs {
     pub database_outage_seconds: f64,
     #[arg(long, default_value_t = 20.0)]
     pub freeze_seconds: f64,
+    /// How long RabbitMQ blocks publishers (the broker-blocked drill sets its memory high
+    /// watermark to 0 with `rabbitmqctl`, for the whole broker, then back).
+    #[arg(long, default_value_t = 20.0)]
+    pub broker_blocked_seconds: f64,
     /// KCIs per second offered.
     #[arg(long, default_value_t = 150.0)]
     pub rate: f64,

@@ -5,7 +5,9 @@
 //! - **kill**: `kill -9` of the service, again and again, each time restarted on its port;
 //! - **broker outage**: RabbitMQ unreachable (connections refused and cut);
 //! - **database outage**: PostgreSQL unreachable;
-//! - **database freeze**: PostgreSQL hangs (connections open, nothing goes through).
+//! - **database freeze**: PostgreSQL hangs (connections open, nothing goes through);
+//! - **broker blocked**: RabbitMQ blocks publishers (`connection.blocked`, as on a memory
+//!   alarm: its high watermark set to 0 with `rabbitmqctl`, for the whole broker).
 //!
 //! For each drill it reports what was acknowledged (204), what of it is missing in the database
 //! and on RabbitMQ, duplicates, per-entity order violations, the answers given while the fault
@@ -34,6 +36,7 @@ pub enum Drill {
     BrokerOutage,
     DatabaseOutage,
     DatabaseFreeze,
+    BrokerBlocked,
 }
 
 impl Drill {
@@ -43,6 +46,7 @@ impl Drill {
             Drill::BrokerOutage => "broker outage under load",
             Drill::DatabaseOutage => "database outage under load",
             Drill::DatabaseFreeze => "database freeze under load",
+            Drill::BrokerBlocked => "broker blocks publishers under load",
         }
     }
 }
@@ -238,6 +242,7 @@ async fn drill_all(
             Drill::BrokerOutage => broker_outage(&mut rig, args).await?,
             Drill::DatabaseOutage => database_fault(&mut rig, args, false).await?,
             Drill::DatabaseFreeze => database_fault(&mut rig, args, true).await?,
+            Drill::BrokerBlocked => broker_blocked(&mut rig, args).await?,
         };
         let finding = Finding {
             store: store_name,
@@ -460,6 +465,96 @@ async fn broker_outage(rig: &mut Rig, args: &DrillArgs) -> anyhow::Result<Findin
             "first message {} after the broker returned; everything acknowledged during the outage published {} after",
             seconds(first),
             seconds(drained)
+        ),
+    })
+}
+
+/// RabbitMQ's memory high watermark (`rabbitmqctl`), e.g. `0.4`.
+fn memory_watermark() -> anyhow::Result<String> {
+    let status = std::process::Command::new("rabbitmqctl")
+        .arg("status")
+        .output()?;
+    let text = String::from_utf8_lossy(&status.stdout);
+    text.lines()
+        .find_map(|line| line.strip_prefix("Memory high watermark setting: "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("rabbitmqctl status did not tell the memory high watermark"))
+}
+
+fn set_memory_watermark(value: &str) -> anyhow::Result<()> {
+    let set = std::process::Command::new("rabbitmqctl")
+        .args(["set_vm_memory_high_watermark", value])
+        .output()?;
+    if !set.status.success() {
+        anyhow::bail!(
+            "rabbitmqctl set_vm_memory_high_watermark {value}: {}",
+            String::from_utf8_lossy(&set.stderr)
+        );
+    }
+    Ok(())
+}
+
+async fn broker_blocked(rig: &mut Rig, args: &DrillArgs) -> anyhow::Result<Finding> {
+    let before = memory_watermark()?;
+    let load = rig.load(25);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let began = Instant::now();
+    set_memory_watermark("0")?;
+    // Seen from outside while it lasts: /readyz, and no transaction held by the waiting relay.
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let mut seen_blocked = false;
+    let mut held_transactions = 0u64;
+    while began.elapsed() < Duration::from_secs_f64(args.broker_blocked_seconds) {
+        if let Ok(response) = client
+            .get(format!("{}/readyz", rig.service.base_url))
+            .send()
+            .await
+            && let Ok(body) = response.json::<serde_json::Value>().await
+        {
+            seen_blocked |= body["broker"]["status"] == "blocked";
+        }
+        if rig.database.get_database_backend() == sea_orm::DbBackend::Postgres {
+            let statement = Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*)::bigint AS n FROM pg_stat_activity WHERE datname = current_database() \
+                 AND state LIKE 'idle in transaction%' AND now() - state_change > interval '1 second'",
+            );
+            if let Ok(Some(row)) = rig.database.query_one_raw(statement).await {
+                held_transactions += row.try_get::<i64>("", "n").unwrap_or(0).max(0) as u64;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ended = Instant::now();
+    set_memory_watermark(&before)?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let report = load.finish().await?;
+    let (delivery, missing_in_database) = rig.verify(&report).await?;
+    let (during_fault, slowest) = answers_between(&report.answers, began, ended);
+    let first = rig.consumer.with_arrivals(|arrivals| {
+        arrivals
+            .iter()
+            .filter(|a| a.at >= ended)
+            .map(|a| a.at - ended)
+            .min()
+    });
+    Ok(Finding {
+        drill: Drill::BrokerBlocked,
+        store: "",
+        fault: format!(
+            "RabbitMQ blocks publishers for {} s (memory watermark 0); /readyz said blocked: {seen_blocked}; transactions held over 1 s meanwhile: {held_transactions}",
+            args.broker_blocked_seconds
+        ),
+        delivery,
+        missing_in_database,
+        during_fault,
+        slowest_during_fault: slowest,
+        recovery: format!(
+            "first message {} after the broker unblocked",
+            seconds(first)
         ),
     })
 }
