@@ -23,6 +23,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
     pub gateway_auth: GatewayAuthSettings,
+    pub tls: TlsSettings,
     pub operations_auth: OperationsAuthSettings,
     pub amqp: AmqpSettings,
     pub intake: IntakeSettings,
@@ -197,15 +198,52 @@ pub struct DatabaseSettings {
 pub enum GatewayAuthMethod {
     Basic,
     Jwt,
+    /// Mutual TLS: the gateway's client certificate, verified on the TLS listener (or by a
+    /// trusted TLS-terminating proxy that passes the identity on).
+    Mtls,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct GatewayAuthSettings {
-    /// `basic` or `jwt`.
+    /// `basic`, `jwt` or `mtls`.
     pub method: GatewayAuthMethod,
     pub basic_username: String,
     pub basic_password: Option<SecretString>,
     pub jwt: JwtSettings,
+    pub mtls: MtlsSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MtlsSettings {
+    /// Names the gateway's certificate must carry one of (subject CN, DNS or URI subject
+    /// alternative name, or e-mail); empty: any certificate the configured CA issued.
+    #[serde(default)]
+    pub allowed_names: Vec<String>,
+    /// Where a TLS-terminating proxy (an ingress) puts the verified client identity: the
+    /// subject (`CN=...,O=...`) or an Envoy-style `X-Forwarded-Client-Cert` value.
+    pub identity_header: String,
+    /// Addresses (`10.0.0.7`) or networks (`10.0.0.0/8`) of the proxies whose `identity_header`
+    /// is trusted; from anywhere else the header is ignored.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TlsSettings {
+    /// Serve HTTPS too, on `host:port`, besides plain HTTP on `server.host:server.port`.
+    pub enabled: bool,
+    pub host: String,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// PEM: the server's certificate chain, leaf first.
+    pub certificate_file: String,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub private_key_file: String,
+    /// PEM: the CAs client certificates must chain to; empty: no client certificate is asked.
+    pub client_ca_file: String,
+    /// The files are read again on SIGHUP and when they change (checked this often); 0: only on
+    /// SIGHUP.
+    pub reload_check_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -356,6 +394,25 @@ impl Settings {
                     );
                 }
             }
+            GatewayAuthMethod::Mtls => {
+                if !self.tls.enabled && self.gateway_auth.mtls.trusted_proxies.is_empty() {
+                    problems.push(
+                        "gateway_auth.method is mtls: enable tls (with tls.client_ca_file) or name the TLS-terminating proxies in gateway_auth.mtls.trusted_proxies".to_owned(),
+                    );
+                }
+                if self.tls.enabled && self.tls.client_ca_file.is_empty() {
+                    problems.push(
+                        "gateway_auth.method is mtls: set tls.client_ca_file, the CAs the gateway's certificate chains to".to_owned(),
+                    );
+                }
+                for proxy in &self.gateway_auth.mtls.trusted_proxies {
+                    if crate::auth::mtls::Network::parse(proxy).is_none() {
+                        problems.push(format!(
+                            "gateway_auth.mtls.trusted_proxies: {proxy:?} is not an address or network (10.0.0.0/8)"
+                        ));
+                    }
+                }
+            }
             GatewayAuthMethod::Jwt => {
                 let jwt = &self.gateway_auth.jwt;
                 if jwt.issuer.is_empty() {
@@ -388,6 +445,12 @@ impl Settings {
                 "relay.confirm_timeout_ms and amqp.connect_timeout_ms must be at least 1"
                     .to_owned(),
             );
+        }
+        if self.tls.enabled
+            && (self.tls.certificate_file.is_empty() || self.tls.private_key_file.is_empty())
+        {
+            problems
+                .push("tls.enabled: set tls.certificate_file and tls.private_key_file".to_owned());
         }
         if self.egress.enabled {
             let egress = &self.egress;

@@ -10,7 +10,7 @@
 //! - [`egress`]: the proxy to the Tenant API that records original requests on the way;
 //! - [`operations`]: the read model behind the operations API and the dashboard;
 //! - [`store`]: database connection, migrations, error classification, audit log;
-//! - [`auth`], [`config`], [`telemetry`], [`startup`];
+//! - [`auth`], [`config`], [`telemetry`], [`startup`], [`tls`] (the HTTPS listener);
 //! - [`cli`]: the `kci-receiver` command line and what each subcommand does.
 //!
 //! The gateway simulator and the benchmark are tools, not the service: they live in the
@@ -30,3 +30,4 @@ pub mod outbox;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

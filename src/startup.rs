@@ -22,6 +22,7 @@ use crate::telemetry::KciRootSpan;
 /// A bound, ready-to-run kci-receiver.
 pub struct Application {
     port: u16,
+    tls_port: Option<u16>,
     server: Server,
     relay: Option<JoinHandle<()>>,
     shutdown: CancellationToken,
@@ -109,6 +110,11 @@ impl Application {
             metrics,
             egress,
         });
+        let tls = match state.settings.tls.enabled {
+            true => Some(crate::tls::Tls::load(&state.settings.tls)?),
+            false => None,
+        };
+        let tls_address = (state.settings.tls.host.clone(), state.settings.tls.port);
         let mut server = HttpServer::new(move || {
             App::new()
                 .wrap_fn(crate::http::refuse_nul)
@@ -119,6 +125,7 @@ impl Application {
         })
         // actix binds with SO_REUSEADDR: a restarted instance gets its port back at once, also
         // after a kill -9 that left connections in TIME_WAIT.
+        .on_connect(crate::tls::on_connect)
         .bind((host.as_str(), requested_port))?
         .shutdown_timeout(shutdown_timeout.as_secs());
         let port = server
@@ -126,12 +133,22 @@ impl Application {
             .first()
             .map(|address| address.port())
             .unwrap_or(requested_port);
+        let mut tls_port = None;
+        if let Some(tls) = tls {
+            let plain = server.addrs().len();
+            server =
+                server.bind_rustls_0_23((tls_address.0.as_str(), tls_address.1), tls.config)?;
+            tls_port = server.addrs().get(plain).map(|address| address.port());
+            tls.reloader.watch(shutdown.child_token());
+            tracing::info!(port = tls_port, "kci-receiver listening for HTTPS");
+        }
         if workers > 0 {
             server = server.workers(workers);
         }
         tracing::info!(port, "kci-receiver listening");
         Ok(Application {
             port,
+            tls_port,
             server: server.run(),
             relay,
             shutdown,
@@ -141,6 +158,11 @@ impl Application {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The HTTPS listener's port, with `tls.enabled`.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
     }
 
     /// Serves until SIGTERM/SIGINT: in-flight requests finish, then the relay finishes its

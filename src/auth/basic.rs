@@ -1,7 +1,10 @@
-//! HTTP Basic (RFC 7617), compared in constant time.
+//! HTTP Basic (RFC 7617), compared in constant time: the SHA-256 digests of the expected and the
+//! given user and password are compared, so that neither the content nor the length of a
+//! credential shows in the time an answer takes.
 
 use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -23,23 +26,18 @@ impl BasicCredential {
         let Some(expected) = &self.password else {
             return false;
         };
-        let user_ok = self.username.as_bytes().ct_eq(username.as_bytes());
-        let password_ok = expected
-            .expose_secret()
-            .as_bytes()
-            .ct_eq(password.as_bytes());
+        let digest = |text: &str| Sha256::digest(text.as_bytes());
+        let user_ok = digest(&self.username).ct_eq(&digest(username));
+        let password_ok = digest(expected.expose_secret()).ct_eq(&digest(password));
         (user_ok & password_ok).into()
     }
 }
 
 /// Splits `Basic <base64(user:password)>`.
 pub(super) fn parse(authorization: &str) -> Result<(String, String), ApiError> {
-    let encoded = authorization
-        .strip_prefix("Basic ")
-        .or_else(|| authorization.strip_prefix("basic "))
-        .ok_or_else(|| {
-            ApiError::Unauthenticated("HTTP Basic credentials are required".to_owned())
-        })?;
+    let encoded = super::scheme_value(authorization, "Basic").ok_or_else(|| {
+        ApiError::Unauthenticated("HTTP Basic credentials are required".to_owned())
+    })?;
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(encoded.trim())
         .ok()

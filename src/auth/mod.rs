@@ -7,6 +7,7 @@
 
 mod basic;
 pub mod jwt;
+pub mod mtls;
 
 use actix_web::http::header::{AUTHORIZATION, HeaderMap};
 use secrecy::SecretString;
@@ -34,6 +35,7 @@ impl OpsRole {
 enum GatewayAuth {
     Basic(BasicCredential),
     Jwt(JwtVerifier),
+    Mtls(mtls::MtlsAuthenticator),
 }
 
 pub struct Authenticator {
@@ -46,6 +48,9 @@ pub fn gateway_challenge(method: GatewayAuthMethod) -> &'static str {
     match method {
         GatewayAuthMethod::Basic => "Basic realm=\"kci-receiver\", charset=\"UTF-8\"",
         GatewayAuthMethod::Jwt => "Bearer realm=\"kci-receiver\"",
+        // RFC 8120's scheme name for "use your client certificate" is not widely known; a
+        // plain realm tells a person what is expected.
+        GatewayAuthMethod::Mtls => "Mutual realm=\"kci-receiver\", client-certificate",
     }
 }
 
@@ -60,6 +65,9 @@ impl Authenticator {
                 gateway.basic_password.as_ref(),
             )),
             GatewayAuthMethod::Jwt => GatewayAuth::Jwt(JwtVerifier::new(&gateway.jwt)?),
+            GatewayAuthMethod::Mtls => {
+                GatewayAuth::Mtls(mtls::MtlsAuthenticator::new(&gateway.mtls))
+            }
         };
         let mut users = Vec::new();
         let configured: [(&String, &Option<SecretString>, OpsRole); 3] = [
@@ -97,10 +105,29 @@ impl Authenticator {
         }
     }
 
-    /// Authenticates the gateway on `POST /kcis`; returns who it is (for the audit log).
-    pub async fn gateway(&self, headers: &HeaderMap) -> Result<String, ApiError> {
+    /// Authenticates the gateway on `POST /kcis`; returns who it is (for the audit log), with
+    /// the client certificate of its TLS connection when it presented one.
+    pub async fn gateway(&self, request: &actix_web::HttpRequest) -> Result<String, ApiError> {
+        let tls = request.conn_data::<crate::tls::TlsConnection>();
+        let certificate = tls.and_then(|tls| tls.client.as_ref());
+        if let GatewayAuth::Mtls(authenticator) = &self.gateway {
+            return authenticator.authenticate(
+                certificate,
+                request.peer_addr().map(|a| a.ip()),
+                request.headers(),
+            );
+        }
+        let who = self.gateway_credentials(request.headers()).await?;
+        Ok(match certificate {
+            Some(certificate) => format!("{who} with {}", certificate.describe()),
+            None => who,
+        })
+    }
+
+    async fn gateway_credentials(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         let authorization = authorization(headers)?;
         match &self.gateway {
+            GatewayAuth::Mtls(_) => unreachable!("mutual TLS is decided before credentials"),
             GatewayAuth::Basic(expected) => {
                 let (username, password) = basic::parse(authorization)?;
                 if expected.matches(&username, &password) {
@@ -118,12 +145,9 @@ impl Authenticator {
                 Err(ApiError::Unauthenticated("Invalid credentials".to_owned()))
             }
             GatewayAuth::Jwt(verifier) => {
-                let token = authorization
-                    .strip_prefix("Bearer ")
-                    .or_else(|| authorization.strip_prefix("bearer "))
-                    .ok_or_else(|| {
-                        ApiError::Unauthenticated("A bearer token is required".to_owned())
-                    })?;
+                let token = scheme_value(authorization, "Bearer").ok_or_else(|| {
+                    ApiError::Unauthenticated("A bearer token is required".to_owned())
+                })?;
                 verifier.verify(token.trim()).await
             }
         }
@@ -155,6 +179,13 @@ impl Authenticator {
             }
         }
     }
+}
+
+/// The credentials after an authentication scheme name, which is case-insensitive (RFC 9110,
+/// section 11.1): `Basic`, `basic`, `BASIC` alike.
+pub(crate) fn scheme_value<'a>(authorization: &'a str, scheme: &str) -> Option<&'a str> {
+    let (name, value) = authorization.trim_start().split_once(' ')?;
+    name.eq_ignore_ascii_case(scheme).then(|| value.trim())
 }
 
 fn authorization(headers: &HeaderMap) -> Result<&str, ApiError> {

@@ -95,7 +95,7 @@ async fn accept(
     kind: &mut (&'static str, &'static str),
     deadline: tokio::time::Instant,
 ) -> Result<intake::Recorded, ApiError> {
-    audit.principal = Some(state.auth.gateway(request.headers()).await?);
+    audit.principal = Some(state.auth.gateway(request).await?);
 
     let request_id = required_id_header(request, X_REQUEST_ID)?;
     let conversation_id = required_id_header(request, X_CONVERSATION_ID)?;

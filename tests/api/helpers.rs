@@ -214,6 +214,8 @@ pub fn enable_egress(
 /// The application running in this test, with its own database.
 pub struct TestApp {
     pub address: String,
+    /// `https://127.0.0.1:<port>` with `tls.enabled`.
+    pub tls_address: Option<String>,
     /// A connection of the test's own, for looking at what the app stored.
     pub db: DatabaseConnection,
     pub client: reqwest::Client,
@@ -241,12 +243,16 @@ pub async fn spawn_on(database: TestDatabase, settings: Settings) -> TestApp {
         .await
         .expect("the application starts");
     let address = format!("http://127.0.0.1:{}", application.port());
+    let tls_address = application
+        .tls_port()
+        .map(|port| format!("https://127.0.0.1:{port}"));
     tokio::spawn(application.run_until_stopped());
     let db = Database::connect(database.url.as_str())
         .await
         .expect("connect to the test database");
     TestApp {
         address,
+        tls_address,
         db,
         client: reqwest::Client::new(),
         _database: database,

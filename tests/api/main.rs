@@ -19,6 +19,7 @@ mod faults;
 mod fixtures;
 mod group_commit;
 mod hostile;
+mod mtls;
 mod operations;
 mod outage;
 mod properties;
