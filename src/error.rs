@@ -66,6 +66,10 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("invalid request: {}", .0.join("; "))]
     Invalid(Vec<String>),
+    /// A request we will not carry out as asked (the egress proxy's path leaves the Tenant API):
+    /// 400 `INVALID_REQUEST`.
+    #[error("refused: {}", .0.join("; "))]
+    Refused(Vec<String>),
     #[error("not found: {0}")]
     NotFound(String),
     /// Our fault, and passing: the database is down, slow or overloaded, intake is full or
@@ -88,6 +92,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Refused(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream { status, .. } => *status,
@@ -101,7 +106,7 @@ impl ApiError {
             ApiError::Malformed(_)
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType(_) => ErrorCode::MalformedRequest,
-            ApiError::Invalid(_) => ErrorCode::InvalidRequest,
+            ApiError::Invalid(_) | ApiError::Refused(_) => ErrorCode::InvalidRequest,
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::Unavailable(_) | ApiError::Internal(_) => ErrorCode::TenantFault,
             ApiError::Upstream { .. } => ErrorCode::GatewayFault,
@@ -116,7 +121,9 @@ impl ApiError {
             | ApiError::NotFound(message)
             | ApiError::UnsupportedMediaType(message)
             | ApiError::Upstream { message, .. } => vec![message.clone()],
-            ApiError::Malformed(messages) | ApiError::Invalid(messages) => messages.clone(),
+            ApiError::Malformed(messages)
+            | ApiError::Invalid(messages)
+            | ApiError::Refused(messages) => messages.clone(),
             ApiError::PayloadTooLarge { limit } => {
                 vec![format!("Request body is larger than the {limit} bytes accepted")]
             }

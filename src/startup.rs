@@ -97,7 +97,10 @@ impl Application {
             Duration::from_millis(settings.metrics.refresh_interval_ms),
             shutdown.child_token(),
         );
+        let unrecorded = crate::egress::unrecorded::UnrecordedRequests::default();
+        unrecorded.start(db.clone(), shutdown.child_token());
         let state = web::Data::new(AppState {
+            unrecorded,
             db: db.clone(),
             intake,
             auth,

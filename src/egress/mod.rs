@@ -6,6 +6,8 @@
 //! create something KCIs will refer to are recorded as original requests, so that their KCIs are
 //! matched without any extra call (and entities that arrived earlier are matched at once).
 
+pub mod unrecorded;
+
 use std::time::{Duration, Instant};
 
 use actix_web::http::Method;
@@ -66,6 +68,87 @@ pub enum EgressError {
     Unreachable(String),
     #[error("no access token from the token endpoint: {0}")]
     Token(String),
+    /// The request would leave the Tenant API, or carries ids we cannot pass on: never sent.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The correlation ids a caller gives must be what the gateway's own APIs take (and what we can
+/// record): 1 to 255 printable ASCII characters.
+fn valid_id(value: &str) -> bool {
+    (1..=255).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) || b == b' ')
+}
+
+/// The upstream URL of a request: `base` joined with `path_and_query`, refused unless it stays
+/// under `base` (same scheme, host, port, and path prefix). The path must be plain: no dot
+/// segments, no empty segments, no backslash, and no percent-escape of `/`, `\`, `.`, `%` or a
+/// control character (decoded, any of them could step out of the base or be read so by the
+/// server); nothing is ever normalised away.
+pub fn confined_url(base: &str, path_and_query: &str) -> Result<reqwest::Url, String> {
+    let refused = |why: &str| format!("The path cannot be forwarded to the Tenant API: {why}");
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    if !path.starts_with('/') {
+        return Err(refused("it must start with /"));
+    }
+    let bytes = path.as_bytes();
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        match byte {
+            b'%' => {
+                let decoded = bytes
+                    .get(index + 1..index + 3)
+                    .and_then(|hex| std::str::from_utf8(hex).ok())
+                    .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                    .ok_or_else(|| refused("a broken percent-escape"))?;
+                if matches!(decoded, b'/' | b'\\' | b'.' | b'%')
+                    || decoded < 0x20
+                    || decoded == 0x7f
+                {
+                    return Err(refused(
+                        "an encoded slash, backslash, dot, percent or control character",
+                    ));
+                }
+                index += 3;
+            }
+            b'\\' => return Err(refused("a backslash")),
+            0x21..=0x7e => index += 1,
+            _ => return Err(refused("a character that must be percent-encoded")),
+        }
+    }
+    let segments: Vec<&str> = path[1..].split('/').collect();
+    for (position, segment) in segments.iter().enumerate() {
+        let last = position + 1 == segments.len();
+        if *segment == "." || *segment == ".." {
+            return Err(refused("a dot segment"));
+        }
+        if segment.is_empty() && !last {
+            return Err(refused("an empty segment"));
+        }
+    }
+    if query.is_some_and(|q| q.bytes().any(|b| b < 0x21 || b == 0x7f || b == b'#')) {
+        return Err(refused(
+            "a query string with characters that must be percent-encoded",
+        ));
+    }
+    let base_url = reqwest::Url::parse(base).map_err(|e| refused(&format!("bad base URL: {e}")))?;
+    let base_path = base_url.path().trim_end_matches('/').to_owned();
+    let joined = format!("{}{path_and_query}", base.trim_end_matches('/'));
+    let url = reqwest::Url::parse(&joined).map_err(|e| refused(&e.to_string()))?;
+    let stays = url.scheme() == base_url.scheme()
+        && url.host_str() == base_url.host_str()
+        && url.port_or_known_default() == base_url.port_or_known_default()
+        && url.path() == format!("{base_path}{path}");
+    if !stays {
+        return Err(refused("it leaves the Tenant API's base URL"));
+    }
+    Ok(url)
 }
 
 /// One request to send upstream.
@@ -202,12 +285,17 @@ impl EgressClient {
     /// Sends `outbound` to the Tenant API. A 401 to an idempotent request renews the token and
     /// tries once more; POST and PATCH are never sent twice.
     pub async fn send(&self, outbound: &Outbound) -> Result<Upstream, EgressError> {
-        let request_id = outbound
-            .header("x-request-id")
-            .unwrap_or_else(|| Uuid::new_v4().to_string());
-        let conversation_id = outbound
-            .header("x-conversation-id")
-            .unwrap_or_else(|| Uuid::new_v4().to_string());
+        let url = confined_url(&self.settings.upstream_base_url, &outbound.path_and_query)
+            .map_err(EgressError::Refused)?;
+        let id = |name: &str, display: &str| match outbound.header(name) {
+            Some(value) if valid_id(&value) => Ok(value),
+            Some(_) => Err(EgressError::Refused(format!(
+                "The {display} header must be 1 to 255 printable ASCII characters"
+            ))),
+            None => Ok(Uuid::new_v4().to_string()),
+        };
+        let request_id = id("x-request-id", "X-Request-ID")?;
+        let conversation_id = id("x-conversation-id", "X-Conversation-ID")?;
         let mut headers = HeaderMap::new();
         for (name, value) in &outbound.headers {
             if !is_forwarded(name) {
@@ -228,11 +316,6 @@ impl EgressClient {
                 headers.insert(name, value);
             }
         }
-        let url = format!(
-            "{}{}",
-            self.settings.upstream_base_url.trim_end_matches('/'),
-            outbound.path_and_query
-        );
         let method = reqwest::Method::from_bytes(outbound.method.as_str().as_bytes())
             .map_err(|e| EgressError::Unreachable(e.to_string()))?;
         let idempotent = matches!(
@@ -251,7 +334,7 @@ impl EgressClient {
             request_headers.insert(AUTHORIZATION, bearer);
             let response = self
                 .http
-                .request(method.clone(), &url)
+                .request(method.clone(), url.clone())
                 .headers(request_headers)
                 .body(outbound.body.clone())
                 .send()
@@ -331,5 +414,43 @@ mod tests {
         ));
         assert!(!creates_something(&Method::GET, "/service-orders"));
         assert!(!creates_something(&Method::POST, "/quote"));
+    }
+
+    #[test]
+    fn the_proxy_never_leaves_the_tenant_api() {
+        let base = "https://gateway.example/fibre-cafe/v1";
+        for path in [
+            "/service-orders",
+            "/service-orders/123?expand=updates",
+            "/service-orders/",
+            "/service-orders/ORD%2D1",
+        ] {
+            let url = confined_url(base, path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(
+                url.as_str()
+                    .starts_with("https://gateway.example/fibre-cafe/v1/"),
+                "{url}"
+            );
+        }
+        for path in [
+            "/../../oauth/token",
+            "/%2e%2e/oauth/token",
+            "/%2E%2E/oauth/token",
+            "/x/../service-orders",
+            "/./service-orders",
+            "/service-orders%2f..%2f..%2foauth",
+            "/service-orders%5c..",
+            "/..\\oauth",
+            "//evil.example/x",
+            "/a//b",
+            "/%252e%252e/oauth",
+            "/%00",
+            "/%zz",
+            "/a b",
+            "service-orders",
+            "/x?y=1#frag",
+        ] {
+            assert!(confined_url(base, path).is_err(), "{path} must be refused");
+        }
     }
 }

@@ -122,9 +122,10 @@ async fn forward(
     };
 
     let upstream = client.send(&outbound).await.map_err(|error| {
-        let status = match error {
+        let status = match &error {
             EgressError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             EgressError::Unreachable(_) | EgressError::Token(_) => StatusCode::BAD_GATEWAY,
+            EgressError::Refused(message) => return ApiError::Refused(vec![message.clone()]),
         };
         ApiError::Upstream {
             status,
@@ -185,21 +186,50 @@ async fn forward(
         audit.outcome = "PROXIED_UPSTREAM_ERROR".to_owned();
         return Ok((answer.body(bytes), ids));
     }
-    let registration = record_original_request(
-        &state.db,
-        &outbound,
-        &upstream.request_id,
-        &upstream.conversation_id,
-        status.as_u16(),
-        &bytes,
+    // The gateway has answered: whatever happens to the recording, its answer goes back
+    // unchanged (a "please retry" would place the order twice). A recording that fails now is
+    // retried in the background.
+    let recorded = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        record_original_request(
+            &state.db,
+            &outbound,
+            &upstream.request_id,
+            &upstream.conversation_id,
+            status.as_u16(),
+            &bytes,
+        ),
     )
-    .await?;
-    tracing::info!(
-        conversation_id = %upstream.conversation_id,
-        operation = %registration.conversation.operation,
-        gateway_id = ?registration.conversation.gateway_id,
-        matched = registration.matched_entities,
-        "original request recorded by the egress proxy"
-    );
+    .await;
+    match recorded {
+        Ok(Ok(registration)) => tracing::info!(
+            conversation_id = %upstream.conversation_id,
+            operation = %registration.conversation.operation,
+            gateway_id = ?registration.conversation.gateway_id,
+            matched = registration.matched_entities,
+            "original request recorded by the egress proxy"
+        ),
+        failure => {
+            let error = match failure {
+                Ok(Err(error)) => error.to_string(),
+                _ => "no answer from the database within 5 s".to_owned(),
+            };
+            tracing::warn!(
+                conversation_id = %upstream.conversation_id,
+                request_id = %upstream.request_id,
+                error,
+                "the gateway answered, but the original request could not be recorded yet; retrying in the background"
+            );
+            audit.outcome = "PROXIED_NOT_RECORDED_YET".to_owned();
+            state.unrecorded.add(
+                &outbound,
+                &upstream.request_id,
+                &upstream.conversation_id,
+                status.as_u16(),
+                &bytes,
+                error,
+            );
+        }
+    }
     Ok((answer.body(bytes), ids))
 }

@@ -38,6 +38,7 @@ pub struct Backlog {
 pub struct Metrics {
     backlog: Arc<Mutex<Option<Backlog>>>,
     relay_restarts: IntCounter,
+    unrecorded: IntGauge,
     registry: Registry,
     kcis_received: IntCounterVec,
     request_duration: HistogramVec,
@@ -109,6 +110,11 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
+        let unrecorded = IntGauge::new(
+            "egress_unrecorded_requests",
+            "Creating calls the gateway answered through the egress proxy whose original request waits to be recorded",
+        )
+        .expect("valid metric");
         let relay_restarts = IntCounter::new(
             "relay_restarts_total",
             "Times this process's relay failed (a panic or an unexpected error) and was restarted",
@@ -125,6 +131,7 @@ impl Metrics {
             Box::new(refused.clone()),
             Box::new(pool.clone()),
             Box::new(relay_restarts.clone()),
+            Box::new(unrecorded.clone()),
         ] {
             registry
                 .register(collector)
@@ -133,6 +140,7 @@ impl Metrics {
         Metrics {
             backlog: Arc::new(Mutex::new(None)),
             relay_restarts,
+            unrecorded,
             registry,
             kcis_received,
             request_duration,
@@ -275,6 +283,7 @@ async fn refresh(
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let metrics = &state.metrics;
+    metrics.unrecorded.set(state.unrecorded.len() as i64);
     let restarts = state.relay_health.restarts();
     metrics
         .relay_restarts

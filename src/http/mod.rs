@@ -45,6 +45,8 @@ pub struct AppState {
     pub audit: crate::store::audit::AuditSink,
     /// `kci.entity_type_aliases`, resolved.
     pub entity_type_aliases: std::collections::HashMap<String, crate::kci::EntityType>,
+    /// Creating calls answered by the gateway whose recording waits for the database.
+    pub unrecorded: crate::egress::unrecorded::UnrecordedRequests,
     /// `/openapi.json` for this configuration, serialized once.
     pub openapi: web::Bytes,
 }

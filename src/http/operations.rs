@@ -450,7 +450,9 @@ pub async fn get_attention(
     let stuck_for = duration("stuckFor", &query.stuck_for)?;
     let since = Utc::now() - duration("anomaliesWithin", &query.anomalies_within)?;
     let limit = page_size(query.limit, MAX_LIMIT)?;
-    Ok(HttpResponse::Ok().json(queries::attention(&state.db, stuck_for, since, limit).await?))
+    let mut attention = queries::attention(&state.db, stuck_for, since, limit).await?;
+    attention.unrecorded_original_requests = state.unrecorded.list();
+    Ok(HttpResponse::Ok().json(attention))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

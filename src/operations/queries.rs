@@ -483,6 +483,10 @@ pub struct Attention {
     pub unlisted_types: Counted<tracked_entity::Model>,
     /// Conflicting redeliveries and illegal transitions since `since`.
     pub recent_anomalies: Counted<state_transition::Model>,
+    /// Creating calls the gateway answered through the egress proxy whose original request is
+    /// not recorded yet (the database was unavailable); retried in the background, in this
+    /// instance's memory.
+    pub unrecorded_original_requests: Vec<crate::egress::unrecorded::UnrecordedRequest>,
 }
 
 pub async fn attention(
@@ -578,6 +582,7 @@ pub async fn attention(
         held_entities,
         unlisted_types,
         recent_anomalies,
+        unrecorded_original_requests: Vec::new(),
     })
 }
 

@@ -603,3 +603,130 @@ async fn the_egress_request_subcommand_uses_the_same_client() {
     assert_eq!(recorded.len(), 1);
     assert_eq!(recorded[0].gateway_id.as_deref(), Some("777001"));
 }
+
+/// Sends a request with its path exactly as written (an HTTP client would normalise `..`
+/// before sending); returns the status and the body.
+async fn raw_request(app: &TestApp, method: &str, path: &str, extra: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = app.address.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode(format!("{ADMIN_USER}:{ADMIN_PASSWORD}"));
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Basic {credentials}\r\n\
+         Content-Type: application/json\r\nContent-Length: 2\r\n{extra}Connection: close\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_proxy_never_leaves_the_tenant_api_and_checks_ids_before_anything_goes_upstream() {
+    let fake = FakeGateway::start().await;
+    let app = spawn_with_egress(&fake, &format!("{}/v1", fake.base)).await;
+    for (method, path) in [
+        ("GET", "/fibre-cafe/v1/../../token"),
+        ("GET", "/fibre-cafe/v1/%2e%2e/token"),
+        ("GET", "/fibre-cafe/v1/%2E%2E/%2E%2E/token"),
+        ("POST", "/fibre-cafe/v1/x/../service-orders"),
+        ("GET", "/fibre-cafe/v1/service-orders%2f..%2f..%2ftoken"),
+        ("GET", "/fibre-cafe/v1/..%5ctoken"),
+        ("GET", "/fibre-cafe/v1/a\\..\\token"),
+        ("GET", "/fibre-cafe/v1//token"),
+        ("GET", "/fibre-cafe/v1/%252e%252e/token"),
+    ] {
+        let (status, body) = raw_request(&app, method, path, "").await;
+        assert_eq!(status, 400, "{method} {path}: {body}");
+        assert!(body.contains("INVALID_REQUEST"), "{path}: {body}");
+    }
+    for (header, value) in [
+        ("X-Conversation-ID", "c".repeat(256)),
+        ("X-Request-ID", "r".repeat(300)),
+    ] {
+        let (status, body) = raw_request(
+            &app,
+            "POST",
+            "/fibre-cafe/v1/service-orders",
+            &format!("{header}: {value}\r\n"),
+        )
+        .await;
+        assert_eq!(status, 400, "{header}: {body}");
+    }
+    let state = fake.state.lock().unwrap();
+    assert!(
+        state.received.is_empty(),
+        "nothing went upstream: {:?}",
+        state.received
+    );
+    assert_eq!(state.token_requests, 0, "not even a token was asked for");
+}
+
+#[tokio::test]
+async fn a_recording_that_fails_never_turns_the_gateways_answer_into_a_retry() {
+    let fake = FakeGateway::start().await;
+    let database = crate::helpers::TestDatabase::create(Backend::Postgres).await;
+    let proxy = crate::helpers::TcpProxy::start(database.postgres_addr()).await;
+    let mut settings = crate::helpers::test_settings(&database.url_via_port(proxy.port));
+    crate::helpers::enable_egress(
+        &mut settings,
+        format!("{}/v1", fake.base),
+        format!("{}/token", fake.base),
+        (CLIENT_ID, CLIENT_SECRET),
+    );
+    settings.database.acquire_timeout_ms = 1000;
+    let app = crate::helpers::spawn_on(database, settings).await;
+
+    proxy.cut();
+    let created = through(&app, reqwest::Method::POST, "/service-orders")
+        .header("X-Conversation-ID", "conv-unrecorded")
+        .json(&json!({"orderType": "NEW"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        created.status().as_u16(),
+        201,
+        "the gateway's answer, unchanged"
+    );
+    assert_eq!(created.json::<Value>().await.unwrap()["id"], 777001);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("kci_receiver_egress_unrecorded_requests 1"),
+        "{metrics}"
+    );
+
+    proxy.restore();
+    assert!(
+        crate::helpers::eventually(Duration::from_secs(20), || async {
+            app.count(
+                "FROM conversation WHERE conversation_id = 'conv-unrecorded' AND source = 'EGRESS'",
+            )
+            .await
+                == 1
+        })
+        .await,
+        "recorded in the background once the database is back"
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("kci_receiver_egress_unrecorded_requests 0"),
+        "{metrics}"
+    );
+    let posted = fake
+        .state
+        .lock()
+        .unwrap()
+        .received
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(posted, 1, "the order was placed once");
+}
