@@ -167,6 +167,21 @@ pub struct ServerSettings {
     pub retry_after_seconds: u32,
     /// Largest request body kept in the audit log; larger bodies are recorded by size only.
     pub audit_body_limit_bytes: usize,
+    /// The public origins of the service (`https://kci.example.com`) when a reverse proxy
+    /// rewrites `Host`: a state-changing request whose `Origin` is neither its `Host` nor one of
+    /// these is 403 (see `http::access::refuse_cross_site`).
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Failed authentications a source may have per minute; over it, it gets 429 until its
+    /// allowance comes back.
+    pub auth_failures_per_minute: u32,
+    /// Failed authentication is audited as one record per source, method and path per window
+    /// of this many seconds.
+    pub auth_failure_audit_seconds: u64,
+    /// Addresses or networks of reverse proxies: for requests from them, the client's address
+    /// is the last of `X-Forwarded-For` (for lockouts and the audit log).
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
     /// On SIGTERM: in-flight requests get this long to finish, then the relay's round; the
     /// process exits within it.
     pub shutdown_timeout_seconds: u64,

@@ -66,6 +66,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("invalid request: {}", .0.join("; "))]
     Invalid(Vec<String>),
+    /// The source failed authentication too often: it waits (429 + `Retry-After`).
+    #[error("too many failed authentications from this source")]
+    TooManyRequests { retry_after_seconds: u64 },
     /// A request we will not carry out as asked (the egress proxy's path leaves the Tenant API):
     /// 400 `INVALID_REQUEST`.
     #[error("refused: {}", .0.join("; "))]
@@ -93,6 +96,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Refused(_) => StatusCode::BAD_REQUEST,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream { status, .. } => *status,
@@ -102,7 +106,9 @@ impl ApiError {
 
     pub fn code(&self) -> ErrorCode {
         match self {
-            ApiError::Unauthenticated(_) | ApiError::Forbidden(_) => ErrorCode::NotAuthorised,
+            ApiError::Unauthenticated(_)
+            | ApiError::Forbidden(_)
+            | ApiError::TooManyRequests { .. } => ErrorCode::NotAuthorised,
             ApiError::Malformed(_)
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType(_) => ErrorCode::MalformedRequest,
@@ -131,6 +137,9 @@ impl ApiError {
                 "Tenant Update API is temporarily unavailable - the update was not recorded, please retry".to_owned(),
             ],
             ApiError::Internal(_) => vec!["Unexpected system error".to_owned()],
+            ApiError::TooManyRequests { retry_after_seconds } => vec![format!(
+                "Too many failed authentications from this address: try again in {retry_after_seconds} s"
+            )],
         }
     }
 
@@ -172,8 +181,16 @@ impl ApiError {
     /// The full response: status, error body and, for 503, `Retry-After`.
     pub fn response(&self, body: &ErrorBody, retry_after_seconds: u32) -> HttpResponse {
         let mut response = HttpResponse::build(self.status());
-        if matches!(self, ApiError::Unavailable(_)) {
-            response.insert_header(("Retry-After", retry_after_seconds.to_string()));
+        match self {
+            ApiError::Unavailable(_) => {
+                response.insert_header(("Retry-After", retry_after_seconds.to_string()));
+            }
+            ApiError::TooManyRequests {
+                retry_after_seconds,
+            } => {
+                response.insert_header(("Retry-After", retry_after_seconds.to_string()));
+            }
+            _ => {}
         }
         response.json(body)
     }

@@ -99,12 +99,20 @@ impl Application {
         );
         let unrecorded = crate::egress::unrecorded::UnrecordedRequests::default();
         unrecorded.start(db.clone(), shutdown.child_token());
+        let audit = crate::store::audit::AuditSink::start(db.clone(), shutdown.child_token());
+        let auth_failures = crate::http::access::AuthFailures::new(
+            settings.server.auth_failures_per_minute,
+            &settings.server.trusted_proxies,
+            Duration::from_secs(settings.server.auth_failure_audit_seconds),
+        );
+        auth_failures.start(audit.clone(), shutdown.child_token());
         let state = web::Data::new(AppState {
+            auth_failures,
             unrecorded,
             db: db.clone(),
             intake,
             auth,
-            audit: crate::store::audit::AuditSink::start(db.clone(), shutdown.child_token()),
+            audit,
             entity_type_aliases: settings.kci.aliases(),
             openapi: serde_json::to_vec(&crate::http::openapi::document(&settings))?.into(),
             settings: Arc::new(settings),
@@ -120,6 +128,7 @@ impl Application {
         let tls_address = (state.settings.tls.host.clone(), state.settings.tls.port);
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(crate::http::access::guard)
                 .wrap_fn(crate::http::refuse_nul)
                 .wrap_fn(crate::http::timing)
                 .wrap(TracingLogger::<KciRootSpan>::new())

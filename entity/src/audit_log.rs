@@ -35,6 +35,10 @@ pub struct Model {
     pub kci_id: Option<Uuid>,
     pub received_at: chrono::DateTime<chrono::Utc>,
     pub duration_ms: i64,
+    /// How many requests this record stands for: 1, or, for failed authentication (audited
+    /// aggregated per source and window), the attempts of that source in the window, of which
+    /// this record is the first (`received_at`) and the rest alike.
+    pub attempts: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -11,6 +11,7 @@ mod m20261122_000001_intake_tables;
 mod m20261122_000002_outbox_relay;
 mod m20261122_000003_outbox_window_scan;
 mod m20261124_000004_payload_as_text;
+mod m20261124_000005_audit_attempts;
 
 pub struct Migrator;
 
@@ -22,6 +23,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000002_outbox_relay::Migration),
             Box::new(m20261122_000003_outbox_window_scan::Migration),
             Box::new(m20261124_000004_payload_as_text::Migration),
+            Box::new(m20261124_000005_audit_attempts::Migration),
         ]
     }
 }

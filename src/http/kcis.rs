@@ -154,10 +154,13 @@ fn reject(error: &ApiError, state: &AppState, mut audit: AuditRecord) -> HttpRes
         _ => "REJECTED",
     }
     .to_owned();
-    if matches!(error, ApiError::Unavailable(_)) {
-        tracing::warn!(audit = ?audit_summary(&audit), "not audited in the database: it is unavailable");
-    } else {
-        state.audit.record(audit);
+    match error {
+        ApiError::Unavailable(_) => {
+            tracing::warn!(audit = ?audit_summary(&audit), "not audited in the database: it is unavailable");
+        }
+        // Audited aggregated per source by `access::guard`: never a write per attempt.
+        ApiError::Unauthenticated(_) | ApiError::Forbidden(_) => {}
+        _ => state.audit.record(audit),
     }
     response
 }

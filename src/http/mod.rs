@@ -4,6 +4,7 @@
 //! - `/api/v1/...` ([`operations`], [`conversations`], [`outbox`]): the operations API;
 //! - `/dashboard`, `/metrics`, `/openapi.json`, `/healthz`, `/readyz`.
 
+pub mod access;
 pub mod conversations;
 pub mod dashboard;
 pub mod egress;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub audit: crate::store::audit::AuditSink,
     /// `kci.entity_type_aliases`, resolved.
     pub entity_type_aliases: std::collections::HashMap<String, crate::kci::EntityType>,
+    /// Failed authentication: lockouts and the aggregated audit (see [`access`]).
+    pub auth_failures: std::sync::Arc<access::AuthFailures>,
     /// Creating calls answered by the gateway whose recording waits for the database.
     pub unrecorded: crate::egress::unrecorded::UnrecordedRequests,
     /// `/openapi.json` for this configuration, serialized once.
@@ -78,6 +81,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
         cfg.service(
             web::scope(prefix)
                 .guard(egress::proxied_method())
+                .wrap_fn(access::refuse_cross_site)
                 .default_service(web::to(egress::proxy)),
         )
         .service(
@@ -102,6 +106,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
     .service(resource!("/dashboard", get => dashboard::dashboard))
     .service(
         web::scope("/api/v1")
+            .wrap_fn(access::refuse_cross_site)
             .service(resource!("/service-orders", get => ops::list_service_orders))
             .service(resource!("/service-orders/{id}", get => ops::get_service_order))
             .service(resource!("/service-orders/{id}/history", get => ops::service_order_history))
@@ -204,16 +209,33 @@ async fn openapi_doc(state: web::Data<AppState>) -> HttpResponse {
 
 /// The audit record of a request as it arrives; handlers fill in the rest as they go.
 pub(crate) fn audit_record(request: &actix_web::HttpRequest) -> crate::store::audit::AuditRecord {
+    audit_record_of(request.head(), request.peer_addr())
+}
+
+/// [`audit_record`], from the request's head (what a middleware can keep of a request while its
+/// handler runs).
+pub(crate) fn audit_record_of(
+    head: &actix_web::dev::RequestHead,
+    peer: Option<std::net::SocketAddr>,
+) -> crate::store::audit::AuditRecord {
+    // A header as trimmed text; none when absent, empty or not text.
+    let text = |name: &str| {
+        head.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
     crate::store::audit::AuditRecord {
-        request_id: header_text(request, "x-request-id"),
-        conversation_id: header_text(request, "x-conversation-id"),
-        method: request.method().to_string(),
-        path: request.uri().to_string(),
-        remote_addr: request.peer_addr().map(|a| a.ip().to_string()),
+        request_id: text("x-request-id"),
+        conversation_id: text("x-conversation-id"),
+        method: head.method.to_string(),
+        path: head.uri.to_string(),
+        remote_addr: peer.map(|a| a.ip().to_string()),
         principal: None,
         headers: crate::store::audit::sanitized_headers(
-            request
-                .headers()
+            head.headers()
                 .iter()
                 .map(|(name, value)| (name.as_str(), value.as_bytes())),
         ),
@@ -227,17 +249,6 @@ pub(crate) fn audit_record(request: &actix_web::HttpRequest) -> crate::store::au
         kci_id: None,
         received_at: chrono::Utc::now(),
     }
-}
-
-/// A request header as trimmed text; none when absent, empty or not text.
-pub(crate) fn header_text(request: &actix_web::HttpRequest, name: &str) -> Option<String> {
-    request
-        .headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(str::to_owned)
 }
 
 /// Reads a request body, refusing (413) as soon as it exceeds `limit`; returns how many bytes

@@ -129,6 +129,13 @@ pub fn document(settings: &Settings) -> Value {
                 if let Some(operations) = egress.as_object_mut() {
                     for (method, operation) in operations.iter_mut() {
                         operation["operationId"] = json!(format!("egress_{method}"));
+                        for parameter in
+                            operation["parameters"].as_array_mut().into_iter().flatten()
+                        {
+                            if parameter["in"] == "path" {
+                                parameter["schema"] = egress_path_schema();
+                            }
+                        }
                         // Whatever the Tenant API answers comes back unchanged.
                         if let Some(success) = operation["responses"]
                             .as_object_mut()
@@ -153,6 +160,20 @@ pub fn document(settings: &Settings) -> Value {
         }
     }
     document
+}
+
+/// The egress `{path}` as `egress::confined_url` forwards it, described as one decoded segment
+/// (OpenAPI path parameters cannot hold `/`; more segments are sent as they are, unencoded):
+/// no control character, backslash, slash or percent sign (each would arrive percent-encoded,
+/// which the proxy refuses), and not the dot segments `.` and `..`. The three alternatives spell
+/// "not `.` or `..`" without a look-ahead, which not every JSON Schema validator supports.
+fn egress_path_schema() -> Value {
+    const ANY: &str = "[^\\x00-\\x1f\\x7f\\\\/%]";
+    const NOT_DOT: &str = "[^\\x00-\\x1f\\x7f\\\\/%.]";
+    json!({
+        "type": "string",
+        "pattern": format!("^(?:{NOT_DOT}{ANY}*|\\.{NOT_DOT}{ANY}*|\\.\\.{ANY}+)$")
+    })
 }
 
 /// Every string parameter without a pattern of its own gets one that excludes U+0000: a path or
@@ -232,9 +253,19 @@ fn complete_responses(path: &str, operation: &mut Value) {
             ),
         );
     }
+    if path != "/healthz" && path != "/readyz" {
+        let mut locked_out = error_response(
+            "This address failed authentication too often (server.auth_failures_per_minute): nothing is checked until Retry-After seconds have passed",
+        );
+        locked_out["headers"] = json!({"Retry-After": {"$ref": "#/components/headers/RetryAfter"}});
+        add("429", locked_out);
+    }
     if has_body && path != "/kcis" {
         add("413", error_response("The body is larger than accepted"));
-        add("415", error_response("The body is not application/json"));
+        add(
+            "415",
+            error_response("There is no body (a body of another type is refused with 403)"),
+        );
         add(
             "422",
             error_response("The body fails validation; every problem is named"),

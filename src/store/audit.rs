@@ -78,6 +78,7 @@ impl AuditRecord {
             kci_id: Set(self.kci_id),
             received_at: Set(self.received_at),
             duration_ms: Set(duration_ms),
+            attempts: Set(1),
             ..Default::default()
         }
     }
@@ -118,10 +119,24 @@ const SINK_CAPACITY: usize = 10_000;
 /// Most records in one insert.
 const SINK_BATCH: usize = 500;
 
+/// A record waiting to be written, and how many requests it stands for.
+struct Queued {
+    record: AuditRecord,
+    attempts: i32,
+}
+
+impl Queued {
+    fn to_active_model(&self) -> audit_log::ActiveModel {
+        let mut row = self.record.to_active_model();
+        row.attempts = Set(self.attempts);
+        row
+    }
+}
+
 /// Writes audit records in the background, in batches, without ever making a request wait.
 #[derive(Clone)]
 pub struct AuditSink {
-    queue: mpsc::Sender<AuditRecord>,
+    queue: mpsc::Sender<Queued>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -139,11 +154,27 @@ impl AuditSink {
 
     /// Queues a record; never waits. A full queue drops it (the log keeps a summary).
     pub fn record(&self, record: AuditRecord) {
-        if let Err(error) = self.queue.try_send(record) {
+        self.send(Queued {
+            record,
+            attempts: 1,
+        });
+    }
+
+    /// Queues a record that stands for `attempts` requests alike (aggregated failed
+    /// authentication).
+    pub fn record_aggregated(&self, record: AuditRecord, attempts: u32) {
+        self.send(Queued {
+            record,
+            attempts: i32::try_from(attempts).unwrap_or(i32::MAX),
+        });
+    }
+
+    fn send(&self, queued: Queued) {
+        if let Err(error) = self.queue.try_send(queued) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             let record = match &error {
-                mpsc::error::TrySendError::Full(record)
-                | mpsc::error::TrySendError::Closed(record) => record,
+                mpsc::error::TrySendError::Full(queued)
+                | mpsc::error::TrySendError::Closed(queued) => &queued.record,
             };
             tracing::warn!(
                 request_id = ?record.request_id,
@@ -162,10 +193,10 @@ impl AuditSink {
 
 async fn write_batches(
     db: DatabaseConnection,
-    mut records: mpsc::Receiver<AuditRecord>,
+    mut records: mpsc::Receiver<Queued>,
     shutdown: CancellationToken,
 ) {
-    let mut batch: Vec<AuditRecord> = Vec::with_capacity(SINK_BATCH);
+    let mut batch: Vec<Queued> = Vec::with_capacity(SINK_BATCH);
     let mut backoff = Duration::from_millis(200);
     loop {
         if batch.is_empty() {
@@ -183,7 +214,7 @@ async fn write_batches(
                 }
             }
         }
-        let rows = batch.iter().map(AuditRecord::to_active_model);
+        let rows = batch.iter().map(Queued::to_active_model);
         let written = tokio::time::timeout(
             Duration::from_secs(10),
             audit_log::Entity::insert_many(rows).exec_without_returning(&db),
@@ -201,9 +232,9 @@ async fn write_batches(
                     error.to_string()
                 } else {
                     // Something in the batch is refused: write one at a time, keep what can be.
-                    for record in batch.drain(..) {
-                        if let Err(error) = record.insert(&db).await {
-                            tracing::error!(error = %error, request_id = ?record.request_id, status = record.response_status, "audit record refused by the database; dropped");
+                    for queued in batch.drain(..) {
+                        if let Err(error) = queued.to_active_model().insert(&db).await {
+                            tracing::error!(error = %error, request_id = ?queued.record.request_id, status = queued.record.response_status, "audit record refused by the database; dropped");
                         }
                     }
                     continue;

@@ -490,7 +490,7 @@ async fn large_bodies_and_query_strings_pass_unchanged() {
 
     let upload: Vec<u8> = (0..1_000_000).map(|i| (i % 7) as u8 + b'a').collect();
     let echoed = through(&app, reqwest::Method::POST, "/echo?a=1&b=%20x&a=2")
-        .header("Content-Type", "text/plain")
+        .header("Content-Type", "application/json; charset=utf-8")
         .body(upload.clone())
         .send()
         .await
@@ -500,7 +500,7 @@ async fn large_bodies_and_query_strings_pass_unchanged() {
     let received = fake.received();
     assert_eq!(
         received.last().unwrap().headers["content-type"],
-        "text/plain"
+        "application/json; charset=utf-8"
     );
     assert_eq!(received.last().unwrap().body.len(), 1_000_000);
 }
@@ -729,4 +729,39 @@ async fn a_recording_that_fails_never_turns_the_gateways_answer_into_a_retry() {
         .filter(|r| r.method == "POST")
         .count();
     assert_eq!(posted, 1, "the order was placed once");
+}
+
+#[tokio::test]
+async fn a_cross_site_form_or_fetch_goes_nowhere_near_the_gateway() {
+    let fake = FakeGateway::start().await;
+    let app = spawn_with_egress(&fake, &format!("{}/v1", fake.base)).await;
+    let before = fake.received().len();
+    for (content_type, headers) in [
+        ("application/x-www-form-urlencoded", vec![]),
+        ("text/plain", vec![]),
+        (
+            "application/json",
+            vec![
+                ("Origin", "https://attacker.example"),
+                ("Sec-Fetch-Site", "cross-site"),
+            ],
+        ),
+    ] {
+        let mut request = through(&app, reqwest::Method::POST, "/service-orders")
+            .header("Content-Type", content_type)
+            .body(r#"{"orderType":"NEW"}"#);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let refused = request.send().await.unwrap();
+        assert_gateway_error(refused, 403, "NOT_AUTHORISED").await;
+    }
+    let delete = through(&app, reqwest::Method::DELETE, "/service-orders/1")
+        .header("Sec-Fetch-Site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_gateway_error(delete, 403, "NOT_AUTHORISED").await;
+    assert_eq!(fake.received().len(), before, "nothing went upstream");
+    assert_eq!(app.count("FROM conversation").await, 0);
 }

@@ -67,7 +67,7 @@ async fn stored(app: &TestApp) -> Value {
         )
         .await;
     let audit = app
-        .rows("SELECT request_id, outcome FROM audit_log ORDER BY id")
+        .rows("SELECT request_id, outcome FROM audit_log WHERE path = '/kcis' ORDER BY id")
         .await;
     let mut events = app
         .rows(

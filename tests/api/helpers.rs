@@ -187,8 +187,12 @@ pub fn test_settings(database_url: &str) -> Settings {
     settings.operations_auth.read_password = Some(SecretString::from(READ_PASSWORD));
     // Only the relay tests publish, each to exchanges of its own (see `relay.rs`).
     settings.relay.enabled = false;
-    // Gauges read by the background task show up quickly.
+    // Gauges read by the background task show up quickly, and so do aggregated audit records.
     settings.metrics.refresh_interval_ms = 200;
+    settings.server.auth_failure_audit_seconds = 1;
+    // Every test comes from 127.0.0.1, and some fail authentication on purpose by the hundred
+    // (schemathesis without credentials): only `access.rs` tests the lockout.
+    settings.server.auth_failures_per_minute = 1_000_000;
     settings.amqp.url = SecretString::from(amqp_url());
     settings.validate().expect("test settings are valid");
     settings

@@ -669,7 +669,9 @@ async fn the_openapi_document_is_valid_3_1_and_covers_every_route() {
         );
     }
     let kcis = &paths["/kcis"]["post"]["responses"];
-    for status in ["204", "400", "401", "403", "413", "422", "500", "503"] {
+    for status in [
+        "204", "400", "401", "403", "413", "422", "429", "500", "503",
+    ] {
         assert!(kcis.get(status).is_some(), "POST /kcis documents {status}");
     }
 }
