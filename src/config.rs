@@ -39,6 +39,23 @@ pub struct MetricsSettings {
     /// How often one background task reads the gauges that need the database (entities by
     /// status, the outbox backlog, dead events); scrapes and readiness probes read memory only.
     pub refresh_interval_ms: u64,
+    /// Who may read `/metrics`.
+    #[serde(default)]
+    pub access: MetricsAccess,
+    /// A port of its own for `/metrics`, `/healthz` and `/readyz` (on `server.host`), so that a
+    /// network policy can decide who scrapes; the main port then serves no `/metrics`.
+    #[serde(default)]
+    pub port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAccess {
+    /// Anyone who reaches the port (it is served from memory: no scrape costs the database).
+    #[default]
+    Anyone,
+    /// The operations users' Basic credentials, any role (Prometheus: `basic_auth`).
+    Operations,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -275,9 +292,11 @@ pub struct JwtSettings {
     pub leeway_seconds: u64,
     /// Where to fetch the signing keys (JWK Set); optional when `keys` are given.
     pub jwks_url: Option<String>,
-    /// How often the JWK Set is refreshed; an unknown `kid` also triggers a refresh (at most
-    /// once per `jwks_min_refresh_seconds`).
+    /// How often the JWK Set is refreshed (sooner while fetching fails).
     pub jwks_refresh_seconds: u64,
+    /// An unknown `kid` triggers a fetch, one at a time and only when the last attempt,
+    /// successful or not, is older than this: bad tokens or a failing identity provider never
+    /// cause more fetches than that.
     pub jwks_min_refresh_seconds: u64,
     /// Statically configured keys.
     #[serde(default)]

@@ -23,6 +23,7 @@ use crate::telemetry::KciRootSpan;
 pub struct Application {
     port: u16,
     tls_port: Option<u16>,
+    metrics_port: Option<u16>,
     server: Server,
     relay: Option<JoinHandle<()>>,
     shutdown: CancellationToken,
@@ -106,7 +107,9 @@ impl Application {
             Duration::from_secs(settings.server.auth_failure_audit_seconds),
         );
         auth_failures.start(audit.clone(), shutdown.child_token());
+        let metrics_port = Arc::new(std::sync::OnceLock::new());
         let state = web::Data::new(AppState {
+            metrics_port: metrics_port.clone(),
             auth_failures,
             unrecorded,
             db: db.clone(),
@@ -126,8 +129,10 @@ impl Application {
             false => None,
         };
         let tls_address = (state.settings.tls.host.clone(), state.settings.tls.port);
+        let state_metrics_port = state.settings.metrics.port;
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap_fn(crate::http::split_listeners)
                 .wrap_fn(crate::http::access::guard)
                 .wrap_fn(crate::http::refuse_nul)
                 .wrap_fn(crate::http::timing)
@@ -145,6 +150,19 @@ impl Application {
             .first()
             .map(|address| address.port())
             .unwrap_or(requested_port);
+        let mut bound_metrics_port = None;
+        if let Some(wanted) = state_metrics_port {
+            let before = server.addrs().len();
+            server = server.bind((host.as_str(), wanted))?;
+            bound_metrics_port = server.addrs().get(before).map(|address| address.port());
+            if let Some(bound) = bound_metrics_port {
+                let _ = metrics_port.set(bound);
+                tracing::info!(
+                    port = bound,
+                    "metrics, healthz and readyz on a port of their own"
+                );
+            }
+        }
         let mut tls_port = None;
         if let Some(tls) = tls {
             let plain = server.addrs().len();
@@ -161,6 +179,7 @@ impl Application {
         Ok(Application {
             port,
             tls_port,
+            metrics_port: bound_metrics_port,
             server: server.run(),
             relay,
             shutdown,
@@ -175,6 +194,11 @@ impl Application {
     /// The HTTPS listener's port, with `tls.enabled`.
     pub fn tls_port(&self) -> Option<u16> {
         self.tls_port
+    }
+
+    /// The metrics listener's port, with `metrics.port`.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_port
     }
 
     /// Serves until SIGTERM/SIGINT: in-flight requests finish, then the relay finishes its

@@ -24,8 +24,15 @@ struct StaticKey {
 #[derive(Default)]
 struct JwksCache {
     keys: HashMap<String, (Option<Algorithm>, DecodingKey)>,
-    fetched_at: Option<Instant>,
+    /// The last fetch, successful or not: a token with an unknown `kid` triggers one only when
+    /// this is older than `jwks_min_refresh_seconds`, so neither a flood of bad tokens nor an
+    /// identity provider that fails can turn into a flood of fetches (its failure is kept until
+    /// then, and such tokens are refused at once).
+    attempted_at: Option<Instant>,
 }
+
+/// How long one fetch of the JWK Set may take (connect included).
+const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone)]
 pub struct JwtVerifier {
@@ -37,6 +44,9 @@ struct Inner {
     algorithms: Vec<Algorithm>,
     static_keys: Vec<StaticKey>,
     jwks: RwLock<JwksCache>,
+    /// Held while the JWK Set is fetched: one fetch at a time; whoever waited for it uses its
+    /// result instead of fetching again.
+    refreshing: tokio::sync::Mutex<()>,
     http: reqwest::Client,
 }
 
@@ -102,7 +112,8 @@ impl JwtVerifier {
             });
         }
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(JWKS_FETCH_TIMEOUT)
+            .connect_timeout(Duration::from_secs(2))
             .build()?;
         Ok(JwtVerifier {
             inner: Arc::new(Inner {
@@ -110,25 +121,39 @@ impl JwtVerifier {
                 algorithms,
                 static_keys,
                 jwks: RwLock::new(JwksCache::default()),
+                refreshing: tokio::sync::Mutex::new(()),
                 http,
             }),
         })
     }
 
-    /// Fetches the JWK Set once and keeps refreshing it in the background.
+    /// Fetches the JWK Set once and keeps refreshing it in the background: every
+    /// `jwks_refresh_seconds`, or, while fetching fails, sooner (from `jwks_min_refresh_seconds`,
+    /// doubling up to the period).
     pub async fn start(&self) {
         let Some(url) = self.jwks_url() else { return };
-        if let Err(error) = self.refresh().await {
-            tracing::warn!(jwks_url = url, error = %error, "could not fetch the JWK Set; will retry");
+        let mut failing = self.refresh(|_| true).await.is_err();
+        if failing {
+            tracing::warn!(jwks_url = url, "could not fetch the JWK Set; will retry");
         }
         let verifier = self.clone();
         let period = Duration::from_secs(self.inner.settings.jwks_refresh_seconds.max(1));
+        let min_interval = self.min_refresh_interval().max(Duration::from_secs(1));
         tokio::spawn(async move {
+            let mut retry_in = min_interval;
             loop {
-                tokio::time::sleep(period).await;
-                if let Err(error) = verifier.refresh().await {
-                    tracing::warn!(error = %error, "could not refresh the JWK Set");
-                }
+                tokio::time::sleep(if failing {
+                    retry_in.min(period)
+                } else {
+                    period
+                })
+                .await;
+                failing = verifier.refresh(|_| true).await.is_err();
+                retry_in = if failing {
+                    retry_in.saturating_mul(2)
+                } else {
+                    min_interval
+                };
             }
         });
     }
@@ -141,10 +166,42 @@ impl JwtVerifier {
             .filter(|url| !url.is_empty())
     }
 
-    async fn refresh(&self) -> anyhow::Result<()> {
+    fn min_refresh_interval(&self) -> Duration {
+        Duration::from_secs(self.inner.settings.jwks_min_refresh_seconds)
+    }
+
+    /// Fetches the JWK Set when `due` says so of the cache, once the fetch in flight (if any)
+    /// is over: concurrent callers wait for one fetch instead of starting their own.
+    async fn refresh(&self, due: impl Fn(&JwksCache) -> bool) -> Result<(), ()> {
         let Some(url) = self.jwks_url() else {
             return Ok(());
         };
+        let _one_at_a_time = self.inner.refreshing.lock().await;
+        if !due(&*self.inner.jwks.read().await) {
+            return Ok(());
+        }
+        let fetched = self.fetch(url).await;
+        let mut cache = self.inner.jwks.write().await;
+        cache.attempted_at = Some(Instant::now());
+        match fetched {
+            Ok(keys) => {
+                cache.keys = keys;
+                tracing::debug!(keys = cache.keys.len(), "JWK Set refreshed");
+                Ok(())
+            }
+            Err(error) => {
+                // The keys fetched before stay: a failing identity provider does not turn
+                // valid tokens away.
+                tracing::warn!(jwks_url = url, error = %error, "could not fetch the JWK Set");
+                Err(())
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        url: &str,
+    ) -> anyhow::Result<HashMap<String, (Option<Algorithm>, DecodingKey)>> {
         let set: JwkSet = self
             .inner
             .http
@@ -170,11 +227,7 @@ impl JwtVerifier {
                 Err(error) => tracing::warn!(kid, error = %error, "skipping an unusable JWK"),
             }
         }
-        let mut cache = self.inner.jwks.write().await;
-        cache.keys = keys;
-        cache.fetched_at = Some(Instant::now());
-        tracing::debug!(keys = cache.keys.len(), "JWK Set refreshed");
-        Ok(())
+        Ok(keys)
     }
 
     async fn jwks_key(&self, kid: &str, algorithm: Algorithm) -> Option<DecodingKey> {
@@ -188,18 +241,15 @@ impl JwtVerifier {
         if let Some(key) = lookup(&*self.inner.jwks.read().await) {
             return Some(key);
         }
-        // An unknown kid may be a rotated key: refresh, but not more often than allowed.
-        let min_interval = Duration::from_secs(self.inner.settings.jwks_min_refresh_seconds);
-        let recently = self
-            .inner
-            .jwks
-            .read()
-            .await
-            .fetched_at
-            .is_some_and(|at| at.elapsed() < min_interval);
-        if !recently && let Err(error) = self.refresh().await {
-            tracing::warn!(error = %error, "could not refresh the JWK Set");
-        }
+        // An unknown kid may be a rotated key: refresh, unless a fetch was tried lately.
+        let min_interval = self.min_refresh_interval();
+        let _ = self
+            .refresh(|cache| {
+                cache
+                    .attempted_at
+                    .is_none_or(|at| at.elapsed() >= min_interval)
+            })
+            .await;
         lookup(&*self.inner.jwks.read().await)
     }
 

@@ -50,6 +50,8 @@ pub struct AppState {
     pub auth_failures: std::sync::Arc<access::AuthFailures>,
     /// Creating calls answered by the gateway whose recording waits for the database.
     pub unrecorded: crate::egress::unrecorded::UnrecordedRequests,
+    /// The port `/metrics` is served on when `metrics.port` is set (known once bound).
+    pub metrics_port: std::sync::Arc<std::sync::OnceLock<u16>>,
     /// `/openapi.json` for this configuration, serialized once.
     pub openapi: web::Bytes,
 }
@@ -196,9 +198,56 @@ where
 }
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
+    description = "Prometheus text format, from memory. Needs the operations credentials when metrics.access = \"operations\"; served on metrics.port instead when that is set.",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
-async fn metrics_doc(state: web::Data<AppState>) -> HttpResponse {
-    metrics::metrics(state).await
+async fn metrics_doc(
+    request: actix_web::HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    if state.settings.metrics.access == crate::config::MetricsAccess::Operations {
+        state
+            .auth
+            .operations(request.headers(), crate::auth::OpsRole::Read)?;
+    }
+    Ok(metrics::metrics(state).await)
+}
+
+/// With `metrics.port`, the two listeners serve different things: the metrics port only
+/// `/metrics`, `/healthz` and `/readyz`, the main port everything but `/metrics`. Anything else
+/// is 404 there, as if it did not exist.
+pub fn split_listeners<S, B>(
+    request: actix_web::dev::ServiceRequest,
+    service: &S,
+) -> futures_util::future::Either<
+    S::Future,
+    std::future::Ready<Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>>,
+>
+where
+    S: Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+{
+    let metrics_port = request
+        .app_data::<web::Data<AppState>>()
+        .and_then(|state| state.metrics_port.get().copied());
+    let Some(metrics_port) = metrics_port else {
+        return futures_util::future::Either::Left(service.call(request));
+    };
+    let on_metrics_port = request.request().app_config().local_addr().port() == metrics_port;
+    let path = request.path();
+    let served = if on_metrics_port {
+        matches!(path, "/metrics" | "/healthz" | "/readyz")
+    } else {
+        path != "/metrics"
+    };
+    if served {
+        futures_util::future::Either::Left(service.call(request))
+    } else {
+        let error = ApiError::NotFound(format!("No resource at {path} on this port"));
+        futures_util::future::Either::Right(std::future::ready(Err(error.into())))
+    }
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",

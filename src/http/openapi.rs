@@ -149,6 +149,15 @@ pub fn document(settings: &Settings) -> Value {
             }
             _ => {}
         }
+        // `/metrics` as configured: on a port of its own (not this one), or behind the
+        // operations credentials.
+        if settings.metrics.port.is_some() {
+            paths.remove("/metrics");
+        } else if settings.metrics.access == crate::config::MetricsAccess::Operations
+            && let Some(get) = paths.get_mut("/metrics").and_then(|p| p.get_mut("get"))
+        {
+            get["security"] = json!([{"operations_basic": []}]);
+        }
         for (path, item) in paths.iter_mut() {
             let Some(operations) = item.as_object_mut() else {
                 continue;

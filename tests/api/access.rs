@@ -315,3 +315,90 @@ async fn a_thousand_failed_logins_are_a_few_audit_records_that_count_them_all() 
         .collect();
     assert_eq!(paths.len(), 2, "{paths:?}");
 }
+
+#[tokio::test]
+async fn metrics_can_need_the_operations_credentials() {
+    let app = spawn_app_with(Backend::Sqlite, |settings| {
+        settings.metrics.access = kci_receiver::config::MetricsAccess::Operations;
+    })
+    .await;
+    let anonymous = app.get("/metrics").await;
+    assert_gateway_error(anonymous, 401, "NOT_AUTHORISED").await;
+    let scraped = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .basic_auth(READ_USER, Some(READ_PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scraped.status().as_u16(), 200);
+    assert!(scraped.text().await.unwrap().contains("kci_receiver_"));
+    let gateway = app
+        .client
+        .get(format!("{}/metrics", app.address))
+        .basic_auth(GATEWAY_USER, Some(GATEWAY_PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gateway.status().as_u16(), 403, "the gateway is no operator");
+    let document: serde_json::Value = app.get("/openapi.json").await.json().await.unwrap();
+    assert_eq!(
+        document["paths"]["/metrics"]["get"]["security"],
+        json!([{"operations_basic": []}])
+    );
+}
+
+#[tokio::test]
+async fn on_a_port_of_its_own_metrics_and_probes_are_all_that_port_serves() {
+    let app = spawn_app_with(Backend::Sqlite, |settings| {
+        settings.metrics.port = Some(0);
+    })
+    .await;
+    let metrics = app.metrics_address.clone().expect("a metrics listener");
+    let get = |url: String| {
+        let client = app.client.clone();
+        async move { client.get(url).send().await.unwrap() }
+    };
+    let scraped = get(format!("{metrics}/metrics")).await;
+    assert_eq!(scraped.status().as_u16(), 200);
+    assert!(scraped.text().await.unwrap().contains("kci_receiver_"));
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(
+            get(format!("{metrics}{probe}")).await.status().as_u16(),
+            200
+        );
+        assert_eq!(
+            get(format!("{}{probe}", app.address))
+                .await
+                .status()
+                .as_u16(),
+            200
+        );
+    }
+    for elsewhere in ["/api/v1/entities", "/dashboard", "/openapi.json"] {
+        let response = app
+            .client
+            .get(format!("{metrics}{elsewhere}"))
+            .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_gateway_error(response, 404, "NOT_FOUND").await;
+    }
+    let mut body = fixture("ProvideServiceOrderUpdate-1");
+    body["id"] = json!(Uuid::new_v4().to_string());
+    let kci_on_metrics_port = app
+        .client
+        .post(format!("{metrics}/kcis"))
+        .header("X-Request-ID", Uuid::new_v4().to_string())
+        .header("X-Conversation-ID", "conv-metrics-port")
+        .basic_auth(GATEWAY_USER, Some(GATEWAY_PASSWORD))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_gateway_error(kci_on_metrics_port, 404, "NOT_FOUND").await;
+    assert_gateway_error(app.get("/metrics").await, 404, "NOT_FOUND").await;
+    let document: serde_json::Value = app.get("/openapi.json").await.json().await.unwrap();
+    assert!(document["paths"].get("/metrics").is_none());
+}

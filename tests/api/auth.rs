@@ -310,3 +310,145 @@ pub async fn attempts_eventually(app: &TestApp, where_clause: &str, expected: i6
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// A JWK Set endpoint the test steers: failing (500 after a delay) or serving the test key under
+/// a given `kid`; it counts every fetch.
+struct SteeredJwks {
+    url: String,
+    state: std::sync::Arc<std::sync::Mutex<JwksState>>,
+}
+
+struct JwksState {
+    /// `None`: answer 500 (after `delay`).
+    kid: Option<String>,
+    delay: std::time::Duration,
+    fetches: usize,
+}
+
+impl SteeredJwks {
+    async fn start(kid: Option<&str>, delay: std::time::Duration) -> SteeredJwks {
+        let state = std::sync::Arc::new(std::sync::Mutex::new(JwksState {
+            kid: kid.map(str::to_owned),
+            delay,
+            fetches: 0,
+        }));
+        let shared = state.clone();
+        let server = HttpServer::new(move || {
+            let state = shared.clone();
+            App::new().route(
+                "/jwks.json",
+                web::get().to(move || {
+                    let state = state.clone();
+                    async move {
+                        let (kid, delay) = {
+                            let mut state = state.lock().unwrap();
+                            state.fetches += 1;
+                            (state.kid.clone(), state.delay)
+                        };
+                        tokio::time::sleep(delay).await;
+                        match kid {
+                            None => HttpResponse::InternalServerError().finish(),
+                            Some(kid) => {
+                                let mut jwks: Value =
+                                    serde_json::from_str(include_str!("keys/test-jwks.json"))
+                                        .unwrap();
+                                jwks["keys"][0]["kid"] = json!(kid);
+                                HttpResponse::Ok().json(jwks)
+                            }
+                        }
+                    }
+                }),
+            )
+        })
+        .workers(1)
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let url = format!("http://127.0.0.1:{}/jwks.json", server.addrs()[0].port());
+        tokio::spawn(server.run());
+        SteeredJwks { url, state }
+    }
+
+    fn fetches(&self) -> usize {
+        self.state.lock().unwrap().fetches
+    }
+
+    fn serve(&self, kid: Option<&str>) {
+        self.state.lock().unwrap().kid = kid.map(str::to_owned);
+    }
+}
+
+#[tokio::test]
+async fn a_failing_identity_provider_is_asked_once_per_interval_however_many_tokens_arrive() {
+    let jwks = SteeredJwks::start(None, std::time::Duration::from_millis(300)).await;
+    let url = jwks.url.clone();
+    let app = spawn_app_with(Backend::Sqlite, |settings| {
+        jwt_settings(settings, Some(url));
+        settings.gateway_auth.jwt.jwks_min_refresh_seconds = 2;
+    })
+    .await;
+    assert_eq!(jwks.fetches(), 1, "fetched once at startup");
+    let token = rs256(&claims(json!({})), "test-key-1");
+    let bearer = |token: String| move |r: reqwest::RequestBuilder| r.bearer_auth(token);
+    // A burst of tokens whose key is not known: refused at once, no fetch (one was just tried).
+    let statuses =
+        futures_util::future::join_all((0..50).map(|_| post_with(&app, bearer(token.clone()))))
+            .await;
+    assert!(statuses.iter().all(|r| r.status().as_u16() == 401));
+    assert_eq!(jwks.fetches(), 1, "the failure is remembered");
+
+    // Once the interval has passed, concurrent tokens share one (slow, failing) fetch.
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let statuses =
+        futures_util::future::join_all((0..50).map(|_| post_with(&app, bearer(token.clone()))))
+            .await;
+    assert!(statuses.iter().all(|r| r.status().as_u16() == 401));
+    assert_eq!(
+        jwks.fetches(),
+        2,
+        "one fetch in flight at a time, then remembered"
+    );
+
+    // The provider recovers: the next token after the interval is accepted.
+    jwks.serve(Some("test-key-1"));
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(
+        post_with(&app, bearer(token.clone()))
+            .await
+            .status()
+            .as_u16(),
+        204
+    );
+    assert!(jwks.fetches() <= 4, "{} fetches", jwks.fetches());
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_fetched_when_its_first_token_arrives_and_the_old_one_goes() {
+    let jwks = SteeredJwks::start(Some("key-2026"), std::time::Duration::ZERO).await;
+    let url = jwks.url.clone();
+    let app = spawn_app_with(Backend::Sqlite, |settings| {
+        jwt_settings(settings, Some(url));
+        settings.gateway_auth.jwt.jwks_min_refresh_seconds = 1;
+    })
+    .await;
+    let bearer = |token: String| move |r: reqwest::RequestBuilder| r.bearer_auth(token);
+    let old = rs256(&claims(json!({})), "key-2026");
+    assert_eq!(
+        post_with(&app, bearer(old.clone())).await.status().as_u16(),
+        204
+    );
+
+    jwks.serve(Some("key-2027"));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let new = rs256(&claims(json!({})), "key-2027");
+    assert_eq!(
+        post_with(&app, bearer(new)).await.status().as_u16(),
+        204,
+        "the new kid triggers a fetch"
+    );
+    assert_eq!(
+        post_with(&app, bearer(old)).await.status().as_u16(),
+        401,
+        "the rotated-out key is gone"
+    );
+    assert_eq!(jwks.fetches(), 2);
+}

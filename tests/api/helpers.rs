@@ -220,6 +220,8 @@ pub struct TestApp {
     pub address: String,
     /// `https://127.0.0.1:<port>` with `tls.enabled`.
     pub tls_address: Option<String>,
+    /// `http://127.0.0.1:<port>` with `metrics.port`.
+    pub metrics_address: Option<String>,
     /// A connection of the test's own, for looking at what the app stored.
     pub db: DatabaseConnection,
     pub client: reqwest::Client,
@@ -250,6 +252,9 @@ pub async fn spawn_on(database: TestDatabase, settings: Settings) -> TestApp {
     let tls_address = application
         .tls_port()
         .map(|port| format!("https://127.0.0.1:{port}"));
+    let metrics_address = application
+        .metrics_port()
+        .map(|port| format!("http://127.0.0.1:{port}"));
     tokio::spawn(application.run_until_stopped());
     let db = Database::connect(database.url.as_str())
         .await
@@ -257,6 +262,7 @@ pub async fn spawn_on(database: TestDatabase, settings: Settings) -> TestApp {
     TestApp {
         address,
         tls_address,
+        metrics_address,
         db,
         client: reqwest::Client::new(),
         _database: database,
