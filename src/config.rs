@@ -536,10 +536,34 @@ pub fn redact_url(url: &str) -> String {
         },
         None => authority.to_owned(),
     };
+    let path = path.map(|path| match path.split_once('?') {
+        Some((path, query)) => format!("{path}?{}", redact_query(query)),
+        None => path.to_owned(),
+    });
     match path {
         Some(path) => format!("{scheme}://{authority}/{path}"),
         None => format!("{scheme}://{authority}"),
     }
+}
+
+/// Query parameters that carry secrets (`?password=`, `sslpassword=`, `token=`, `secret=`,
+/// `...key=`) with their values replaced by `***`.
+fn redact_query(query: &str) -> String {
+    const SECRET_WORDS: [&str; 6] = ["pass", "pwd", "secret", "token", "key", "auth"];
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _))
+                if SECRET_WORDS
+                    .iter()
+                    .any(|word| name.to_ascii_lowercase().contains(word)) =>
+            {
+                format!("{name}=***")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 #[cfg(test)]
@@ -559,6 +583,16 @@ mod tests {
         assert_eq!(
             redact_url("amqp://guest@localhost"),
             "amqp://guest@localhost"
+        );
+        assert_eq!(
+            redact_url(
+                "postgres://db.internal/kci?user=kci&password=s3cret&sslmode=verify-full&sslpassword=k3y"
+            ),
+            "postgres://db.internal/kci?user=kci&password=***&sslmode=verify-full&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("amqps://u:p%40ss@broker/vhost?auth_mechanism=external&heartbeat=10"),
+            "amqps://u:***@broker/vhost?auth_mechanism=***&heartbeat=10"
         );
     }
 }

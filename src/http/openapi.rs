@@ -123,6 +123,18 @@ pub fn document(settings: &Settings) -> Value {
             "schema": {"type": "string"}
         }
     });
+    // `POST /kcis` takes the one way the gateway authenticates in this configuration.
+    let (scheme, definition) = match settings.gateway_auth.method {
+        crate::config::GatewayAuthMethod::Basic => ("gateway_basic", None),
+        crate::config::GatewayAuthMethod::Jwt => ("gateway_bearer", None),
+        crate::config::GatewayAuthMethod::Mtls => (
+            "gateway_mutual_tls",
+            Some(json!({
+                "type": "mutualTLS",
+                "description": "The gateway's client certificate, on the HTTPS listener (tls.port), or as passed on by a trusted TLS-terminating proxy"
+            })),
+        ),
+    };
     if let Some(paths) = document["paths"].as_object_mut() {
         match paths.remove(EGRESS_PATH) {
             Some(mut egress) if settings.egress.enabled => {
@@ -149,6 +161,9 @@ pub fn document(settings: &Settings) -> Value {
             }
             _ => {}
         }
+        if let Some(post) = paths.get_mut("/kcis").and_then(|p| p.get_mut("post")) {
+            post["security"] = json!([{scheme: []}]);
+        }
         // `/metrics` as configured: on a port of its own (not this one), or behind the
         // operations credentials.
         if settings.metrics.port.is_some() {
@@ -166,6 +181,16 @@ pub fn document(settings: &Settings) -> Value {
                 complete_responses(path, operation);
                 refuse_nul_in_parameters(operation);
             }
+        }
+    }
+    if let Some(schemes) = document["components"]["securitySchemes"].as_object_mut() {
+        for unused in ["gateway_basic", "gateway_bearer"] {
+            if unused != scheme {
+                schemes.remove(unused);
+            }
+        }
+        if let Some(definition) = definition {
+            schemes.insert(scheme.to_owned(), definition);
         }
     }
     document

@@ -90,6 +90,8 @@ const SECRET_HEADERS: &[&str] = &[
     "proxy-authorization",
     "cookie",
     "set-cookie",
+    "x-api-key",
+    "x-auth-token",
 ];
 
 /// Request headers (name, raw value) as a JSON object, credentials removed.

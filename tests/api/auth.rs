@@ -123,14 +123,14 @@ async fn the_operations_api_has_its_own_credentials_and_roles() {
     );
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
 }
 
-fn claims(overrides: Value) -> Value {
+pub(crate) fn claims(overrides: Value) -> Value {
     let mut claims = json!({
         "iss": ISSUER,
         "aud": AUDIENCE,
@@ -149,7 +149,7 @@ fn claims(overrides: Value) -> Value {
     claims
 }
 
-fn hs256(claims: &Value, secret: &str) -> String {
+pub(crate) fn hs256(claims: &Value, secret: &str) -> String {
     encode(
         &Header::new(Algorithm::HS256),
         claims,
@@ -158,7 +158,7 @@ fn hs256(claims: &Value, secret: &str) -> String {
     .unwrap()
 }
 
-fn rs256(claims: &Value, kid: &str) -> String {
+pub(crate) fn rs256(claims: &Value, kid: &str) -> String {
     let pem = include_bytes!("keys/test-rsa-private.pem");
     let mut header = Header::new(Algorithm::RS256);
     header.kid = Some(kid.to_owned());

@@ -12,12 +12,9 @@ use base64::Engine;
 use serde_json::json;
 
 use crate::helpers::{
-    ADMIN_PASSWORD, ADMIN_USER, Backend, GATEWAY_PASSWORD, GATEWAY_USER, READ_PASSWORD, READ_USER,
-    enable_egress, fixture, fixture_names, spawn_app_with,
+    ADMIN_PASSWORD, ADMIN_USER, Backend, EGRESS_PASSWORD, EGRESS_USER, GATEWAY_PASSWORD,
+    GATEWAY_USER, READ_PASSWORD, READ_USER, enable_egress, fixture, fixture_names, spawn_app_with,
 };
-
-const EGRESS_USER: &str = "ops-egress";
-const EGRESS_PASSWORD: &str = "egress-test-password";
 
 /// A Python tool installed by `scripts/test`; fails (never skips) when it is missing.
 fn tool(variable: &str, name: &str) -> String {

@@ -17,6 +17,9 @@ pub const ADMIN_USER: &str = "ops-admin";
 pub const ADMIN_PASSWORD: &str = "admin-test-password";
 pub const READ_USER: &str = "ops-read";
 pub const READ_PASSWORD: &str = "read-test-password";
+/// The egress role's user (its password is only set by tests that use the proxy).
+pub const EGRESS_USER: &str = "ops-egress";
+pub const EGRESS_PASSWORD: &str = "egress-test-password";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -7,6 +7,7 @@
 mod helpers;
 
 mod access;
+mod access_matrix;
 mod auth;
 mod broker;
 mod cli;
@@ -25,5 +26,6 @@ mod operations;
 mod outage;
 mod properties;
 mod relay;
+mod secrets;
 mod semantics;
 mod simulator;

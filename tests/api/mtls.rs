@@ -16,14 +16,14 @@ use rcgen::{
 use crate::errors::assert_gateway_error;
 use crate::helpers::{Backend, TestApp, eventually, fixture, spawn_app_with};
 
-const GATEWAY_NAME: &str = "fibre-cafe-gateway";
+pub(crate) const GATEWAY_NAME: &str = "fibre-cafe-gateway";
 
-struct Ca {
+pub(crate) struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -38,7 +38,7 @@ impl Ca {
     }
 
     /// A leaf certificate: (certificate PEM, key PEM).
-    fn issue(
+    pub(crate) fn issue(
         &self,
         common_name: &str,
         sans: &[&str],
@@ -67,12 +67,12 @@ impl Ca {
 }
 
 /// Files of the listener: server certificate and key, client CA bundle.
-struct Files {
+pub(crate) struct Files {
     dir: PathBuf,
 }
 
 impl Files {
-    fn new() -> Files {
+    pub(crate) fn new() -> Files {
         let dir = std::env::temp_dir().join(format!("kci-tls-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         Files { dir }
@@ -82,7 +82,7 @@ impl Files {
         self.dir.join(name).display().to_string()
     }
 
-    fn write(&self, server_ca: &Ca, client_ca: &Ca) {
+    pub(crate) fn write(&self, server_ca: &Ca, client_ca: &Ca) {
         let (certificate, key) =
             server_ca.issue("localhost", &["localhost", "127.0.0.1"], false, false);
         // Written to a temporary name and renamed, as certificate managers do.
@@ -104,7 +104,7 @@ impl Drop for Files {
     }
 }
 
-fn client(server_ca: &Ca, identity: Option<&(String, String)>) -> reqwest::Client {
+pub(crate) fn client(server_ca: &Ca, identity: Option<&(String, String)>) -> reqwest::Client {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
         .tls_built_in_root_certs(false)
@@ -135,25 +135,28 @@ async fn post(
         .await
 }
 
-async fn spawn_mtls(files: &Files, trusted_proxies: Vec<String>) -> TestApp {
-    let (certificate, key, clients) = (
-        files.path("server.pem"),
-        files.path("server.key"),
-        files.path("clients-ca.pem"),
-    );
-    spawn_app_with(Backend::Sqlite, move |settings| {
-        settings.tls.enabled = true;
-        settings.tls.port = 0;
-        settings.tls.certificate_file = certificate;
-        settings.tls.private_key_file = key;
-        settings.tls.client_ca_file = clients;
-        settings.tls.reload_check_seconds = 1;
-        settings.gateway_auth.method = kci_receiver::config::GatewayAuthMethod::Mtls;
-        settings.gateway_auth.mtls.allowed_names = vec![GATEWAY_NAME.to_owned()];
-        settings.gateway_auth.mtls.trusted_proxies = trusted_proxies;
-        settings.validate().unwrap();
-    })
-    .await
+pub(crate) async fn spawn_mtls(files: &Files, trusted_proxies: Vec<String>) -> TestApp {
+    let settings =
+        |settings: &mut kci_receiver::config::Settings| use_mtls(settings, files, trusted_proxies);
+    spawn_app_with(Backend::Sqlite, settings).await
+}
+
+/// The gateway authenticates with its client certificate on the HTTPS listener.
+pub(crate) fn use_mtls(
+    settings: &mut kci_receiver::config::Settings,
+    files: &Files,
+    trusted_proxies: Vec<String>,
+) {
+    settings.tls.enabled = true;
+    settings.tls.port = 0;
+    settings.tls.certificate_file = files.path("server.pem");
+    settings.tls.private_key_file = files.path("server.key");
+    settings.tls.client_ca_file = files.path("clients-ca.pem");
+    settings.tls.reload_check_seconds = 1;
+    settings.gateway_auth.method = kci_receiver::config::GatewayAuthMethod::Mtls;
+    settings.gateway_auth.mtls.allowed_names = vec![GATEWAY_NAME.to_owned()];
+    settings.gateway_auth.mtls.trusted_proxies = trusted_proxies;
+    settings.validate().unwrap();
 }
 
 #[tokio::test]
