@@ -132,6 +132,7 @@ impl Application {
         let state_metrics_port = state.settings.metrics.port;
         let mut server = HttpServer::new(move || {
             App::new()
+                .wrap(crate::http::access::security_headers())
                 .wrap_fn(crate::http::split_listeners)
                 .wrap_fn(crate::http::access::guard)
                 .wrap_fn(crate::http::refuse_nul)

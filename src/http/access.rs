@@ -322,3 +322,14 @@ fn cross_site_refusal(request: &ServiceRequest) -> Option<&'static str> {
     }
     None
 }
+
+/// Headers every answer carries unless its handler set them: nothing is sniffed into another
+/// type, framed by another site (clickjacking the dashboard), cached by a shared cache or leaked
+/// in a `Referer`.
+pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
+    actix_web::middleware::DefaultHeaders::new()
+        .add(("X-Content-Type-Options", "nosniff"))
+        .add(("X-Frame-Options", "DENY"))
+        .add(("Referrer-Policy", "no-referrer"))
+        .add(("Cache-Control", "no-store"))
+}

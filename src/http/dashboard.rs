@@ -22,7 +22,7 @@ pub async fn dashboard(request: HttpRequest, state: web::Data<AppState>) -> Http
             .insert_header((CACHE_CONTROL, "no-store"))
             .insert_header((
                 CONTENT_SECURITY_POLICY,
-                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
             ))
             .body(PAGE),
         Err(error @ ApiError::Unauthenticated(_)) => {

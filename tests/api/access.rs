@@ -402,3 +402,39 @@ async fn on_a_port_of_its_own_metrics_and_probes_are_all_that_port_serves() {
     let document: serde_json::Value = app.get("/openapi.json").await.json().await.unwrap();
     assert!(document["paths"].get("/metrics").is_none());
 }
+
+#[tokio::test]
+async fn every_answer_forbids_sniffing_framing_caching_and_referrers() {
+    let app = spawn_app(Backend::Sqlite).await;
+    let answers = [
+        app.get("/healthz").await,
+        app.get("/no-such-page").await,
+        app.get("/openapi.json").await,
+        app.client
+            .get(format!("{}/dashboard", app.address))
+            .basic_auth(READ_USER, Some(READ_PASSWORD))
+            .send()
+            .await
+            .unwrap(),
+        app.client
+            .get(format!("{}/api/v1/entities", app.address))
+            .basic_auth(READ_USER, Some(READ_PASSWORD))
+            .send()
+            .await
+            .unwrap(),
+        post_kci_basic(&app, GATEWAY_USER, GATEWAY_PASSWORD).await,
+        post_kci_basic(&app, GATEWAY_USER, "wrong").await,
+    ];
+    for answer in answers {
+        let headers = answer.headers();
+        let url = answer.url().path().to_owned();
+        assert_eq!(headers["X-Content-Type-Options"], "nosniff", "{url}");
+        assert_eq!(headers["X-Frame-Options"], "DENY", "{url}");
+        assert_eq!(headers["Referrer-Policy"], "no-referrer", "{url}");
+        assert_eq!(headers["Cache-Control"], "no-store", "{url}");
+        if url == "/dashboard" {
+            let policy = headers["Content-Security-Policy"].to_str().unwrap();
+            assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+        }
+    }
+}
