@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
-use sea_orm::DatabaseConnection;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing_actix_web::TracingLogger;
@@ -31,7 +30,7 @@ pub struct Application {
 }
 
 /// Connects to the database and checks (or applies) its migrations.
-pub async fn open_database(settings: &Settings) -> anyhow::Result<DatabaseConnection> {
+pub async fn open_database(settings: &Settings) -> anyhow::Result<store::Database> {
     if settings.database.migrate_on_start {
         // Migrations may rewrite a large table: on a connection without the serving
         // statement timeout.
@@ -49,7 +48,7 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<DatabaseConnec
             );
         }
     }
-    Ok(db)
+    Ok(store::Database::new(db))
 }
 
 impl Application {
@@ -94,13 +93,14 @@ impl Application {
         );
         let metrics = crate::http::metrics::Metrics::new();
         metrics.start_refreshing(
-            db.clone(),
+            db.connection().clone(),
             Duration::from_millis(settings.metrics.refresh_interval_ms),
             shutdown.child_token(),
         );
         let unrecorded = crate::egress::unrecorded::UnrecordedRequests::default();
         unrecorded.start(db.clone(), shutdown.child_token());
-        let audit = crate::store::audit::AuditSink::start(db.clone(), shutdown.child_token());
+        let audit =
+            crate::store::audit::AuditSink::start(db.connection().clone(), shutdown.child_token());
         let auth_failures = crate::http::access::AuthFailures::new(
             settings.server.auth_failures_per_minute,
             &settings.server.trusted_proxies,

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use actix_web::http::Method;
 use entity::conversation::ConversationSource;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderName, HeaderValue};
-use sea_orm::DatabaseConnection;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::Value;
@@ -375,7 +374,7 @@ pub fn creates_something(method: &Method, path: &str) -> bool {
 
 /// Records a successful creating call as an original request (idempotent on the conversation id).
 pub async fn record_original_request(
-    db: &DatabaseConnection,
+    db: &crate::store::Database,
     outbound: &Outbound,
     request_id: &str,
     conversation_id: &str,

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sea_orm::DatabaseConnection;
 use serde::Serialize;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -56,7 +55,7 @@ pub struct UnrecordedRequests(Arc<Mutex<Vec<Unrecorded>>>);
 
 impl UnrecordedRequests {
     /// Retries the waiting recordings until `shutdown`.
-    pub fn start(&self, db: DatabaseConnection, shutdown: CancellationToken) {
+    pub fn start(&self, db: crate::store::Database, shutdown: CancellationToken) {
         let waiting = self.clone();
         tokio::spawn(async move {
             loop {
@@ -131,7 +130,7 @@ impl UnrecordedRequests {
             .unwrap_or_default()
     }
 
-    async fn retry_due(&self, db: &DatabaseConnection) {
+    async fn retry_due(&self, db: &crate::store::Database) {
         let due: Vec<Unrecorded> = {
             let Ok(mut waiting) = self.0.lock() else {
                 return;

@@ -25,6 +25,7 @@ use sea_orm::{
     ColumnTrait, Condition, DatabaseTransaction, DbErr, EntityTrait, ExprTrait, Iterable,
     QueryFilter, QueryOrder, QuerySelect, Set,
 };
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::plan::{self, EntityKey, KciRef, KnownKci, Loaded, entity_key};
@@ -59,7 +60,12 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
         let known_kci = KnownKci {
             id: known.id,
             tracked_entity_id: known.tracked_entity_id,
-            body: serde_json::from_str(&known.raw_body).unwrap_or_default(),
+            body: serde_json::from_str(&known.raw_body).unwrap_or_else(|error| {
+                // Only bodies that parsed are stored: this is a damaged row. A redelivery of it
+                // is then an anomaly (compared with nothing), recorded, never lost.
+                tracing::error!(kci.id = %known.kci_id, %error, "a stored KCI body does not parse");
+                Value::Null
+            }),
         };
         loaded.kcis.insert(known.kci_id, known_kci);
     }
@@ -128,7 +134,9 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
             // Deleted between our insert and lock: not something intake does; run it again.
             return Err(StoreError {
                 kind: crate::store::StoreErrorKind::Retryable,
-                source: DbErr::Custom(format!("entity {key:?} vanished while being created")),
+                source: DbErr::RecordNotFound(format!(
+                    "entity {key:?}, inserted by this transaction or a concurrent one"
+                )),
             });
         }
     }
@@ -197,7 +205,7 @@ async fn write(
     let kci_ids = insert_in_order(txn, kci_row::Entity::insert_many(plan.kcis)).await?;
     let audit_rows = deliveries.iter().zip(&plan.recorded).map(|(d, recorded)| {
         let mut row = d.audit.to_active_model();
-        row.outcome = Set(recorded.outcome.audit_outcome().to_owned());
+        row.outcome = Set(recorded.outcome.audit_outcome().as_str().to_owned());
         row.kci_id = Set(Some(d.kci.id));
         row
     });

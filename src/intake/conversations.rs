@@ -7,14 +7,11 @@ use chrono::Utc;
 use entity::conversation::{self, ConversationSource};
 use entity::tracked_entity::{self, Correlation};
 use sea_orm::sea_query::Expr;
-use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, DatabaseConnection, EntityTrait, QueryFilter, Set,
-};
+use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, Set};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::begin_write;
-use crate::store::StoreError;
+use crate::store::{Database, StoreError, retry_on_race};
 
 /// An original request to register. What each field accepts is what the OpenAPI document says
 /// (checked by the test suite with schemathesis).
@@ -156,17 +153,11 @@ pub struct Registration {
 /// Registers an original request (idempotent on the conversation id) and matches the entities
 /// waiting for it.
 pub async fn register(
-    db: &DatabaseConnection,
+    db: &Database,
     new: &NewConversation,
     source: ConversationSource,
 ) -> Result<Registration, StoreError> {
-    let mut attempt = 1;
-    loop {
-        match register_once(db, new, source).await {
-            Err(error) if error.is_retryable() && attempt < 5 => attempt += 1,
-            result => return result,
-        }
-    }
+    retry_on_race("registration", || register_once(db, new, source)).await
 }
 
 /// Advisory lock namespace for "a conversation is being registered or used to create entities"
@@ -217,11 +208,11 @@ pub async fn lock_conversations<'a>(
 }
 
 async fn register_once(
-    db: &DatabaseConnection,
+    db: &Database,
     new: &NewConversation,
     source: ConversationSource,
 ) -> Result<Registration, StoreError> {
-    let write = begin_write(db).await?;
+    let write = db.begin_write().await?;
     let txn: &sea_orm::DatabaseTransaction = &write;
     let conversation_id = trimmed(&new.conversation_id);
     lock_conversations(txn, std::iter::once(conversation_id), true).await?;

@@ -16,7 +16,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sea_orm::DatabaseConnection;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -38,7 +37,7 @@ pub struct GroupCommit {
 
 /// What every committer shares.
 struct Committers {
-    db: DatabaseConnection,
+    db: crate::store::Database,
     jobs: Mutex<mpsc::Receiver<Job>>,
     max_batch: usize,
     notify_other_processes: bool,
@@ -50,7 +49,7 @@ impl GroupCommit {
     /// `notify_other_processes`: PostgreSQL `NOTIFY` at each commit, for relays in other
     /// processes (`relay.notify_other_processes`).
     pub fn start(
-        db: DatabaseConnection,
+        db: crate::store::Database,
         settings: &IntakeSettings,
         notify_other_processes: bool,
     ) -> GroupCommit {

@@ -13,7 +13,8 @@
 //! - [`conversations`]: registering original requests.
 //!
 //! A transaction that loses a race (the same new entity or KCI id inserted at once by another
-//! batch, a deadlock) rolls back and runs again, when the winner's rows are visible.
+//! batch, a deadlock) rolls back and runs again, when the winner's rows are visible
+//! (`store::retry_on_race`).
 //!
 //! Time is bounded (design.md, "Bounded time"): a KCI is recorded within `intake.deadline_ms` of
 //! its arrival or the gateway is answered 503 with `Retry-After` (a KCI that commits after its
@@ -23,18 +24,16 @@ pub mod batch;
 pub mod conversations;
 pub mod group_commit;
 pub mod plan;
+pub mod rules;
 
 use std::time::Duration;
 
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, SqliteTransactionMode,
-    TransactionOptions, TransactionTrait,
-};
+use sea_orm::ConnectionTrait;
 use uuid::Uuid;
 
 use crate::kci::Kci;
-use crate::store::StoreError;
-use crate::store::audit::AuditRecord;
+use crate::store::audit::{AuditOutcome, AuditRecord};
+use crate::store::{Database, StoreError, retry_on_race};
 
 /// Why a KCI was not recorded. The gateway is answered 503 for all but a fault of ours. Cheap
 /// to clone: every KCI of a failed batch gets the batch's error, with its whole cause chain.
@@ -63,8 +62,11 @@ impl From<StoreError> for IntakeError {
     }
 }
 
-/// How many times a transaction that lost a race is run again before giving up.
-const ATTEMPTS: usize = 5;
+impl crate::store::write::LostRace for IntakeError {
+    fn lost_race(&self) -> bool {
+        matches!(self, IntakeError::Store(error) if error.is_retryable())
+    }
+}
 
 /// One delivery of a KCI by the gateway.
 pub struct Delivery {
@@ -94,11 +96,13 @@ pub enum Outcome {
 
 impl Outcome {
     /// The audit log's word for it.
-    pub fn audit_outcome(self) -> &'static str {
+    pub fn audit_outcome(self) -> AuditOutcome {
         match self {
-            Outcome::Applied | Outcome::Stale | Outcome::DuplicateSequence => "ACCEPTED",
-            Outcome::Redelivered => "REDELIVERED",
-            Outcome::Anomaly => "ANOMALY",
+            Outcome::Applied | Outcome::Stale | Outcome::DuplicateSequence => {
+                AuditOutcome::Accepted
+            }
+            Outcome::Redelivered => AuditOutcome::Redelivered,
+            Outcome::Anomaly => AuditOutcome::Anomaly,
         }
     }
 }
@@ -113,7 +117,7 @@ pub struct Recorded {
 
 /// Records one delivery durably, alone. `Ok` means committed.
 pub async fn record(
-    db: &DatabaseConnection,
+    db: &Database,
     delivery: &Delivery,
     notify_other_processes: bool,
 ) -> Result<Recorded, IntakeError> {
@@ -126,71 +130,22 @@ pub async fn record(
 /// Records deliveries in one transaction, in the order given; one [`Recorded`] each. `Ok` means
 /// committed. `notify_other_processes`: PostgreSQL `NOTIFY` for relays in other processes.
 pub async fn record_batch(
-    db: &DatabaseConnection,
+    db: &Database,
     deliveries: &[&Delivery],
     notify_other_processes: bool,
 ) -> Result<Vec<Recorded>, IntakeError> {
-    let mut attempt = 1;
-    loop {
-        match record_batch_once(db, deliveries, notify_other_processes).await {
-            Err(IntakeError::Store(error)) if error.is_retryable() && attempt < ATTEMPTS => {
-                tracing::debug!(attempt, error = %error, "intake transaction lost a race; running it again");
-                attempt += 1;
-            }
-            result => return result,
-        }
-    }
-}
-
-/// A write transaction. On SQLite it also holds this process's turn to write: SQLite has one
-/// writer at a time and its busy handler is not fair, so group commit's back-to-back transactions
-/// kept the relay from recording what it had published (publish lag p99 3.8 s in the benchmark).
-/// Turns are taken in order of arrival. (One turn queue per process: a process has one SQLite
-/// database; tests with several only queue a little more.)
-pub struct WriteTransaction {
-    txn: DatabaseTransaction,
-    _turn: Option<tokio::sync::MutexGuard<'static, ()>>,
-}
-
-static SQLITE_WRITER_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-impl std::ops::Deref for WriteTransaction {
-    type Target = DatabaseTransaction;
-
-    fn deref(&self) -> &DatabaseTransaction {
-        &self.txn
-    }
-}
-
-impl WriteTransaction {
-    pub async fn commit(self) -> Result<(), sea_orm::DbErr> {
-        self.txn.commit().await
-    }
-}
-
-/// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite so that the write lock is taken up
-/// front (a deferred transaction that upgrades later fails with BUSY instead of waiting), after
-/// waiting for this process's turn to write.
-pub async fn begin_write(db: &DatabaseConnection) -> Result<WriteTransaction, StoreError> {
-    let turn = match db.get_database_backend() {
-        sea_orm::DbBackend::Sqlite => Some(SQLITE_WRITER_TURN.lock().await),
-        _ => None,
-    };
-    let txn = db
-        .begin_with_options(TransactionOptions {
-            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-            ..Default::default()
-        })
-        .await?;
-    Ok(WriteTransaction { txn, _turn: turn })
+    retry_on_race("intake transaction", || {
+        record_batch_once(db, deliveries, notify_other_processes)
+    })
+    .await
 }
 
 async fn record_batch_once(
-    db: &DatabaseConnection,
+    db: &Database,
     deliveries: &[&Delivery],
     notify_other_processes: bool,
 ) -> Result<Vec<Recorded>, IntakeError> {
-    let txn = begin_write(db).await?;
+    let txn = db.begin_write().await?;
     let recorded = batch::record(&txn, deliveries).await?;
     // Relays in other processes LISTEN for this; it is delivered only if the transaction commits.
     if notify_other_processes && txn.get_database_backend() == sea_orm::DbBackend::Postgres {

@@ -12,17 +12,17 @@ use std::collections::{BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
 use entity::conversation;
-use entity::kci::{self as kci_row, KciOutcome};
+use entity::kci as kci_row;
 use entity::outbox_event::{self, OutboxStatus};
 use entity::state_transition;
-use entity::tracked_entity::{self, Correlation};
+use entity::tracked_entity;
 use sea_orm::{ActiveValue, Set};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::rules::{self, EntityBefore};
 use super::{Delivery, Outcome, Recorded};
 use crate::kci::Kci;
-use crate::lifecycle::Verdict;
 use crate::outbox::envelope::{self, EnvelopeFacts};
 use crate::store::text::{COLUMN_TEXT_MAX, NOTE_MAX, bounded, storable_json};
 
@@ -115,11 +115,7 @@ pub fn new_entity(
 ) -> tracked_entity::Model {
     let kci = &delivery.kci;
     let stored = Stored::of(kci);
-    let correlation = match original_request {
-        Some(_) => Correlation::Matched,
-        None if kci.entity_type.is_unsolicited() => Correlation::Unsolicited,
-        None => Correlation::Unmatched,
-    };
+    let correlation = rules::first_correlation(kci, original_request.map(|r| r.id));
     tracked_entity::Model {
         id: 0,
         entity_type: kci.entity_type.as_str().to_owned(),
@@ -165,7 +161,11 @@ impl FirstBody<'_> {
     fn value(&self) -> Cow<'_, Value> {
         match self {
             FirstBody::Parsed(value) => Cow::Borrowed(value),
-            FirstBody::Raw(raw) => Cow::Owned(serde_json::from_str(raw).unwrap_or(Value::Null)),
+            // It parsed when it arrived, moments ago; a failure here would be a bug, logged.
+            FirstBody::Raw(raw) => Cow::Owned(serde_json::from_str(raw).unwrap_or_else(|error| {
+                tracing::error!(%error, "a KCI body of this batch does not parse again");
+                Value::Null
+            })),
         }
     }
 }
@@ -270,11 +270,7 @@ fn redelivery(
 ) -> Result<Recorded, String> {
     let kci = &delivery.kci;
     let first_body = first.body.value();
-    let outcome = if kci.same_content_as(&first_body) {
-        Outcome::Redelivered
-    } else {
-        Outcome::Anomaly
-    };
+    let outcome = rules::redelivery(kci, &first_body);
     if outcome == Outcome::Anomaly {
         let entity = loaded
             .entities
@@ -314,7 +310,6 @@ fn new_kci(
 ) -> Result<Recorded, String> {
     let kci = &delivery.kci;
     let stored = Stored::of(kci);
-    let lifecycle = kci.entity_type.lifecycle();
     let original_request = loaded.conversations.get(&delivery.conversation_id);
     let key = entity_key(kci);
     let entity_id = *loaded
@@ -327,6 +322,13 @@ fn new_kci(
         .ok_or_else(|| format!("entity {entity_id} was not loaded"))?;
     // No KCI recorded yet: this one creates the entity.
     let is_new = entity.kci_count == 0;
+    let before = (!is_new).then(|| EntityBefore {
+        status: &entity.status,
+        last_sequence_number: entity.last_sequence_number,
+        correlation: entity.correlation,
+        conversation_ref: entity.conversation_ref,
+    });
+    let decision = rules::decide(before, kci, &stored.status, original_request.map(|r| r.id));
     if is_new {
         *entity = tracked_entity::Model {
             id: entity_id,
@@ -335,23 +337,10 @@ fn new_kci(
         };
     }
     let previous_status = (!is_new).then(|| entity.status.clone());
-    let facts = sequence_facts(
-        (!is_new).then_some(entity.last_sequence_number),
-        kci.sequence_number,
-    );
-    let verdict = match &previous_status {
-        Some(from) if facts.applied => lifecycle.judge(from, &stored.status, facts.gap),
-        _ => Verdict::Unchanged,
-    };
-    let illegal = verdict == Verdict::Illegal;
-    let unknown = !kci.unknown_values.is_empty();
-    let (kci_outcome, outcome) = if facts.applied {
-        (KciOutcome::Applied, Outcome::Applied)
-    } else if facts.stale {
-        (KciOutcome::Stale, Outcome::Stale)
-    } else {
-        (KciOutcome::DuplicateSequence, Outcome::DuplicateSequence)
-    };
+    let facts = decision.sequence;
+    let illegal = decision.illegal;
+    let unknown = decision.unknown_values;
+    let (kci_outcome, outcome) = (decision.kci_outcome, decision.outcome);
 
     plan.kcis.push(kci_row::ActiveModel {
         kci_id: Set(kci.id),
@@ -376,14 +365,7 @@ fn new_kci(
     });
     let kci_row = plan.kcis.len() - 1;
 
-    let notes = notes(
-        kci,
-        &stored,
-        &facts,
-        illegal,
-        previous_status.as_deref(),
-        lifecycle.name,
-    );
+    let notes = &decision.notes;
     let transition = state_transition::ActiveModel {
         previous_sequence_number: Set(facts.previous),
         from_status: Set(previous_status.clone()),
@@ -399,12 +381,7 @@ fn new_kci(
     plan.transitions
         .push((KciRef::New(kci_row), index, transition));
 
-    // Matching: an entity keeps the link it has; an unmatched one is matched as soon as its
-    // conversation is known.
-    let (correlation, conversation_ref) = match (entity.correlation, original_request) {
-        (Correlation::Unmatched, Some(request)) => (Correlation::Matched, Some(request.id)),
-        (correlation, _) => (correlation, entity.conversation_ref),
-    };
+    let (correlation, conversation_ref) = (decision.correlation, decision.conversation_ref);
     let linked_request = match conversation_ref {
         Some(id) if original_request.is_some_and(|r| r.id == id) => original_request,
         Some(id) => loaded.conversations_by_id.get(&id),
@@ -474,59 +451,6 @@ fn new_kci(
     })
 }
 
-fn notes(
-    kci: &Kci,
-    stored: &Stored,
-    facts: &SequenceFacts,
-    illegal: bool,
-    previous_status: Option<&str>,
-    lifecycle: &str,
-) -> Vec<String> {
-    let mut notes = Vec::new();
-    if facts.gap {
-        let expected = facts.previous.map_or(1, |last| last + 1);
-        notes.push(format!(
-            "sequence gap: expected {expected}, got {}",
-            kci.sequence_number
-        ));
-    }
-    if facts.stale {
-        notes.push(format!(
-            "stale: sequence {} is older than the applied {}",
-            kci.sequence_number,
-            facts.previous.unwrap_or_default()
-        ));
-    }
-    if facts.duplicate {
-        notes.push(format!(
-            "sequence {} was already applied by another KCI",
-            kci.sequence_number
-        ));
-    }
-    if illegal {
-        notes.push(format!(
-            "{lifecycle} lifecycle does not allow {} -> {}",
-            previous_status.unwrap_or("?"),
-            stored.status
-        ));
-    }
-    if !kci.unknown_values.is_empty() {
-        let values: Vec<String> = kci
-            .unknown_values
-            .iter()
-            .map(|unknown| {
-                format!(
-                    "{} = {}",
-                    unknown.path,
-                    bounded(&unknown.value, COLUMN_TEXT_MAX)
-                )
-            })
-            .collect();
-        notes.push(format!("undocumented values: {}", values.join(", ")));
-    }
-    notes
-}
-
 /// A history entry with what the KCI itself says, no flags raised: callers set how it relates to
 /// the entity (previous state, applied or not, flags, note). The KCI row and audit record it
 /// cites are filled in once their ids are known.
@@ -554,35 +478,5 @@ fn history_entry(
         delivered_on: Set(kci.delivered_on),
         recorded_at: Set(now),
         ..Default::default()
-    }
-}
-
-/// How a new KCI relates to the entity's last applied sequence number (design.md, "Monotonic
-/// state"): only a newer KCI moves the state.
-struct SequenceFacts {
-    previous: Option<i64>,
-    applied: bool,
-    stale: bool,
-    duplicate: bool,
-    gap: bool,
-}
-
-fn sequence_facts(previous: Option<i64>, sequence_number: i64) -> SequenceFacts {
-    match previous {
-        // The first KCI we see: anything but 1 means earlier KCIs are missing.
-        None => SequenceFacts {
-            previous,
-            applied: true,
-            stale: false,
-            duplicate: false,
-            gap: sequence_number > 1,
-        },
-        Some(last) => SequenceFacts {
-            previous,
-            applied: sequence_number > last,
-            stale: sequence_number < last,
-            duplicate: sequence_number == last,
-            gap: sequence_number > last.saturating_add(1),
-        },
     }
 }

@@ -33,7 +33,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::AMQPErrorKind;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
-use sea_orm::{DatabaseConnection, DbBackend};
+use sea_orm::DbBackend;
 use secrecy::ExposeSecret;
 use serde::Serialize;
 use serde_json::Value;
@@ -43,8 +43,7 @@ use super::signal::{OutboxSignal, forward_postgres_notifications};
 use super::store::{self, EntityLocks};
 use super::topology::Topology;
 use crate::config::{AmqpSettings, RelaySettings, redact_url};
-use crate::intake::begin_write;
-use crate::store::StoreError;
+use crate::store::{Database, StoreError};
 
 /// What the relay knows of the broker, for `/readyz`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -180,7 +179,7 @@ impl From<sea_orm::DbErr> for RoundError {
 pub struct Relay(Arc<RelayInner>);
 
 struct RelayInner {
-    db: DatabaseConnection,
+    db: Database,
     amqp: AmqpSettings,
     settings: RelaySettings,
     signal: OutboxSignal,
@@ -196,7 +195,7 @@ const RESTART_RESET_AFTER: Duration = Duration::from_secs(60);
 
 impl Relay {
     pub fn new(
-        db: DatabaseConnection,
+        db: Database,
         amqp: AmqpSettings,
         settings: RelaySettings,
         signal: OutboxSignal,
@@ -219,7 +218,7 @@ impl Relay {
         let relay = &self.0;
         if relay.db.get_database_backend() == DbBackend::Postgres {
             tokio::spawn(forward_postgres_notifications(
-                relay.db.clone(),
+                relay.db.connection().clone(),
                 relay.signal.clone(),
                 shutdown.child_token(),
             ));
@@ -387,7 +386,7 @@ impl Relay {
         let relay = &self.0;
         let now = Utc::now();
         let head_ids = store::due_head_ids(
-            &relay.db,
+            relay.db.connection(),
             now,
             relay.settings.batch_size,
             relay.settings.max_round_bytes,
@@ -423,12 +422,12 @@ impl Relay {
         ids: &[i64],
     ) -> Result<usize, RoundError> {
         let relay = &self.0;
-        let heads = store::pending_by_id(&relay.db, ids).await?;
+        let heads = store::pending_by_id(relay.db.connection(), ids).await?;
         if heads.is_empty() {
             return Ok(0);
         }
         let outcomes = self.publish(connection, channel, &heads).await;
-        let txn = begin_write(&relay.db).await?;
+        let txn = relay.db.begin_write().await?;
         let handled = self.record(&*txn, &heads, &outcomes).await?;
         txn.commit().await?;
         broken_channel(channel, &outcomes)?;
@@ -545,7 +544,13 @@ impl Relay {
         for (event, outcome) in events.iter().zip(outcomes) {
             if let Outcome::Refused(reason) = outcome {
                 let delay = backoff(&relay.settings, event.attempts);
-                let next = now + chrono::Duration::from_std(delay).unwrap_or_default();
+                let next = now
+                    + chrono::Duration::from_std(delay).unwrap_or_else(|_| {
+                        // Backoff is capped by relay.retry_max_ms: this cannot be, but never
+                        // means "at once".
+                        tracing::warn!(?delay, "backoff beyond chrono's range; waiting a day");
+                        chrono::Duration::days(1)
+                    });
                 let dead =
                     store::mark_refused(db, event, reason, next, relay.settings.max_attempts)
                         .await?;
@@ -696,9 +701,10 @@ fn encode(event: &outbox_event::Model) -> Result<(ShortString, BasicProperties),
     if let Value::Object(map) = &event.headers {
         for (name, value) in map {
             let value = match value {
-                Value::Number(n) if n.is_i64() => {
-                    AMQPValue::LongLongInt(n.as_i64().unwrap_or_default())
-                }
+                Value::Number(n) => match n.as_i64() {
+                    Some(n) => AMQPValue::LongLongInt(n),
+                    None => AMQPValue::LongString(LongString::from(n.to_string())),
+                },
                 Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
                 other => AMQPValue::LongString(LongString::from(other.to_string())),
             };

@@ -164,20 +164,19 @@ impl EntityLocks {
         &mut self,
         work: impl AsyncFnOnce(&mut sea_orm::sqlx::PgConnection) -> Result<T, sea_orm::sqlx::Error>,
     ) -> Result<T, StoreError> {
-        let unavailable = |error: String| StoreError {
-            kind: crate::store::StoreErrorKind::Unavailable,
-            source: sea_orm::DbErr::Custom(format!("relay lock connection: {error}")),
-        };
-        if self.connection.is_none() {
-            let connection = tokio::time::timeout(LOCK_TIMEOUT, self.pool.acquire())
+        use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr};
+        let connection = match self.connection.take() {
+            Some(connection) => connection,
+            None => tokio::time::timeout(LOCK_TIMEOUT, self.pool.acquire())
                 .await
-                .map_err(|_| unavailable("no connection in time".to_owned()))?
-                .map_err(|error| unavailable(error.to_string()))?;
-            self.connection = Some(connection);
-        }
-        let Some(connection) = self.connection.as_mut() else {
-            return Err(unavailable("no connection".to_owned()));
+                .map_err(|_| StoreError::from(DbErr::ConnectionAcquire(ConnAcquireErr::Timeout)))?
+                .map_err(|error| {
+                    StoreError::from(DbErr::Conn(RuntimeErr::SqlxError(std::sync::Arc::new(
+                        error,
+                    ))))
+                })?,
         };
+        let connection = self.connection.insert(connection);
         match tokio::time::timeout(LOCK_TIMEOUT, work(&mut *connection)).await {
             Ok(Ok(value)) => Ok(value),
             failure => {
@@ -186,10 +185,19 @@ impl EntityLocks {
                 if let Some(mut connection) = self.connection.take() {
                     connection.close_on_drop();
                 }
-                Err(unavailable(match failure {
-                    Ok(Err(error)) => error.to_string(),
-                    _ => "timed out".to_owned(),
-                }))
+                let error = match failure {
+                    Ok(Err(error)) => error,
+                    _ => sea_orm::sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer to a lock statement within {LOCK_TIMEOUT:?}"),
+                    )),
+                };
+                // Whatever went wrong, the connection is gone: the relay treats it as the
+                // database being unavailable and runs the round again.
+                Err(StoreError {
+                    kind: crate::store::StoreErrorKind::Unavailable,
+                    source: DbErr::Exec(RuntimeErr::SqlxError(std::sync::Arc::new(error))),
+                })
             }
         }
     }

@@ -1,13 +1,17 @@
-//! The database: connecting (SQLite or PostgreSQL, chosen by the URL), migrating, and classifying
-//! database errors in one place.
+//! The database: connecting (SQLite or PostgreSQL, chosen by the URL), migrating, classifying
+//! database errors in one place, and the write path ([`write`]: the handle writers share, write
+//! transactions, running again work that lost a race).
 
 pub mod audit;
 pub mod text;
+pub mod write;
+
+pub use write::{Database, WriteTransaction, retry_on_race};
 
 use std::time::Duration;
 
 use migration::MigratorTrait;
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr, SqlErr};
+use sea_orm::{ConnectOptions, DatabaseConnection, DbErr, SqlErr};
 use secrecy::ExposeSecret;
 
 use crate::config::{DatabaseSettings, redact_url};
@@ -67,48 +71,93 @@ impl From<DbErr> for StoreError {
     }
 }
 
-/// Sorts a database error into [`StoreErrorKind`].
+/// Sorts a database error into [`StoreErrorKind`], every variant named: what a lost race, an
+/// unreachable database and a bug each look like is decided here, once.
 pub fn classify(error: &DbErr) -> StoreErrorKind {
     use sea_orm::RuntimeErr;
-    use sea_orm::sqlx::Error as Sqlx;
 
     if let Some(SqlErr::UniqueConstraintViolation(_)) = error.sql_err() {
         return StoreErrorKind::Conflict;
     }
-    let sqlx_error = match error {
-        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return StoreErrorKind::Unavailable,
-        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => e,
-        _ => return StoreErrorKind::Fault,
-    };
-    match sqlx_error.as_ref() {
+    match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => StoreErrorKind::Unavailable,
+        DbErr::Exec(runtime) | DbErr::Query(runtime) => match runtime {
+            RuntimeErr::SqlxError(error) => classify_sqlx(error),
+            // Raised by sea-orm itself, not by the database.
+            RuntimeErr::Internal(_) => StoreErrorKind::Fault,
+        },
+        // The code, the schema and the data disagree: a bug, which running again cannot fix.
+        DbErr::TryIntoErr { .. }
+        | DbErr::ConvertFromU64(_)
+        | DbErr::UnpackInsertId
+        | DbErr::UpdateGetPrimaryKey
+        | DbErr::RecordNotFound(_)
+        | DbErr::AttrNotSet(_)
+        | DbErr::Custom(_)
+        | DbErr::Type(_)
+        | DbErr::Json(_)
+        | DbErr::Migration(_)
+        | DbErr::RecordNotInserted
+        | DbErr::RecordNotUpdated
+        | DbErr::BackendNotSupported { .. }
+        | DbErr::KeyArityMismatch { .. }
+        | DbErr::PrimaryKeyNotSet { .. }
+        | DbErr::RbacError(_)
+        | DbErr::AccessDenied { .. }
+        | DbErr::MutexPoisonError => StoreErrorKind::Fault,
+        // `DbErr` is non-exhaustive: a variant of a newer sea-orm is a fault until named above.
+        _ => StoreErrorKind::Fault,
+    }
+}
+
+/// [`classify`] for what the driver reported.
+fn classify_sqlx(error: &sea_orm::sqlx::Error) -> StoreErrorKind {
+    use sea_orm::sqlx::Error as Sqlx;
+    match error {
         Sqlx::Io(_)
         | Sqlx::Tls(_)
         | Sqlx::Protocol(_)
         | Sqlx::PoolTimedOut
         | Sqlx::PoolClosed
-        | Sqlx::WorkerCrashed => StoreErrorKind::Unavailable,
-        Sqlx::Database(database_error) => {
-            let code = database_error.code().unwrap_or_default();
-            match code.as_ref() {
-                // PostgreSQL: serialization failure, deadlock.
-                "40001" | "40P01" => StoreErrorKind::Retryable,
-                // PostgreSQL: admin/crash shutdown, cannot connect now, too many connections,
-                // disk full, out of memory.
-                "57P01" | "57P02" | "57P03" | "53300" | "53100" | "53200" => {
-                    StoreErrorKind::Unavailable
-                }
-                // PostgreSQL connection exceptions (class 08).
-                code if code.starts_with("08") => StoreErrorKind::Unavailable,
-                // SQLite: BUSY and LOCKED (with their extended codes), IOERR, FULL, CANTOPEN.
-                "5" | "6" | "261" | "262" | "517" | "10" | "13" | "14" => {
-                    StoreErrorKind::Unavailable
-                }
-                code if code.parse::<u32>().is_ok_and(|c| c & 0xff == 10) => {
-                    StoreErrorKind::Unavailable
-                }
-                _ => StoreErrorKind::Fault,
-            }
+        | Sqlx::WorkerCrashed
+        // The connection's state after BEGIN was not what it should be: a broken connection.
+        | Sqlx::BeginFailed => StoreErrorKind::Unavailable,
+        Sqlx::Database(database_error) => classify_database_code(
+            database_error.code().as_deref().unwrap_or_default(),
+        ),
+        Sqlx::Configuration(_)
+        | Sqlx::InvalidArgument(_)
+        | Sqlx::RowNotFound
+        | Sqlx::TypeNotFound { .. }
+        | Sqlx::ColumnIndexOutOfBounds { .. }
+        | Sqlx::ColumnNotFound(_)
+        | Sqlx::ColumnDecode { .. }
+        | Sqlx::Encode(_)
+        | Sqlx::Decode(_)
+        | Sqlx::AnyDriverError(_)
+        | Sqlx::InvalidSavePointStatement => StoreErrorKind::Fault,
+        // Non-exhaustive too (and `Migrate`, `ConfigFile` exist only with features we do not
+        // use): a fault until named above.
+        _ => StoreErrorKind::Fault,
+    }
+}
+
+/// [`classify`] for an error the database server itself returned, by its SQLSTATE (PostgreSQL)
+/// or result code (SQLite).
+fn classify_database_code(code: &str) -> StoreErrorKind {
+    match code {
+        // PostgreSQL: serialization failure, deadlock.
+        "40001" | "40P01" => StoreErrorKind::Retryable,
+        // PostgreSQL: admin/crash shutdown, cannot connect now, too many connections, disk
+        // full, out of memory; statement timeout (57014: the database is too slow right now).
+        "57P01" | "57P02" | "57P03" | "53300" | "53100" | "53200" | "57014" => {
+            StoreErrorKind::Unavailable
         }
+        // PostgreSQL connection exceptions (class 08).
+        code if code.starts_with("08") => StoreErrorKind::Unavailable,
+        // SQLite: BUSY and LOCKED (with their extended codes), IOERR, FULL, CANTOPEN.
+        "5" | "6" | "261" | "262" | "517" | "10" | "13" | "14" => StoreErrorKind::Unavailable,
+        code if code.parse::<u32>().is_ok_and(|c| c & 0xff == 10) => StoreErrorKind::Unavailable,
         _ => StoreErrorKind::Fault,
     }
 }
@@ -143,8 +192,13 @@ pub async fn connect_for(
         && let Some(parent) = std::path::Path::new(path).parent()
         && !parent.as_os_str().is_empty()
     {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| DbErr::Custom(format!("cannot create {}: {e}", parent.display())))?;
+        // Connecting fails: the database file cannot exist without its folder.
+        std::fs::create_dir_all(parent).map_err(|e| {
+            DbErr::Conn(sea_orm::RuntimeErr::Internal(format!(
+                "cannot create {}: {e}",
+                parent.display()
+            )))
+        })?;
     }
     let mut options = ConnectOptions::new(url.to_owned());
     options
@@ -189,7 +243,7 @@ pub async fn connect_for(
             .statement_cache_capacity(16)
     });
     tracing::info!(database = %redact_url(url), "connecting to the database");
-    Database::connect(options).await
+    sea_orm::Database::connect(options).await
 }
 
 /// The path of a `sqlite:` URL, if it is one.

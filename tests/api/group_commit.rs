@@ -31,7 +31,7 @@ fn delivery(body: &Value, conversation_id: &str, request_id: &str) -> Delivery {
             response_body: None,
             error_uuid: None,
             error_code: None,
-            outcome: String::new(),
+            outcome: kci_receiver::store::audit::AuditOutcome::Rejected,
             kci_id: None,
             received_at: Utc::now(),
         },

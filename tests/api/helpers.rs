@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use kci_receiver::config::{GatewayAuthMethod, Settings};
 use kci_receiver::startup::Application;
-use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use sea_orm::{ConnectionTrait, Database};
 use secrecy::SecretString;
 use serde_json::Value;
 use uuid::Uuid;
@@ -226,7 +226,7 @@ pub struct TestApp {
     /// `http://127.0.0.1:<port>` with `metrics.port`.
     pub metrics_address: Option<String>,
     /// A connection of the test's own, for looking at what the app stored.
-    pub db: DatabaseConnection,
+    pub db: kci_receiver::store::Database,
     pub client: reqwest::Client,
     /// Held so that the database is dropped when the test ends, not before.
     _database: TestDatabase,
@@ -266,7 +266,7 @@ pub async fn spawn_on(database: TestDatabase, settings: Settings) -> TestApp {
         address,
         tls_address,
         metrics_address,
-        db,
+        db: db.into(),
         client: reqwest::Client::new(),
         _database: database,
     }

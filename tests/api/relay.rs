@@ -319,7 +319,7 @@ async fn start_relay(settings: &Settings, shutdown: &CancellationToken) -> Relay
         .unwrap();
     let health = RelayHealth::default();
     let relay = Relay::new(
-        db,
+        db.into(),
         settings.amqp.clone(),
         settings.relay.clone(),
         OutboxSignal::default(),
