@@ -19,8 +19,10 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix_web::body::EitherBody;
 use actix_web::dev::{Service, ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
+use actix_web::http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use actix_web::web;
 use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
@@ -29,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{AppState, is_json};
 use crate::auth::mtls::Network;
 use crate::error::ApiError;
-use crate::store::audit::{AuditRecord, AuditSink};
+use crate::store::audit::{AuditOutcome, AuditRecord, AuditSink};
 
 /// Most (source, method, path) aggregates kept in a window; beyond, one catch-all per source.
 const MAX_AGGREGATES: usize = 1000;
@@ -175,11 +177,15 @@ impl AuthFailures {
     }
 }
 
-/// The middleware described in the module documentation.
+/// The middleware described in the module documentation. It also completes error answers the
+/// way the HTTP contract wants them, whoever made them: a 503's `Retry-After` is
+/// `server.retry_after_seconds`, and a 401 without a challenge gets the operations API's
+/// (RFC 9110: a 401 carries `WWW-Authenticate`).
 pub fn guard<S, B>(
     request: ServiceRequest,
     service: &S,
-) -> impl std::future::Future<Output = Result<ServiceResponse<B>, actix_web::Error>> + use<S, B>
+) -> impl std::future::Future<Output = Result<ServiceResponse<EitherBody<B>>, actix_web::Error>>
++ use<S, B>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
 {
@@ -204,44 +210,90 @@ where
         .get(actix_web::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let called = locked.is_none().then(|| service.call(request));
+    let called = match locked {
+        // Locked out: answered at once, nothing else looked at.
+        Some(wait) => Err(request.error_response(ApiError::TooManyRequests {
+            retry_after_seconds: wait.as_secs().max(1),
+        })),
+        None => Ok(service.call(request)),
+    };
     async move {
-        if let Some(wait) = locked {
-            return Err(ApiError::TooManyRequests {
-                retry_after_seconds: wait.as_secs().max(1),
-            }
-            .into());
-        }
-        let response = match called {
-            Some(called) => called.await?,
-            None => unreachable!("called unless locked out"),
+        let mut response = match called {
+            Err(locked_out) => return Ok(locked_out.map_into_right_body()),
+            Ok(called) => match called.await {
+                Ok(response) => response.map_into_left_body(),
+                Err(error) => {
+                    // An error a middleware returned (a handler's is already an answer): counted
+                    // like the others, and passed on.
+                    let status = error.as_response_error().status_code().as_u16();
+                    if let Some(failures) = &failures
+                        && (status == 401 || status == 403)
+                    {
+                        let record = AuditRecord {
+                            response_status: status,
+                            outcome: AuditOutcome::AuthFailed,
+                            ..super::audit_record_of(&head, peer)
+                        };
+                        failures.failed(source, record, status == 401);
+                    }
+                    return Err(error);
+                }
+            },
         };
         let status = response.status().as_u16();
         if let (Some(state), Some(failures)) = (&state, &failures) {
-            let record = |outcome: &str| AuditRecord {
+            let record = |outcome: AuditOutcome| AuditRecord {
                 response_status: status,
-                outcome: outcome.to_owned(),
+                outcome,
                 ..super::audit_record_of(&head, peer)
             };
             if status == 401 || status == 403 {
-                let locked_for = failures.failed(source, record("AUTH_FAILED"), status == 401);
+                let locked_for =
+                    failures.failed(source, record(AuditOutcome::AuthFailed), status == 401);
                 // The failure that uses up the allowance is answered as the lockout it starts.
                 if let Some(wait) = locked_for {
-                    return Err(ApiError::TooManyRequests {
+                    let (request, _) = response.into_parts();
+                    let locked_out = ApiError::TooManyRequests {
                         retry_after_seconds: wait.as_secs().max(1),
-                    }
-                    .into());
+                    };
+                    response = ServiceResponse::new(
+                        request,
+                        actix_web::ResponseError::error_response(&locked_out),
+                    )
+                    .map_into_right_body();
                 }
             } else if operator_action && (200..300).contains(&status) {
                 state.audit.record(AuditRecord {
                     principal: basic_user(&authorization),
-                    ..record("OPERATOR_ACTION")
+                    ..record(AuditOutcome::OperatorAction)
                 });
             }
+        }
+        let final_status = response.status().as_u16();
+        let headers = response.headers_mut();
+        match final_status {
+            503 => {
+                if let Some(state) = &state {
+                    headers.insert(
+                        RETRY_AFTER,
+                        HeaderValue::from(state.settings.server.retry_after_seconds),
+                    );
+                }
+            }
+            401 if !headers.contains_key(WWW_AUTHENTICATE) => {
+                headers.insert(
+                    WWW_AUTHENTICATE,
+                    HeaderValue::from_static(OPERATIONS_CHALLENGE),
+                );
+            }
+            _ => {}
         }
         Ok(response)
     }
 }
+
+/// The challenge of the operations API and the egress proxy (HTTP Basic).
+pub const OPERATIONS_CHALLENGE: &str = "Basic realm=\"kci-receiver operations\", charset=\"UTF-8\"";
 
 /// The user name of Basic credentials (never the password).
 fn basic_user(authorization: &Option<String>) -> Option<String> {

@@ -5,7 +5,7 @@ use entity::conversation::ConversationSource;
 use serde_json::json;
 
 use super::AppState;
-use crate::auth::OpsRole;
+use super::operator::{Admin, Operator};
 use crate::error::ApiError;
 use crate::intake::conversations::{NewConversation, register as register_conversation};
 
@@ -17,11 +17,11 @@ use crate::intake::conversations::{NewConversation, register as register_convers
               (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn register(
+    _operator: Operator<Admin>,
     request: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Admin)?;
     let body = super::read_json_body(&request, payload, true)
         .await?
         .unwrap_or_default();

@@ -14,7 +14,7 @@ use crate::egress::{
     EgressError, Outbound, creates_something, is_returned, record_original_request,
 };
 use crate::error::ApiError;
-use crate::store::audit::AuditRecord;
+use crate::store::audit::{AuditOutcome, AuditRecord};
 
 /// The methods the proxy forwards (the Tenant API's); others are answered 405.
 pub const PROXIED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE";
@@ -47,7 +47,7 @@ pub async fn proxy(
     state: web::Data<AppState>,
 ) -> HttpResponse {
     let mut audit = AuditRecord {
-        outcome: "PROXIED".to_owned(),
+        outcome: AuditOutcome::Proxied,
         ..audit_record(&request)
     };
     let (mut response, ids) = match forward(&request, payload, &state, &mut audit).await {
@@ -58,7 +58,7 @@ pub async fn proxy(
             audit.response_body = serde_json::to_string(&body).ok();
             audit.error_uuid = Some(body.uuid);
             audit.error_code = Some(body.code.as_str().to_owned());
-            audit.outcome = "PROXY_FAILED".to_owned();
+            audit.outcome = AuditOutcome::ProxyFailed;
             let ids = (audit.request_id.clone(), audit.conversation_id.clone());
             (
                 error.response(&body, state.settings.server.retry_after_seconds),
@@ -183,7 +183,7 @@ async fn forward(
                 ),
             });
         }
-        audit.outcome = "PROXIED_UPSTREAM_ERROR".to_owned();
+        audit.outcome = AuditOutcome::ProxiedUpstreamError;
         return Ok((answer.body(bytes), ids));
     }
     // The gateway has answered: whatever happens to the recording, its answer goes back
@@ -220,7 +220,7 @@ async fn forward(
                 error,
                 "the gateway answered, but the original request could not be recorded yet; retrying in the background"
             );
-            audit.outcome = "PROXIED_NOT_RECORDED_YET".to_owned();
+            audit.outcome = AuditOutcome::ProxiedNotRecordedYet;
             state.unrecorded.add(
                 &outbound,
                 &upstream.request_id,

@@ -15,7 +15,7 @@ use crate::auth::gateway_challenge;
 use crate::error::ApiError;
 use crate::intake::{self, Delivery};
 use crate::kci::parse_kci_with;
-use crate::store::audit::AuditRecord;
+use crate::store::audit::{AuditOutcome, AuditRecord};
 
 const X_REQUEST_ID: &str = "x-request-id";
 const X_CONVERSATION_ID: &str = "x-conversation-id";
@@ -47,7 +47,7 @@ pub async fn post_kci(
     let deadline = tokio::time::Instant::now()
         + std::time::Duration::from_millis(state.settings.intake.deadline_ms);
     let mut audit = AuditRecord {
-        outcome: "REJECTED".to_owned(),
+        outcome: AuditOutcome::Rejected,
         response_status: StatusCode::NO_CONTENT.as_u16(),
         ..audit_record(&request)
     };
@@ -149,11 +149,10 @@ fn reject(error: &ApiError, state: &AppState, mut audit: AuditRecord) -> HttpRes
     audit.error_uuid = Some(body.uuid);
     audit.error_code = Some(body.code.as_str().to_owned());
     audit.outcome = match error {
-        ApiError::Unavailable(_) => "UNAVAILABLE",
-        ApiError::Internal(_) => "FAILED",
-        _ => "REJECTED",
-    }
-    .to_owned();
+        ApiError::Unavailable(_) => AuditOutcome::Unavailable,
+        ApiError::Internal(_) => AuditOutcome::Failed,
+        _ => AuditOutcome::Rejected,
+    };
     match error {
         ApiError::Unavailable(_) => {
             tracing::warn!(audit = ?audit_summary(&audit), "not audited in the database: it is unavailable");

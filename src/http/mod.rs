@@ -13,6 +13,7 @@ pub mod kcis;
 pub mod metrics;
 pub mod openapi;
 pub mod operations;
+pub mod operator;
 pub mod outbox;
 
 use std::sync::Arc;
@@ -20,7 +21,6 @@ use std::time::Instant;
 
 use actix_web::dev::Service;
 use actix_web::{HttpResponse, web};
-use sea_orm::DatabaseConnection;
 
 use crate::auth::Authenticator;
 use crate::config::Settings;
@@ -30,7 +30,7 @@ use crate::outbox::signal::OutboxSignal;
 
 /// What every handler can reach.
 pub struct AppState {
-    pub db: DatabaseConnection,
+    pub db: crate::store::Database,
     /// Records KCIs, several per transaction under load (group commit).
     pub intake: crate::intake::group_commit::GroupCommit,
     pub auth: Authenticator,
@@ -109,6 +109,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
     .service(
         web::scope("/api/v1")
             .wrap_fn(access::refuse_cross_site)
+            .wrap_fn(operator::require_operator)
             .service(resource!("/service-orders", get => ops::list_service_orders))
             .service(resource!("/service-orders/{id}", get => ops::get_service_order))
             .service(resource!("/service-orders/{id}/history", get => ops::service_order_history))
@@ -294,7 +295,7 @@ pub(crate) fn audit_record_of(
         response_body: None,
         error_uuid: None,
         error_code: None,
-        outcome: String::new(),
+        outcome: crate::store::audit::AuditOutcome::Rejected,
         kci_id: None,
         received_at: chrono::Utc::now(),
     }

@@ -2,14 +2,14 @@
 //! histories of orders, tests and problems under paths that mirror the Tenant API's, plus
 //! conversations, KCIs, audit records, search and "what needs attention".
 
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use entity::tracked_entity::{self, Correlation};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::AppState;
-use crate::auth::OpsRole;
+use super::operator::{Operator, Read};
 use crate::error::{ApiError, ErrorBody};
 use crate::operations::duration::parse_iso8601;
 use crate::operations::queries::{
@@ -165,12 +165,10 @@ impl ListQuery {
 }
 
 async fn list(
-    request: &HttpRequest,
     state: &AppState,
     family: Option<Family>,
     query: &ListQuery,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     let filter = query.filter()?;
     let (before_id, limit) = query.page()?;
     let page = queries::list_entities(&state.db, family, &filter, before_id, limit).await?;
@@ -210,25 +208,21 @@ async fn one_entity(
 }
 
 async fn detail(
-    request: &HttpRequest,
     state: &AppState,
     family: Family,
     gateway_id: &str,
     query: &EntityQuery,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     let entity = one_entity(state, family, gateway_id, query).await?;
     Ok(HttpResponse::Ok().json(queries::entity_detail(&state.db, entity).await?))
 }
 
 async fn history(
-    request: &HttpRequest,
     state: &AppState,
     family: Family,
     gateway_id: &str,
     query: &EntityQuery,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     let entity = one_entity(state, family, gateway_id, query).await?;
     Ok(HttpResponse::Ok().json(queries::history(&state.db, entity.id).await?))
 }
@@ -241,8 +235,8 @@ macro_rules! family_endpoints {
                       (status = 400, description = "Invalid filter or cursor", body = ErrorBody),
                       (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
             security(("operations_basic" = [])))]
-        pub async fn $list(request: HttpRequest, query: web::Query<ListQuery>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-            list(&request, &state, Some($family), &query).await
+        pub async fn $list(_operator: Operator<Read>, query: web::Query<ListQuery>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+            list(&state, Some($family), &query).await
         }
 
         #[utoipa::path(get, path = concat!("/api/v1", $path, "/{id}"), tag = $tag,
@@ -251,8 +245,8 @@ macro_rules! family_endpoints {
                       (status = 404, body = ErrorBody), (status = 422, description = "Ambiguous id", body = ErrorBody),
                       (status = 401, body = ErrorBody)),
             security(("operations_basic" = [])))]
-        pub async fn $detail(request: HttpRequest, path: web::Path<String>, query: web::Query<EntityQuery>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-            detail(&request, &state, $family, &path, &query).await
+        pub async fn $detail(_operator: Operator<Read>, path: web::Path<String>, query: web::Query<EntityQuery>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+            detail(&state, $family, &path, &query).await
         }
 
         #[utoipa::path(get, path = concat!("/api/v1", $path, "/{id}/history"), tag = $tag,
@@ -260,8 +254,8 @@ macro_rules! family_endpoints {
             responses((status = 200, description = "Every transition, oldest first", body = Vec<HistoryEntry>),
                       (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
             security(("operations_basic" = [])))]
-        pub async fn $history(request: HttpRequest, path: web::Path<String>, query: web::Query<EntityQuery>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-            history(&request, &state, $family, &path, &query).await
+        pub async fn $history(_operator: Operator<Read>, path: web::Path<String>, query: web::Query<EntityQuery>, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+            history(&state, $family, &path, &query).await
         }
     };
 }
@@ -304,11 +298,11 @@ family_endpoints!(
     responses((status = 200, body = Page<tracked_entity::Model>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn list_all_entities(
-    request: HttpRequest,
+    _operator: Operator<Read>,
     query: web::Query<ListQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    list(&request, &state, None, &query).await
+    list(&state, None, &query).await
 }
 
 #[utoipa::path(get, path = "/api/v1/conversations/{conversationId}", tag = "operations",
@@ -317,11 +311,9 @@ pub async fn list_all_entities(
               (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn get_conversation(
-    request: HttpRequest,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     match queries::conversation_view(&state.db, &path).await? {
         Some(view) => Ok(HttpResponse::Ok().json(view)),
         None => Err(ApiError::NotFound("No such conversation".to_owned())),
@@ -334,11 +326,10 @@ pub async fn get_conversation(
               (status = 404, body = ErrorBody), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn get_kci(
-    request: HttpRequest,
+    _operator: Operator<Read>,
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     let kci_id = uuid::Uuid::parse_str(&path)
         .map_err(|_| ApiError::Malformed(vec!["kciId: not a UUID".to_owned()]))?;
     match queries::kci_view(&state.db, kci_id).await? {
@@ -372,12 +363,11 @@ pub struct AuditQuery {
               (status = 404, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn get_audit(
-    request: HttpRequest,
+    _operator: Operator<Read>,
     path: web::Path<String>,
     query: web::Query<AuditQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     let records = queries::audit_records(&state.db, &path).await?;
     if records.is_empty() {
         return Err(ApiError::NotFound(
@@ -438,11 +428,10 @@ pub struct AttentionQuery {
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn get_attention(
-    request: HttpRequest,
+    _operator: Operator<Read>,
     query: web::Query<AttentionQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     let duration = |name: &str, value: &Option<String>| {
         parse_iso8601(value.as_deref().unwrap_or("P1D"))
             .map_err(|e| ApiError::Malformed(vec![format!("{name}: {e}")]))
@@ -468,10 +457,9 @@ pub struct SearchQuery {
     responses((status = 200, body = SearchResult), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn search(
-    request: HttpRequest,
+    _operator: Operator<Read>,
     query: web::Query<SearchQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     Ok(HttpResponse::Ok().json(queries::search(&state.db, &query.q).await?))
 }

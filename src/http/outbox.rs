@@ -7,7 +7,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::AppState;
-use crate::auth::OpsRole;
+use super::operator::{Admin, Operator, Read};
 use crate::error::ApiError;
 use crate::outbox::store::{self, Selection};
 
@@ -40,11 +40,10 @@ pub struct DeadPage {
     responses((status = 200, description = "Dead events, oldest first", body = DeadPage)),
     security(("operations_basic" = [])))]
 pub async fn list_dead(
-    request: HttpRequest,
+    _operator: Operator<Read>,
     query: web::Query<DeadQuery>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Read)?;
     let limit = match query.limit {
         None => DEFAULT_PAGE,
         Some(limit) if (1..=MAX_PAGE).contains(&limit) => limit,
@@ -67,11 +66,10 @@ pub async fn list_dead(
     responses((status = 200, description = "Requeued", body = Requeued), (status = 404, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn retry_one(
-    request: HttpRequest,
+    _operator: Operator<Admin>,
     path: web::Path<Uuid>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Admin)?;
     let requeued = requeue(&state, Selection::DeadEvent(path.into_inner())).await?;
     if requeued == 0 {
         return Err(ApiError::NotFound("No dead event with this id".to_owned()));
@@ -111,12 +109,12 @@ pub struct Skipped {
               (status = 422, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn skip_one(
+    operator: Operator<Admin>,
     request: HttpRequest,
     path: web::Path<Uuid>,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let operator = state.auth.operations(request.headers(), OpsRole::Admin)?;
     let skip: SkipRequest = match super::read_json_body(&request, payload, false).await? {
         None | Some(serde_json::Value::Null) => SkipRequest::default(),
         Some(body) => serde_json::from_value(body)
@@ -132,11 +130,11 @@ pub async fn skip_one(
         ]));
     }
     let event_id = path.into_inner();
-    if !store::skip_dead(&state.db, event_id, &operator, skip.reason.as_deref()).await? {
+    if !store::skip_dead(&state.db, event_id, &operator.name, skip.reason.as_deref()).await? {
         return Err(ApiError::NotFound("No dead event with this id".to_owned()));
     }
     state.outbox_signal.notify();
-    tracing::warn!(event.id = %event_id, operator, reason = ?skip.reason, "dead outbox event skipped; its entity's later events go on");
+    tracing::warn!(event.id = %event_id, operator = operator.name, reason = ?skip.reason, "dead outbox event skipped; its entity's later events go on");
     Ok(HttpResponse::Ok().json(json!({"skipped": 1})))
 }
 
@@ -145,10 +143,9 @@ pub async fn skip_one(
     responses((status = 200, description = "How many events were requeued", body = Requeued), (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn retry_all(
-    request: HttpRequest,
+    _operator: Operator<Admin>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Admin)?;
     let requeued = requeue(&state, Selection::AllDead).await?;
     Ok(HttpResponse::Ok().json(json!({"requeued": requeued})))
 }
@@ -224,11 +221,11 @@ fn replay_selection(body: &serde_json::Value) -> Result<Selection, ApiError> {
               (status = 422, body = crate::error::ErrorBody), (status = 403, body = crate::error::ErrorBody)),
     security(("operations_basic" = [])))]
 pub async fn replay(
+    _operator: Operator<Admin>,
     request: HttpRequest,
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    state.auth.operations(request.headers(), OpsRole::Admin)?;
     let body = super::read_json_body(&request, payload, true)
         .await?
         .unwrap_or_default();

@@ -21,6 +21,56 @@ use uuid::Uuid;
 use super::StoreError;
 use super::text::{AUDIT_ID_MAX, bounded, storable, storable_json};
 
+/// What became of a request, as the audit log's `outcome` column says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditOutcome {
+    /// `POST /kcis`: a new KCI recorded (applied, stale or with an applied sequence number).
+    Accepted,
+    /// `POST /kcis`: the same KCI again, counted.
+    Redelivered,
+    /// `POST /kcis`: the same KCI id with different content, recorded as an anomaly.
+    Anomaly,
+    /// Refused for what was sent (a 4xx).
+    Rejected,
+    /// Not carried out: the database unavailable (503).
+    Unavailable,
+    /// A fault of ours (500).
+    Failed,
+    /// Failed authentication (401, 403), one record per source, method and path and window,
+    /// with the number of attempts.
+    AuthFailed,
+    /// A change an operator made through `/api/v1` (who: `principal`).
+    OperatorAction,
+    /// Egress: forwarded, and the Tenant API answered (any status but a 5xx).
+    Proxied,
+    /// Egress: forwarded, and the Tenant API answered with a 5xx (passed on unchanged).
+    ProxiedUpstreamError,
+    /// Egress: a creating call the Tenant API answered whose original request is not recorded
+    /// yet (recorded in the background, `egress::unrecorded`).
+    ProxiedNotRecordedYet,
+    /// Egress: not forwarded, or no answer (refused path, unreachable, timeout): 4xx/502/504.
+    ProxyFailed,
+}
+
+impl AuditOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditOutcome::Accepted => "ACCEPTED",
+            AuditOutcome::Redelivered => "REDELIVERED",
+            AuditOutcome::Anomaly => "ANOMALY",
+            AuditOutcome::Rejected => "REJECTED",
+            AuditOutcome::Unavailable => "UNAVAILABLE",
+            AuditOutcome::Failed => "FAILED",
+            AuditOutcome::AuthFailed => "AUTH_FAILED",
+            AuditOutcome::OperatorAction => "OPERATOR_ACTION",
+            AuditOutcome::Proxied => "PROXIED",
+            AuditOutcome::ProxiedUpstreamError => "PROXIED_UPSTREAM_ERROR",
+            AuditOutcome::ProxiedNotRecordedYet => "PROXIED_NOT_RECORDED_YET",
+            AuditOutcome::ProxyFailed => "PROXY_FAILED",
+        }
+    }
+}
+
 /// What the audit log records of one request; filled in as the request is processed.
 #[derive(Debug, Clone)]
 pub struct AuditRecord {
@@ -38,8 +88,7 @@ pub struct AuditRecord {
     pub response_body: Option<String>,
     pub error_uuid: Option<Uuid>,
     pub error_code: Option<String>,
-    /// ACCEPTED, REDELIVERED, ANOMALY, REJECTED, UNAVAILABLE or FAILED.
-    pub outcome: String,
+    pub outcome: AuditOutcome,
     pub kci_id: Option<Uuid>,
     pub received_at: DateTime<Utc>,
 }
@@ -74,7 +123,7 @@ impl AuditRecord {
             response_body: Set(text(&self.response_body)),
             error_uuid: Set(self.error_uuid),
             error_code: Set(self.error_code.clone()),
-            outcome: Set(self.outcome.clone()),
+            outcome: Set(self.outcome.as_str().to_owned()),
             kci_id: Set(self.kci_id),
             received_at: Set(self.received_at),
             duration_ms: Set(duration_ms),

@@ -424,6 +424,7 @@ async fn every_answer_forbids_sniffing_framing_caching_and_referrers() {
             .unwrap(),
         post_kci_basic(&app, GATEWAY_USER, GATEWAY_PASSWORD).await,
         post_kci_basic(&app, GATEWAY_USER, "wrong").await,
+        app.get("/api/v1/entities").await,
     ];
     for answer in answers {
         let headers = answer.headers();
@@ -432,6 +433,11 @@ async fn every_answer_forbids_sniffing_framing_caching_and_referrers() {
         assert_eq!(headers["X-Frame-Options"], "DENY", "{url}");
         assert_eq!(headers["Referrer-Policy"], "no-referrer", "{url}");
         assert_eq!(headers["Cache-Control"], "no-store", "{url}");
+        if answer.status().as_u16() == 401 {
+            // RFC 9110: a 401 says how to authenticate, on every route.
+            let challenge = headers["WWW-Authenticate"].to_str().unwrap();
+            assert!(challenge.starts_with("Basic realm="), "{url}: {challenge}");
+        }
         if url == "/dashboard" {
             let policy = headers["Content-Security-Policy"].to_str().unwrap();
             assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
