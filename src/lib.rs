@@ -5,11 +5,13 @@
 //! - [`http`]: the HTTP surface (`POST /kcis`, operations API, health);
 //! - [`kci`]: where a KCI body is parsed and validated into typed data;
 //! - [`lifecycle`]: the entity lifecycles, as data;
-//! - [`intake`]: where a KCI is stored, in one transaction with its effects;
+//! - [`intake`]: where a KCI is stored and matched, in one transaction with its effects; the
+//!   rules themselves are a pure function (`intake::rules`);
 //! - [`outbox`]: what is published to RabbitMQ, and the relay that publishes it;
 //! - [`egress`]: the proxy to the Tenant API that records original requests on the way;
 //! - [`operations`]: the read model behind the operations API and the dashboard;
-//! - [`store`]: database connection, migrations, error classification, audit log;
+//! - [`store`]: database connection, migrations, error classification, the write path
+//!   (`store::Database`), audit log;
 //! - [`auth`], [`config`], [`telemetry`], [`startup`], [`tls`] (the HTTPS listener);
 //! - [`cli`]: the `kci-receiver` command line and what each subcommand does.
 //!

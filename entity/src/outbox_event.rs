@@ -43,6 +43,9 @@ pub struct Model {
     /// How many times the broker confirmed this event (more than 1 after a replay, or after a
     /// relay died between the broker's confirm and its own commit).
     pub publish_count: i32,
+    /// The AMQP `correlation_id`: the KCI's `X-Conversation-ID` (bounded as its header is).
+    /// Empty only for rows written before the column existed with no such header.
+    pub correlation_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, ToSchema)]

@@ -12,6 +12,7 @@ mod m20261122_000002_outbox_relay;
 mod m20261122_000003_outbox_window_scan;
 mod m20261124_000004_payload_as_text;
 mod m20261124_000005_audit_attempts;
+mod m20261124_000006_outbox_correlation_id;
 
 pub struct Migrator;
 
@@ -24,6 +25,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261122_000003_outbox_window_scan::Migration),
             Box::new(m20261124_000004_payload_as_text::Migration),
             Box::new(m20261124_000005_audit_attempts::Migration),
+            Box::new(m20261124_000006_outbox_correlation_id::Migration),
         ]
     }
 }

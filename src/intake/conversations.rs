@@ -11,6 +11,7 @@ use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::kci::EntityType;
 use crate::store::{Database, StoreError, retry_on_race};
 
 /// An original request to register. What each field accepts is what the OpenAPI document says
@@ -111,7 +112,7 @@ impl NewConversation {
 
     /// The KCI `entityType` that the operation creates, when it creates one (Tenant API 1.17,
     /// spec section 4). `POST /service-orders` is provide, cease or modify by its `orderType`.
-    pub fn created_entity_type(&self) -> Option<&'static str> {
+    pub fn created_entity_type(&self) -> Option<EntityType> {
         let path = self
             .operation
             .split_once(' ')
@@ -125,16 +126,16 @@ impl NewConversation {
                 .and_then(|body| body.get("orderType"))
                 .and_then(Value::as_str);
             Some(match order_type {
-                Some("CEASE") => "CEASE_ORDER",
-                Some("MODIFY") => "MODIFY_ORDER",
-                _ => "PROVIDE_ORDER",
+                Some("CEASE") => EntityType::CeaseOrder,
+                Some("MODIFY") => EntityType::ModifyOrder,
+                _ => EntityType::ProvideOrder,
             })
         } else if ends_with("/ethernet/service-orders") {
-            Some("PROVIDE_ETHERNET_ORDER")
+            Some(EntityType::ProvideEthernetOrder)
         } else if ends_with("/service-tests") {
-            Some("SERVICE_TEST")
+            Some(EntityType::ServiceTest)
         } else if ends_with("/service-problems") {
-            Some("SERVICE_PROBLEM")
+            Some(EntityType::ServiceProblem)
         } else {
             None
         }
@@ -249,7 +250,7 @@ async fn register_once(
                 conversation_id: Set(conversation_id.to_owned()),
                 request_id: Set(new.request_id.clone()),
                 operation: Set(new.operation.clone()),
-                entity_type: Set(entity_type.map(str::to_owned)),
+                entity_type: Set(entity_type.map(|t| t.as_str().to_owned())),
                 gateway_id: Set(gateway_id.clone()),
                 request_body: Set(new.request_body.clone()),
                 response_status: Set(new.response_status().ok().flatten().map(i32::from)),

@@ -435,6 +435,7 @@ fn new_kci(
             tracked_entity_id: Set(entity_id),
             routing_key: Set(message.routing_key),
             message_type: Set(message.message_type),
+            correlation_id: Set(Some(message.correlation_id)),
             headers: Set(message.headers),
             payload: Set(message.payload),
             status: Set(OutboxStatus::Pending),

@@ -44,6 +44,8 @@ pub struct EnvelopeFacts<'a> {
 pub struct Message {
     pub routing_key: String,
     pub message_type: String,
+    /// The AMQP `correlation_id`: the `X-Conversation-ID`, bounded as its header is.
+    pub correlation_id: String,
     pub headers: Value,
     /// The envelope, serialized: published as it is stored.
     pub payload: String,
@@ -189,6 +191,7 @@ pub fn build(facts: &EnvelopeFacts<'_>) -> Message {
     Message {
         routing_key: routing_key(kci),
         message_type: kci.entity_type.as_str().to_owned(),
+        correlation_id: bounded(facts.conversation_id, HEADER_VALUE_MAX).into_owned(),
         headers,
         payload,
     }

@@ -723,11 +723,8 @@ fn encode(event: &outbox_event::Model) -> Result<(ShortString, BasicProperties),
             "cannot be encoded: {size} bytes of headers do not fit an AMQP frame"
         ));
     }
-    let conversation_id = event
-        .headers
-        .get("x-conversation-id")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    // Rows from before the column existed were given it from their header by migration 6.
+    let conversation_id = event.correlation_id.as_deref().unwrap_or_default();
     let properties = BasicProperties::default()
         .with_message_id(short("message id", &event.event_id.to_string())?)
         .with_correlation_id(short("correlation id", conversation_id)?)
@@ -754,6 +751,11 @@ mod tests {
     }
 
     fn event(routing_key: &str, headers: Value) -> outbox_event::Model {
+        let correlation_id = headers
+            .get("x-conversation-id")
+            .and_then(Value::as_str)
+            .unwrap_or("c")
+            .to_owned();
         outbox_event::Model {
             id: 1,
             event_id: uuid::Uuid::now_v7(),
@@ -770,6 +772,7 @@ mod tests {
             created_at: Utc::now(),
             published_at: None,
             publish_count: 0,
+            correlation_id: Some(correlation_id),
         }
     }
 

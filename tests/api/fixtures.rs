@@ -167,3 +167,44 @@ pub fn json_column(value: &Value) -> Value {
         other => other.clone(),
     }
 }
+
+/// Migration 6 gave the outbox its `correlation_id` column: events written before it get theirs
+/// from their `x-conversation-id` header, on both databases (down, then up again, re-creates
+/// exactly that situation).
+#[tokio::test]
+async fn events_written_before_the_correlation_column_get_it_from_their_header() {
+    use migration::MigratorTrait;
+    for backend in BACKENDS {
+        let app = spawn_app(backend).await;
+        for (n, name) in fixture_names().iter().enumerate() {
+            let status = app
+                .post_kci(&fixture(name), &format!("conv-{n}"))
+                .await
+                .status();
+            assert_eq!(status.as_u16(), 204, "{name}");
+        }
+        let events = app.count("FROM outbox_event").await;
+        assert!(events > 10, "{backend:?}: {events} events");
+        migration::Migrator::down(app.db.connection(), Some(1))
+            .await
+            .unwrap();
+        migration::Migrator::up(app.db.connection(), None)
+            .await
+            .unwrap();
+        let rows = app
+            .rows("SELECT correlation_id, headers FROM outbox_event ORDER BY id")
+            .await;
+        assert_eq!(rows.len() as i64, events, "{backend:?}");
+        for row in rows {
+            let headers: Value = match &row["headers"] {
+                Value::String(text) => serde_json::from_str(text).unwrap(),
+                other => other.clone(),
+            };
+            assert_eq!(
+                row["correlation_id"], headers["x-conversation-id"],
+                "{backend:?}"
+            );
+            assert!(row["correlation_id"].as_str().unwrap().starts_with("conv-"));
+        }
+    }
+}
