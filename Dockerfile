@@ -1,25 +1,65 @@
-# kci-receiver: build in the Rust image, run on a slim Debian.
+# syntax=docker/dockerfile:1
+# kci-receiver's image: a Rust build stage, and a small runtime stage holding one binary (the
+# configuration defaults are compiled in: no files needed) run as a numeric non-root user.
+#
 #   docker build -t kci-receiver .
-#   docker run -p 8080:8080 -e KCI__GATEWAY_AUTH__BASIC_PASSWORD=... -v kci-data:/app/data kci-receiver
-FROM rust:1.95-bookworm AS build
-WORKDIR /src
-COPY . .
-RUN cargo build --release --locked --bin kci-receiver
+#   docker run -p 8080:8080 -e KCI__GATEWAY_AUTH__BASIC_PASSWORD=... \
+#     -e KCI__DATABASE__URL=postgres://kci:...@db:5432/kci kci-receiver
+#
+# On the embedded default (SQLite) the database file is /var/lib/kci-receiver/kci-receiver.db:
+# mount a volume there to keep it (`-v kci-data:/var/lib/kci-receiver`). No VOLUME is declared,
+# so PostgreSQL deployments get none they do not want.
+#
+# Build arguments: RUST_IMAGE and RUNTIME_IMAGE (the bases; a registry mirror, or a local base),
+# BINARY_STAGE=prebuilt to package a binary built elsewhere instead of compiling it here (it is
+# read from prebuilt/kci-receiver in the build context; scripts/container-proof does that).
+ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
+ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+ARG BINARY_STAGE=build
 
-FROM debian:bookworm-slim
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --home /app kci
-WORKDIR /app
-COPY --from=build /src/target/release/kci-receiver /usr/local/bin/kci-receiver
-COPY config ./config
-RUN mkdir -p /app/data && chown kci /app/data
-USER kci
-# Listen on every interface inside the container; the SQLite file lives in the volume.
+FROM ${RUST_IMAGE} AS build
+WORKDIR /src
+# Dependencies first, in a layer of their own: rebuilt when Cargo.toml or Cargo.lock change, not
+# when the code does (the workspace's crates are stubbed for this step).
+COPY Cargo.toml Cargo.lock ./
+COPY entity/Cargo.toml entity/
+COPY migration/Cargo.toml migration/
+COPY tools/Cargo.toml tools/
+RUN mkdir -p src entity/src migration/src tools/src tests/api \
+    && echo 'fn main() {}' > src/main.rs && echo 'fn main() {}' > tools/src/main.rs \
+    && touch src/lib.rs entity/src/lib.rs migration/src/lib.rs tools/src/lib.rs tests/api/main.rs \
+    && cargo build --release --locked -p kci-receiver \
+    && rm -rf src entity/src migration/src tools/src tests
+# Then the code; its files are touched so that cargo sees them newer than the stubs.
+COPY . .
+RUN find src entity/src migration/src -name '*.rs' -exec touch {} + \
+    && cargo build --release --locked -p kci-receiver --bin kci-receiver \
+    && strip target/release/kci-receiver
+
+# A binary built outside (same glibc as the runtime base): BINARY_STAGE=prebuilt.
+FROM scratch AS prebuilt
+COPY prebuilt/kci-receiver /src/target/release/kci-receiver
+
+FROM ${BINARY_STAGE} AS binary
+
+FROM ${RUNTIME_IMAGE} AS runtime
+# CA certificates for PostgreSQL, RabbitMQ, the JWK Set and the Tenant API over TLS (a base that
+# already has them skips the download).
+RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
+        apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && mkdir -p /var/lib/kci-receiver && chown 10001:10001 /var/lib/kci-receiver
+COPY --from=binary /src/target/release/kci-receiver /usr/local/bin/kci-receiver
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+WORKDIR /var/lib/kci-receiver
 ENV KCI__SERVER__HOST=0.0.0.0 \
-    KCI__LOG__FORMAT=json
-VOLUME ["/app/data"]
+    KCI__LOG__FORMAT=json \
+    KCI__DATABASE__URL=sqlite:///var/lib/kci-receiver/kci-receiver.db?mode=rwc
 EXPOSE 8080
+# Probes /readyz without curl (exit 0 ready, 1 not).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["kci-receiver", "healthcheck"]
 ENTRYPOINT ["kci-receiver"]
 CMD ["serve"]

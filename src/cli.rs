@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
-use crate::config::Settings;
+use crate::config::{Needs, Settings};
 use crate::outbox::store::{self as outbox_store, Selection};
 use crate::startup::{Application, open_database, run_relay};
 use crate::{store, telemetry};
@@ -19,7 +19,8 @@ use crate::{store, telemetry};
     about = "Receives, records and republishes Fibre Cafe KCIs"
 )]
 pub struct Cli {
-    /// An extra configuration file, read after config/default.toml and config/<KCI_ENVIRONMENT>.toml.
+    /// An extra configuration file, read after the compiled-in defaults and
+    /// config/<KCI_ENVIRONMENT>.toml.
     #[arg(long, global = true, env = "KCI_CONFIG_FILE")]
     pub config: Option<PathBuf>,
 
@@ -40,6 +41,9 @@ pub enum Command {
     /// Inspect and requeue outbox events.
     #[command(subcommand)]
     Outbox(OutboxCommand),
+    /// Probe a running instance's /readyz (the container image's HEALTHCHECK: no curl needed):
+    /// exit 0 when ready, 1 otherwise.
+    Healthcheck(HealthcheckArgs),
     /// Send one request to the Tenant API through the egress client (token, headers, recording),
     /// and print the answer: for testing the connection.
     EgressRequest(EgressRequestArgs),
@@ -58,6 +62,17 @@ pub struct EgressRequestArgs {
     /// `X-Scenario: ORDER_DELAYED`.
     #[arg(long = "header", short = 'H')]
     pub headers: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// What to probe (default: `/readyz` on this instance's metrics port when `metrics.port` is
+    /// set, else on `server.port`, at 127.0.0.1).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    pub timeout_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,7 +131,16 @@ pub struct ReplayArgs {
 
 /// Runs one subcommand to its end.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    let needs = match &cli.command {
+        Command::Serve | Command::CheckConfig | Command::EgressRequest(_) => Needs::Everything,
+        Command::Relay => Needs::Publishing,
+        Command::Migrate | Command::Outbox(_) | Command::Healthcheck(_) => Needs::Database,
+    };
+    let settings = Settings::load_for(cli.config.as_deref(), needs)?;
+    if let Command::Healthcheck(args) = &cli.command {
+        // Quiet: its output is a container runtime's health log.
+        return healthcheck(&settings, args).await;
+    }
     telemetry::init(&settings.log);
     match cli.command {
         Command::Serve => {
@@ -133,6 +157,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::CheckConfig => println!("{settings:#?}"),
         Command::Outbox(command) => outbox(settings, command).await?,
+        Command::Healthcheck(_) => unreachable!("answered above"),
         Command::EgressRequest(args) => egress_request(settings, args).await?,
     }
     Ok(())
@@ -244,4 +269,24 @@ async fn outbox(settings: Settings, command: OutboxCommand) -> anyhow::Result<()
     let requeued = outbox_store::requeue_and_notify(&db, &selection).await?;
     println!("{}", serde_json::json!({"requeued": requeued}));
     Ok(())
+}
+
+/// `kci-receiver healthcheck`: `/readyz` answered 200 within the timeout, or an error (exit 1).
+async fn healthcheck(settings: &Settings, args: &HealthcheckArgs) -> anyhow::Result<()> {
+    let url = args.url.clone().unwrap_or_else(|| {
+        let port = settings.metrics.port.unwrap_or(settings.server.port);
+        format!("http://127.0.0.1:{port}/readyz")
+    });
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(args.timeout_ms))
+        .build()?;
+    let response = client.get(&url).send().await?;
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    if status.is_success() {
+        println!("ready: {body}");
+        Ok(())
+    } else {
+        anyhow::bail!("{url} answered {status}: {body}")
+    }
 }

@@ -1,9 +1,11 @@
 //! Typed, validated configuration.
 //!
-//! Layers, later wins: `config/default.toml`; `config/<KCI_ENVIRONMENT>.toml` when that file
-//! exists (e.g. `local`, `production`); the file given with `--config`; then environment variables
-//! `KCI__<SECTION>__<KEY>` (for example `KCI__DATABASE__URL`, `KCI__GATEWAY_AUTH__BASIC_PASSWORD`).
-//! Every key is documented in `config/default.toml`. Secrets (passwords, the database URL) are
+//! Layers, later wins: the defaults compiled into the binary (`config/default.toml`, the readable
+//! copy: no file is needed at run time); `<KCI_CONFIG_DIR or ./config>/<KCI_ENVIRONMENT>.toml`
+//! when that file exists (e.g. `local`, `production`); the file given with `--config`; then
+//! environment variables `KCI__<SECTION>__<KEY>` (for example `KCI__DATABASE__URL`,
+//! `KCI__GATEWAY_AUTH__BASIC_PASSWORD`). Every key is documented in `config/default.toml`.
+//! Each command validates what it uses only ([`Needs`]). Secrets (passwords, the database URL) are
 //! [`SecretString`]s: they never appear in `Debug` output or logs.
 
 use std::collections::HashMap;
@@ -342,7 +344,35 @@ pub struct LogSettings {
     pub filter: String,
 }
 
-/// Where the layered files are read from: `KCI_CONFIG_DIR`, else `./config`.
+/// The documented defaults, compiled in: `config/default.toml` is their readable copy, and the
+/// binary needs no file to start, from whatever directory.
+pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+
+/// What a command uses of the settings, and so what is validated: a migration job needs the
+/// database URL, never the gateway's password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// `serve`, `check-config`, `egress-request`: everything.
+    Everything,
+    /// `relay`: the database, the broker, the relay, its metrics listener.
+    Publishing,
+    /// `migrate`, `outbox ...`: the database.
+    Database,
+}
+
+impl Needs {
+    /// Whether a problem (named by its key) is about something this command uses.
+    fn checks(self, problem: &str) -> bool {
+        let sections: &[&str] = match self {
+            Needs::Everything => return true,
+            Needs::Publishing => &["database.", "amqp.", "relay.", "metrics.", "log."],
+            Needs::Database => &["database.", "log."],
+        };
+        sections.iter().any(|section| problem.starts_with(section))
+    }
+}
+
+/// Where optional layered files are read from: `KCI_CONFIG_DIR`, else `./config`.
 pub fn config_dir() -> PathBuf {
     std::env::var_os("KCI_CONFIG_DIR")
         .map(PathBuf::from)
@@ -352,10 +382,18 @@ pub fn config_dir() -> PathBuf {
 impl Settings {
     /// Reads the layers described in the module documentation and validates the result.
     pub fn load(extra_file: Option<&Path>) -> anyhow::Result<Settings> {
+        Self::load_for(extra_file, Needs::Everything)
+    }
+
+    /// [`Settings::load`], validating only what `needs` says the command uses.
+    pub fn load_for(extra_file: Option<&Path>, needs: Needs) -> anyhow::Result<Settings> {
         let dir = config_dir();
         let environment = std::env::var("KCI_ENVIRONMENT").unwrap_or_else(|_| "local".to_owned());
         let mut builder = config::Config::builder()
-            .add_source(config::File::from(dir.join("default.toml")).required(true))
+            .add_source(config::File::from_str(
+                DEFAULTS_TOML,
+                config::FileFormat::Toml,
+            ))
             .add_source(
                 config::File::from(dir.join(format!("{environment}.toml"))).required(false),
             );
@@ -374,21 +412,43 @@ impl Settings {
             )
             .build()?
             .try_deserialize()?;
-        settings.validate()?;
+        settings.validate_for(needs)?;
         Ok(settings)
     }
 
-    /// Only `config/default.toml`, without environment overrides or validation: the base that
-    /// tests and tools adjust in code.
+    /// Only the compiled-in defaults, without files, environment overrides or validation: the
+    /// base that tests and tools adjust in code.
     pub fn defaults() -> anyhow::Result<Settings> {
         Ok(config::Config::builder()
-            .add_source(config::File::from(config_dir().join("default.toml")).required(true))
+            .add_source(config::File::from_str(
+                DEFAULTS_TOML,
+                config::FileFormat::Toml,
+            ))
             .build()?
             .try_deserialize()?)
     }
 
     /// Checks what the types cannot; names every problem at once.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.validate_for(Needs::Everything)
+    }
+
+    /// [`Settings::validate`], of what a command uses only.
+    pub fn validate_for(&self, needs: Needs) -> anyhow::Result<()> {
+        let problems: Vec<String> = self
+            .problems()
+            .into_iter()
+            .filter(|problem| needs.checks(problem))
+            .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
+        }
+    }
+
+    /// Every problem, each named by the key it is about (`database.url must be set`).
+    fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.database.url.expose_secret().trim().is_empty() {
             problems.push("database.url must be set".to_owned());
@@ -509,11 +569,7 @@ impl Settings {
                 problems.push("egress.client_id and egress.client_secret (KCI__EGRESS__CLIENT_SECRET) must be set".to_owned());
             }
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "))
-        }
+        problems
     }
 }
 

@@ -12,6 +12,7 @@ use tracing_actix_web::TracingLogger;
 
 use crate::auth::Authenticator;
 use crate::config::Settings;
+use crate::http::metrics::Metrics;
 use crate::http::{AppState, routes};
 use crate::outbox::relay::{Relay, RelayHealth};
 use crate::outbox::signal::OutboxSignal;
@@ -224,18 +225,55 @@ impl Application {
     }
 }
 
-/// Runs the relay alone (`kci-receiver relay`) until SIGTERM/SIGINT.
+/// Runs the relay alone (`kci-receiver relay`) until SIGTERM/SIGINT. With `metrics.port` it
+/// serves `/healthz`, `/readyz` and `/metrics` there (on `server.host`), so that it can be probed
+/// and scraped like `serve`.
 pub async fn run_relay(settings: Settings) -> anyhow::Result<()> {
     let db = open_database(&settings).await?;
     let shutdown = CancellationToken::new();
+    let health = RelayHealth::default();
     let relay = Relay::new(
-        db,
+        db.clone(),
         settings.amqp.clone(),
         settings.relay.clone(),
         OutboxSignal::default(),
-        RelayHealth::default(),
+        health.clone(),
     );
     let running = tokio::spawn(relay.run(shutdown.child_token()));
+    let probes = match settings.metrics.port {
+        Some(port) => {
+            let metrics = Metrics::new();
+            metrics.start_refreshing(
+                db.connection().clone(),
+                Duration::from_millis(settings.metrics.refresh_interval_ms),
+                shutdown.child_token(),
+            );
+            let state = web::Data::new(RelayProbes {
+                db: db.connection().clone(),
+                health: health.clone(),
+                metrics,
+                settings: settings.clone(),
+            });
+            let server = HttpServer::new(move || {
+                App::new()
+                    .wrap(crate::http::access::security_headers())
+                    .app_data(state.clone())
+                    .route("/healthz", web::get().to(crate::http::health::healthz))
+                    .route("/readyz", web::get().to(relay_readyz))
+                    .route("/metrics", web::get().to(relay_metrics))
+            })
+            .workers(1)
+            .bind((settings.server.host.as_str(), port))?
+            .disable_signals()
+            .shutdown_timeout(1);
+            tracing::info!(port, "relay: healthz, readyz and metrics listening");
+            let server = server.run();
+            let handle = server.handle();
+            tokio::spawn(server);
+            Some(handle)
+        }
+        None => None,
+    };
     shutdown_signal().await;
     tracing::info!("stopping the relay");
     shutdown.cancel();
@@ -243,7 +281,38 @@ pub async fn run_relay(settings: Settings) -> anyhow::Result<()> {
     if tokio::time::timeout(timeout, running).await.is_err() {
         tracing::warn!("the relay did not stop within server.shutdown_timeout_seconds; leaving it");
     }
+    if let Some(probes) = probes {
+        probes.stop(true).await;
+    }
     Ok(())
+}
+
+/// What the relay process's probes read.
+struct RelayProbes {
+    db: sea_orm::DatabaseConnection,
+    health: RelayHealth,
+    metrics: Metrics,
+    settings: Settings,
+}
+
+async fn relay_readyz(state: web::Data<RelayProbes>) -> actix_web::HttpResponse {
+    crate::http::health::readiness(
+        &state.db,
+        &state.health,
+        &state.metrics,
+        state.settings.server.retry_after_seconds,
+    )
+    .await
+}
+
+async fn relay_metrics(state: web::Data<RelayProbes>) -> actix_web::HttpResponse {
+    crate::http::metrics::render(
+        &state.metrics,
+        &state.health,
+        &state.db,
+        state.settings.database.max_connections,
+        0,
+    )
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -6,8 +6,11 @@ use actix_web::{HttpResponse, web};
 use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
+use sea_orm::DatabaseConnection;
+
 use super::AppState;
-use crate::outbox::relay::{BrokerState, RelayState};
+use super::metrics::Metrics;
+use crate::outbox::relay::{BrokerState, RelayHealth, RelayState};
 
 /// Alive: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
@@ -26,7 +29,23 @@ const DATABASE_CHECK_TIMEOUT: Duration = Duration::from_millis(800);
 /// last read: a probe costs one `SELECT 1`, nothing more.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200, description = "The database answers; broker, relay and outbox reported"), (status = 503, description = "The database does not answer within 800 ms")))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let broker = match state.relay_health.state() {
+    readiness(
+        &state.db,
+        &state.relay_health,
+        &state.metrics,
+        state.settings.server.retry_after_seconds,
+    )
+    .await
+}
+
+/// `/readyz` of whichever process asks: `serve` (with or without its relay) or `relay`.
+pub async fn readiness(
+    db: &DatabaseConnection,
+    relay_health: &RelayHealth,
+    metrics: &Metrics,
+    retry_after_seconds: u32,
+) -> HttpResponse {
+    let broker = match relay_health.state() {
         BrokerState::NotRunning => json!({"status": "not_running_here"}),
         BrokerState::Connecting { last_error } => {
             json!({"status": "down", "lastError": last_error})
@@ -34,8 +53,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         BrokerState::Connected { since } => json!({"status": "up", "since": since}),
         BrokerState::Blocked { since } => json!({"status": "blocked", "since": since}),
     };
-    let restarts = state.relay_health.restarts();
-    let relay = match state.relay_health.relay_state() {
+    let restarts = relay_health.restarts();
+    let relay = match relay_health.relay_state() {
         RelayState::NotRunning => json!({"status": "not_running_here", "restarts": restarts}),
         RelayState::Running { since } => {
             json!({"status": "running", "since": since, "restarts": restarts})
@@ -44,11 +63,8 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             "status": "restarting", "since": since, "lastError": error, "restarts": restarts
         }),
     };
-    let database = tokio::time::timeout(
-        DATABASE_CHECK_TIMEOUT,
-        state.db.execute_unprepared("SELECT 1"),
-    )
-    .await;
+    let database =
+        tokio::time::timeout(DATABASE_CHECK_TIMEOUT, db.execute_unprepared("SELECT 1")).await;
     if !matches!(database, Ok(Ok(_))) {
         let error = match database {
             Ok(Err(error)) => error.to_string(),
@@ -56,10 +72,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         };
         tracing::warn!(error, "readiness check: database unreachable");
         return HttpResponse::ServiceUnavailable()
-            .insert_header((
-                "Retry-After",
-                state.settings.server.retry_after_seconds.to_string(),
-            ))
+            .insert_header(("Retry-After", retry_after_seconds.to_string()))
             .json(json!({
                 "status": "not_ready",
                 "database": {"status": "down"},
@@ -67,7 +80,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
                 "relay": relay,
             }));
     }
-    let outbox = match state.metrics.backlog() {
+    let outbox = match metrics.backlog() {
         Some(backlog) => json!({
             "pending": backlog.pending,
             "oldestPendingCreatedAt": backlog.oldest,

@@ -23,6 +23,7 @@ use sea_orm::{
 };
 
 use super::AppState;
+use crate::outbox::relay::RelayHealth;
 use crate::outbox::store as outbox_store;
 
 /// The outbox backlog as last read.
@@ -282,28 +283,45 @@ async fn refresh(
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    let metrics = &state.metrics;
-    metrics.unrecorded.set(state.unrecorded.len() as i64);
-    let restarts = state.relay_health.restarts();
+    render(
+        &state.metrics,
+        &state.relay_health,
+        &state.db,
+        state.settings.database.max_connections,
+        state.unrecorded.len(),
+    )
+}
+
+/// `/metrics` of whichever process asks: `serve` or `relay` (which has no egress: nothing
+/// unrecorded).
+pub fn render(
+    metrics: &Metrics,
+    relay_health: &RelayHealth,
+    db: &sea_orm::DatabaseConnection,
+    max_connections: u32,
+    unrecorded: usize,
+) -> HttpResponse {
+    metrics.unrecorded.set(unrecorded as i64);
+    let restarts = relay_health.restarts();
     metrics
         .relay_restarts
         .inc_by(restarts.saturating_sub(metrics.relay_restarts.get()));
     // The relay counts in memory; the counters follow it.
-    let published = state.relay_health.published();
+    let published = relay_health.published();
     metrics
         .published
         .inc_by(published.saturating_sub(metrics.published.get()));
-    let refused = state.relay_health.refused();
+    let refused = relay_health.refused();
     metrics
         .refused
         .inc_by(refused.saturating_sub(metrics.refused.get()));
-    let (size, idle) = match state.db.get_database_backend() {
+    let (size, idle) = match db.get_database_backend() {
         DbBackend::Postgres => {
-            let pool = state.db.get_postgres_connection_pool();
+            let pool = db.get_postgres_connection_pool();
             (pool.size(), pool.num_idle() as u32)
         }
         DbBackend::Sqlite => {
-            let pool = state.db.get_sqlite_connection_pool();
+            let pool = db.get_sqlite_connection_pool();
             (pool.size(), pool.num_idle() as u32)
         }
         _ => (0, 0),
@@ -319,7 +337,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     metrics
         .pool
         .with_label_values(&["max"])
-        .set(i64::from(state.settings.database.max_connections));
+        .set(i64::from(max_connections));
 
     let mut buffer = Vec::new();
     if let Err(error) = TextEncoder::new().encode(&metrics.registry.gather(), &mut buffer) {

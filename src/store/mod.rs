@@ -255,9 +255,40 @@ fn sqlite_file(url: &str) -> Option<&str> {
     (!path.is_empty() && path != ":memory:").then_some(path)
 }
 
-/// Applies every pending migration.
+/// The PostgreSQL advisory lock migrations run under ("KCIM").
+const MIGRATION_LOCK: i64 = 0x4b43_494d;
+
+/// Applies every pending migration. On PostgreSQL under a session advisory lock: any number of
+/// instances and migration jobs starting at once on an empty database wait for one another
+/// instead of racing to create the same tables (the lock goes with the session if the process
+/// dies). SQLite has one writer at a time, and one process per file.
 pub async fn migrate(db: &DatabaseConnection) -> Result<(), DbErr> {
-    migration::Migrator::up(db, None).await
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return migration::Migrator::up(db, None).await;
+    }
+    let sqlx_error =
+        |error| DbErr::Conn(sea_orm::RuntimeErr::SqlxError(std::sync::Arc::new(error)));
+    let mut session = db
+        .get_postgres_connection_pool()
+        .acquire()
+        .await
+        .map_err(sqlx_error)?;
+    sea_orm::sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *session)
+        .await
+        .map_err(sqlx_error)?;
+    let migrated = migration::Migrator::up(db, None).await;
+    if let Err(error) = sea_orm::sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MIGRATION_LOCK)
+        .execute(&mut *session)
+        .await
+    {
+        // Closing the session releases it anyway.
+        tracing::warn!(%error, "could not release the migration lock; closing its session");
+        session.close_on_drop();
+    }
+    migrated
 }
 
 /// Whether pending migrations exist (used by `serve` when it does not migrate itself).

@@ -213,3 +213,198 @@ fn the_asyncapi_document_names_every_routing_key_word_and_header_the_relay_publi
         }
     }
 }
+
+/// Issue 13: an installed binary (or a container with another working directory) starts: the
+/// defaults are compiled in. The copy under `config/` is the same text.
+#[tokio::test]
+async fn the_binary_runs_from_any_directory_on_its_compiled_in_defaults() {
+    assert_eq!(
+        kci_receiver::config::DEFAULTS_TOML,
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/default.toml"))
+            .unwrap(),
+        "config/default.toml is the compiled-in defaults' readable copy"
+    );
+    let elsewhere = std::env::temp_dir().join(format!("kci-anywhere-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let checked = kci_receiver()
+        .current_dir(&elsewhere)
+        .env_remove("KCI_CONFIG_DIR")
+        .args(["check-config"])
+        .env("KCI__GATEWAY_AUTH__BASIC_PASSWORD", "x")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(stdout.contains("port: 8080"), "{stdout}");
+
+    let port = kci_tools::service::free_port().unwrap();
+    let mut serving = crate::helpers::ChildProcess::spawn(
+        kci_receiver()
+            .current_dir(&elsewhere)
+            .env_remove("KCI_CONFIG_DIR")
+            .args(["serve"])
+            .env("KCI__GATEWAY_AUTH__BASIC_PASSWORD", "x")
+            .env("KCI__SERVER__PORT", port.to_string())
+            .env("KCI__RELAY__ENABLED", "false")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    let ready = crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    serving.terminate();
+    let _ = serving.wait_for_exit(std::time::Duration::from_secs(20));
+    assert!(ready, "serve started outside the repository");
+    assert!(
+        elsewhere.join("data/kci-receiver.db").exists(),
+        "the SQLite file is made where it runs"
+    );
+    let _ = std::fs::remove_dir_all(&elsewhere);
+}
+
+/// A migration job needs the database URL and nothing else (no gateway password).
+#[tokio::test]
+async fn migrate_and_the_outbox_commands_need_only_the_database_url() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let migrated = kci_receiver()
+        .args(["migrate"])
+        .env("KCI__DATABASE__URL", &database.url)
+        .output()
+        .unwrap();
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let backlog = kci_receiver()
+        .args(["outbox", "backlog"])
+        .env("KCI__DATABASE__URL", &database.url)
+        .output()
+        .unwrap();
+    assert!(
+        backlog.status.success(),
+        "{}",
+        String::from_utf8_lossy(&backlog.stderr)
+    );
+    // Serving still needs everything it uses.
+    let serve = kci_receiver()
+        .args(["check-config"])
+        .env("KCI__DATABASE__URL", &database.url)
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    assert!(String::from_utf8_lossy(&serve.stderr).contains("gateway_auth"));
+}
+
+/// Issue 13: several `migrate` (or instances) starting at once on an empty PostgreSQL database
+/// all succeed: migrations run under an advisory lock. Before it, two of three trials failed.
+#[tokio::test]
+async fn migrations_started_together_on_an_empty_database_all_succeed() {
+    for trial in 0..3 {
+        let database = TestDatabase::create(Backend::Postgres).await;
+        let children: Vec<_> = (0..4)
+            .map(|_| {
+                kci_receiver()
+                    .args(["migrate"])
+                    .env("KCI__DATABASE__URL", &database.url)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let output = child.wait_with_output().unwrap();
+            assert!(
+                output.status.success(),
+                "trial {trial}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let db = sea_orm::Database::connect(database.url.as_str())
+            .await
+            .unwrap();
+        assert_eq!(
+            kci_receiver::store::pending_migrations(&db).await.unwrap(),
+            0
+        );
+    }
+}
+
+/// Issue 13: the separate relay process can be probed and scraped, and `healthcheck` probes it.
+#[tokio::test]
+async fn the_relay_process_serves_healthz_readyz_and_metrics_and_healthcheck_probes_it() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let port = kci_tools::service::free_port().unwrap();
+    let mut relay = crate::helpers::ChildProcess::spawn(
+        kci_receiver()
+            .args(["relay"])
+            .env("KCI__DATABASE__URL", &database.url)
+            .env("KCI__AMQP__URL", crate::helpers::amqp_url())
+            .env("KCI__METRICS__PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    );
+    let base = format!("http://127.0.0.1:{port}");
+    let ready = crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        let Ok(response) = reqwest::get(format!("{base}/readyz")).await else {
+            return false;
+        };
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        body["status"] == "ready"
+            && body["relay"]["status"] == "running"
+            && body["broker"]["status"] == "up"
+    })
+    .await;
+    assert!(
+        ready,
+        "the relay process says it is ready, running, connected"
+    );
+    let alive = reqwest::get(format!("{base}/healthz")).await.unwrap();
+    assert_eq!(alive.status().as_u16(), 200);
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "kci_receiver_outbox_published_total",
+        "kci_receiver_outbox_pending_events",
+        "kci_receiver_relay_restarts_total",
+    ] {
+        assert!(metrics.contains(name), "{name} in\n{metrics}");
+    }
+    let probed = kci_receiver()
+        .args(["healthcheck", "--url", &format!("{base}/readyz")])
+        .output()
+        .unwrap();
+    assert!(probed.status.success());
+    relay.terminate();
+    assert!(
+        relay
+            .wait_for_exit(std::time::Duration::from_secs(20))
+            .is_some()
+    );
+    let nobody = kci_receiver()
+        .args([
+            "healthcheck",
+            "--url",
+            &format!("{base}/readyz"),
+            "--timeout-ms",
+            "500",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !nobody.status.success(),
+        "nothing listens any more: unhealthy"
+    );
+}

@@ -249,3 +249,45 @@ async fn the_drills_run_end_to_end_and_lose_nothing() {
         freeze.during_fault
     );
 }
+
+/// Issue 13: two `serve` and one `relay` on one PostgreSQL database and one RabbitMQ, started at
+/// once on an empty database, KCIs for the same entities through both instances, each process
+/// killed (-9) and restarted in turn: everything acknowledged is stored and published, in order
+/// per entity, and no KCI is in the history twice. (`kci-tools drill --only multi-instance` is
+/// the full version.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn several_instances_on_one_database_lose_nothing_when_each_is_killed() {
+    use clap::Parser;
+    let args = kci_tools::cli::Cli::parse_from([
+        "kci-tools",
+        "drill",
+        "--only",
+        "multi-instance",
+        "--kills",
+        "3",
+        "--kill-every-seconds",
+        "1.5",
+        "--rate",
+        "80",
+        "--postgres-url",
+        &std::env::var("KCI_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+        "--amqp-url",
+        &crate::helpers::amqp_url(),
+        "--service-binary",
+        env!("CARGO_BIN_EXE_kci-receiver"),
+    ]);
+    let kci_tools::cli::Command::Drill(args) = args.command else {
+        unreachable!("parsed as drill")
+    };
+    let findings = kci_tools::drill::run(args).await.expect("the drill runs");
+    assert_eq!(findings.len(), 1);
+    let finding = &findings[0];
+    assert!(
+        finding.delivery.acknowledged > 50,
+        "{}",
+        finding.delivery.acknowledged
+    );
+    assert_eq!(finding.duplicate_history, 0);
+    assert!(finding.held(), "{}", finding.recovery);
+}

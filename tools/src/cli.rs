@@ -49,7 +49,7 @@ pub struct DrillArgs {
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "kill,broker-outage,database-outage,database-freeze,broker-blocked"
+        default_value = "kill,broker-outage,database-outage,database-freeze,broker-blocked,multi-instance"
     )]
     pub only: Vec<crate::drill::Drill>,
     /// kill -9s of the service.
@@ -87,6 +87,10 @@ pub struct SimulateArgs {
     /// kci-receiver's base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// More instances on the same database (repeatable): KCIs go to all in turn, as behind a
+    /// load balancer.
+    #[arg(long)]
+    pub also_url: Vec<String>,
     #[arg(long, default_value = "fibrecafe")]
     pub gateway_user: String,
     /// The gateway's Basic password on kci-receiver.

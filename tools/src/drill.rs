@@ -37,6 +37,7 @@ pub enum Drill {
     DatabaseOutage,
     DatabaseFreeze,
     BrokerBlocked,
+    MultiInstance,
 }
 
 impl Drill {
@@ -47,6 +48,7 @@ impl Drill {
             Drill::DatabaseOutage => "database outage under load",
             Drill::DatabaseFreeze => "database freeze under load",
             Drill::BrokerBlocked => "broker blocks publishers under load",
+            Drill::MultiInstance => "two serve and one relay on one database, each killed in turn",
         }
     }
 }
@@ -58,6 +60,8 @@ pub struct Finding {
     pub fault: String,
     pub delivery: Delivery,
     pub missing_in_database: usize,
+    /// KCIs with more than one (non-anomaly) history entry: a KCI recorded twice.
+    pub duplicate_history: usize,
     /// Answers while the fault lasted: status (or "no answer") and count.
     pub during_fault: BTreeMap<String, u64>,
     /// The longest an answer took while the fault lasted.
@@ -69,6 +73,7 @@ impl Finding {
     /// Nothing acknowledged is missing anywhere and per-entity order held.
     pub fn held(&self) -> bool {
         self.missing_in_database == 0
+            && self.duplicate_history == 0
             && self.delivery.missing() == 0
             && self.delivery.order_violations == 0
     }
@@ -96,10 +101,23 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<Vec<Finding>> {
         args.rate, args.concurrency
     );
     let mut findings = Vec::new();
-    let postgres_drills: Vec<Drill> = args.only.clone();
-    findings.extend(run_on(&args, &binary, Store::Postgres, &postgres_drills).await?);
+    let postgres_drills: Vec<Drill> = args
+        .only
+        .iter()
+        .copied()
+        .filter(|drill| *drill != Drill::MultiInstance)
+        .collect();
+    if !postgres_drills.is_empty() {
+        findings.extend(run_on(&args, &binary, Store::Postgres, &postgres_drills).await?);
+    }
     if args.sqlite && args.only.contains(&Drill::Kill) {
         findings.extend(run_on(&args, &binary, Store::Sqlite, &[Drill::Kill]).await?);
+    }
+    if args.only.contains(&Drill::MultiInstance) {
+        println!("\n## {} (PostgreSQL)", Drill::MultiInstance.name());
+        let finding = multi_instance(&args, &binary).await?;
+        println!("{}", row(&finding));
+        findings.push(finding);
     }
     print_findings(&findings);
     Ok(findings)
@@ -206,20 +224,7 @@ async fn drill_all(
     service.wait_ready(Some(true)).await?;
     let database = Database::connect(direct_url).await?;
     let mut rig = Rig {
-        options: simulator::Options {
-            base_url: service.base_url.clone(),
-            gateway_password: GATEWAY_PASSWORD.to_owned(),
-            admin: Some(("ops-admin".to_owned(), ADMIN_PASSWORD.to_owned())),
-            orders: 300_000,
-            ethernet_orders: 20_000,
-            unsolicited_ceases: 20_000,
-            tests: 150_000,
-            problems: 100_000,
-            concurrency: args.concurrency,
-            rate: Some(args.rate),
-            retry_unavailable: Some(Duration::from_millis(500)),
-            ..simulator::Options::default()
-        },
+        options: load_options(args, &service.base_url),
         service,
         database,
         database_proxy,
@@ -243,6 +248,7 @@ async fn drill_all(
             Drill::DatabaseOutage => database_fault(&mut rig, args, false).await?,
             Drill::DatabaseFreeze => database_fault(&mut rig, args, true).await?,
             Drill::BrokerBlocked => broker_blocked(&mut rig, args).await?,
+            Drill::MultiInstance => unreachable!("run on a rig of its own, by run()"),
         };
         let finding = Finding {
             store: store_name,
@@ -257,6 +263,148 @@ async fn drill_all(
     tokio::task::spawn_blocking(move || service.stop()).await?;
     consumer.close().await;
     Ok(findings)
+}
+
+/// Several instances on one database and one broker: two `serve` (no relay of their own) and
+/// one `relay`, all started at once on an empty database (their migrations wait for one
+/// another), the load's KCIs for the same entities sent through both `serve`s in turn; every
+/// process is killed (`-9`) and restarted in turn. Besides the usual checks: no KCI has two
+/// history entries.
+async fn multi_instance(args: &DrillArgs, binary: &Path) -> anyhow::Result<Finding> {
+    let name = format!("kci_drill_{}", uuid::Uuid::new_v4().simple());
+    let admin = Database::connect(&args.postgres_url).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        .await?;
+    admin.close().await?;
+    let server = host_port(&args.postgres_url, 5432)?;
+    let url = with_authority(&args.postgres_url, &server.to_string(), Some(&name));
+    let result = multi_instance_on(args, binary, &name, &url).await;
+    if let Ok(admin) = Database::connect(&args.postgres_url).await {
+        let _ = admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+    result
+}
+
+async fn multi_instance_on(
+    args: &DrillArgs,
+    binary: &Path,
+    name: &str,
+    database_url: &str,
+) -> anyhow::Result<Finding> {
+    let amqp = delivery::amqp_settings(&args.amqp_url, &name.replace('_', "-"));
+    let consumer = Consumer::start(&args.amqp_url, &amqp).await?;
+    let common = [
+        ("KCI__DATABASE__URL", database_url.to_owned()),
+        ("KCI__AMQP__URL", args.amqp_url.clone()),
+        ("KCI__AMQP__EXCHANGE", amqp.exchange.clone()),
+        (
+            "KCI__AMQP__ALTERNATE_EXCHANGE",
+            amqp.alternate_exchange.clone(),
+        ),
+        ("KCI__AMQP__UNROUTED_QUEUE", amqp.unrouted_queue.clone()),
+        ("KCI__RELAY__RECONNECT_MAX_MS", "1000".to_owned()),
+        ("KCI__RELAY__NOTIFY_OTHER_PROCESSES", "true".to_owned()),
+    ];
+    let mut serving = common.to_vec();
+    serving.push(("KCI__RELAY__ENABLED", "false".to_owned()));
+    let mut processes = vec![
+        Service::start(binary, &format!("{name}-serve-a"), &serving)?,
+        Service::start(binary, &format!("{name}-serve-b"), &serving)?,
+        Service::start_command(binary, "relay", &format!("{name}-relay"), &common)?,
+    ];
+    for process in &processes[..2] {
+        process.wait_ready(None).await?;
+    }
+    processes[2].wait_ready(Some(true)).await?;
+    let database = Database::connect(database_url).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let options = simulator::Options {
+        other_base_urls: vec![processes[1].base_url.clone()],
+        seed: 26,
+        first_gateway_id: 100_000_000,
+        stop: Some(stop.clone()),
+        ..load_options(args, &processes[0].base_url)
+    };
+    let load = Load {
+        stop,
+        running: tokio::spawn(simulator::run(options)),
+    };
+    let mut faults = Vec::new();
+    for n in 0..args.kills.max(3) as usize {
+        tokio::time::sleep(Duration::from_secs_f64(args.kill_every_seconds)).await;
+        let victim = n % processes.len();
+        let killed = Instant::now();
+        processes[victim].restart()?;
+        processes[victim].wait_ready(None).await?;
+        if victim < 2 {
+            faults.push((killed, Instant::now()));
+        }
+        print!("{} ", ["serve-a", "serve-b", "relay"][victim]);
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+    }
+    println!();
+    tokio::time::sleep(Duration::from_secs_f64(args.kill_every_seconds)).await;
+    let report = load.finish().await?;
+    let (delivery, missing_in_database) = verify(&consumer, &database, &report).await?;
+    let duplicate_history = database
+        .query_all_raw(Statement::from_string(
+            database.get_database_backend(),
+            "SELECT kci_id FROM state_transition WHERE NOT flag_anomaly \
+             GROUP BY kci_id HAVING COUNT(*) > 1",
+        ))
+        .await?
+        .len();
+    let mut during_fault = BTreeMap::new();
+    let mut slowest = Duration::ZERO;
+    for (killed, ready) in &faults {
+        let (answers, slow) = answers_between(&report.answers, *killed, *ready);
+        for (status, count) in answers {
+            *during_fault.entry(status).or_default() += count;
+        }
+        slowest = slowest.max(slow);
+    }
+    for process in processes {
+        tokio::task::spawn_blocking(move || process.stop()).await?;
+    }
+    consumer.close().await;
+    Ok(Finding {
+        drill: Drill::MultiInstance,
+        store: "PostgreSQL",
+        fault: format!(
+            "{} kill -9s, serve-a, serve-b and the relay in turn, one every {} s; KCIs through both serves",
+            args.kills.max(3),
+            args.kill_every_seconds
+        ),
+        delivery,
+        missing_in_database,
+        duplicate_history,
+        during_fault,
+        slowest_during_fault: slowest,
+        recovery: format!("{duplicate_history} KCIs with two history entries"),
+    })
+}
+
+/// The drills' load: realistic lifecycles of every type at `args.rate`, sent again after a 503
+/// or no answer, like the gateway.
+fn load_options(args: &DrillArgs, base_url: &str) -> simulator::Options {
+    simulator::Options {
+        base_url: base_url.to_owned(),
+        gateway_password: GATEWAY_PASSWORD.to_owned(),
+        admin: Some(("ops-admin".to_owned(), ADMIN_PASSWORD.to_owned())),
+        orders: 300_000,
+        ethernet_orders: 20_000,
+        unsolicited_ceases: 20_000,
+        tests: 150_000,
+        problems: 100_000,
+        concurrency: args.concurrency,
+        rate: Some(args.rate),
+        retry_unavailable: Some(Duration::from_millis(500)),
+        ..simulator::Options::default()
+    }
 }
 
 /// A steady load in the background until `stop` is set.
@@ -284,27 +432,7 @@ impl Rig {
     /// Waits for everything acknowledged to reach RabbitMQ, then checks the database and the
     /// consumer.
     async fn verify(&self, report: &Report) -> anyhow::Result<(Delivery, usize)> {
-        let acknowledged: HashMap<String, Instant> = report
-            .accepted
-            .iter()
-            .map(|a| (a.kci_id.clone(), a.at))
-            .collect();
-        if !self
-            .consumer
-            .wait_for(&acknowledged, Duration::from_secs(180))
-            .await
-        {
-            eprintln!("warning: not every acknowledged KCI reached RabbitMQ within 180 s");
-        }
-        let delivery = self
-            .consumer
-            .with_arrivals(|arrivals| delivery::check(arrivals, &acknowledged));
-        let stored = stored_kci_ids(&self.database).await?;
-        let missing_in_database = acknowledged
-            .keys()
-            .filter(|id| !stored.contains(id.as_str()))
-            .count();
-        Ok((delivery, missing_in_database))
+        verify(&self.consumer, &self.database, report).await
     }
 }
 
@@ -313,6 +441,33 @@ impl Load {
         self.stop.store(true, Ordering::Relaxed);
         self.running.await?
     }
+}
+
+/// Waits for everything acknowledged to reach the consumer, then checks what arrived there and
+/// what the database holds: (delivery, acknowledged KCIs missing from the database).
+async fn verify(
+    consumer: &Consumer,
+    database: &DatabaseConnection,
+    report: &Report,
+) -> anyhow::Result<(Delivery, usize)> {
+    let acknowledged: HashMap<String, Instant> = report
+        .accepted
+        .iter()
+        .map(|a| (a.kci_id.clone(), a.at))
+        .collect();
+    if !consumer
+        .wait_for(&acknowledged, Duration::from_secs(180))
+        .await
+    {
+        eprintln!("warning: not every acknowledged KCI reached RabbitMQ within 180 s");
+    }
+    let delivery = consumer.with_arrivals(|arrivals| delivery::check(arrivals, &acknowledged));
+    let stored = stored_kci_ids(database).await?;
+    let missing_in_database = acknowledged
+        .keys()
+        .filter(|id| !stored.contains(id.as_str()))
+        .count();
+    Ok((delivery, missing_in_database))
 }
 
 /// The KCI ids the database holds.
@@ -408,6 +563,7 @@ async fn kill(rig: &mut Rig, args: &DrillArgs) -> anyhow::Result<Finding> {
         ),
         delivery,
         missing_in_database,
+        duplicate_history: 0,
         during_fault,
         slowest_during_fault: slowest,
         recovery: format!(
@@ -459,6 +615,7 @@ async fn broker_outage(rig: &mut Rig, args: &DrillArgs) -> anyhow::Result<Findin
         ),
         delivery,
         missing_in_database,
+        duplicate_history: 0,
         during_fault,
         slowest_during_fault: slowest,
         recovery: format!(
@@ -550,6 +707,7 @@ async fn broker_blocked(rig: &mut Rig, args: &DrillArgs) -> anyhow::Result<Findi
         ),
         delivery,
         missing_in_database,
+        duplicate_history: 0,
         during_fault,
         slowest_during_fault: slowest,
         recovery: format!(
@@ -599,6 +757,7 @@ async fn database_fault(rig: &mut Rig, args: &DrillArgs, freeze: bool) -> anyhow
         },
         delivery,
         missing_in_database,
+        duplicate_history: 0,
         during_fault,
         slowest_during_fault: slowest,
         recovery: format!(

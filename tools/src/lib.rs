@@ -27,6 +27,11 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     use simulator::{Options, run};
     let options = Options {
         base_url: args.url.trim_end_matches('/').to_owned(),
+        other_base_urls: args
+            .also_url
+            .iter()
+            .map(|url| url.trim_end_matches('/').to_owned())
+            .collect(),
         gateway_user: args.gateway_user,
         gateway_password: args.gateway_password,
         admin: args

@@ -101,6 +101,8 @@ pub fn machine() -> String {
 /// A running kci-receiver; killed when dropped.
 pub struct Service {
     child: Option<Child>,
+    /// `serve` or `relay`.
+    command: &'static str,
     binary: PathBuf,
     environment: Vec<(String, String)>,
     log: PathBuf,
@@ -116,11 +118,23 @@ impl Service {
         name: &str,
         environment: &[(&str, String)],
     ) -> anyhow::Result<Service> {
+        Self::start_command(binary, "serve", name, environment)
+    }
+
+    /// [`Service::start`] of `kci-receiver <command>`: `serve`, or `relay` (whose `/readyz` is
+    /// then on its metrics port, which `port` and `base_url` are).
+    pub fn start_command(
+        binary: &Path,
+        command: &'static str,
+        name: &str,
+        environment: &[(&str, String)],
+    ) -> anyhow::Result<Service> {
         let port = free_port()?;
         let log = std::env::temp_dir().join(format!("{name}.log"));
         println!("kci-receiver under test logs to {}", log.display());
         let mut service = Service {
             child: None,
+            command,
             binary: binary.to_owned(),
             environment: environment
                 .iter()
@@ -141,9 +155,16 @@ impl Service {
             .open(&self.log)?;
         let mut command = Command::new(&self.binary);
         command
-            .arg("serve")
+            .arg(self.command)
             .env("KCI_ENVIRONMENT", "tools-no-such-file")
-            .env("KCI__SERVER__PORT", self.port.to_string())
+            .env(
+                if self.command == "relay" {
+                    "KCI__METRICS__PORT"
+                } else {
+                    "KCI__SERVER__PORT"
+                },
+                self.port.to_string(),
+            )
             .env("KCI__GATEWAY_AUTH__BASIC_PASSWORD", GATEWAY_PASSWORD)
             .env("KCI__OPERATIONS_AUTH__ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("KCI__LOG__FILTER", "warn")

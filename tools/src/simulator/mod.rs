@@ -28,6 +28,9 @@ use random::Random;
 pub struct Options {
     /// kci-receiver's base URL, e.g. `http://127.0.0.1:8080`.
     pub base_url: String,
+    /// More instances of kci-receiver (on one database): KCIs go to all of them in turn, as
+    /// behind a load balancer, so that the same entity's KCIs arrive through several.
+    pub other_base_urls: Vec<String>,
     pub gateway_user: String,
     pub gateway_password: String,
     /// Operations admin credentials, to register original requests; none: do not register.
@@ -67,6 +70,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             base_url: "http://127.0.0.1:8080".to_owned(),
+            other_base_urls: Vec::new(),
             gateway_user: "fibrecafe".to_owned(),
             gateway_password: String::new(),
             admin: None,
@@ -187,6 +191,8 @@ struct Shared {
     started: Instant,
     pacer: Option<Mutex<tokio::time::Interval>>,
     client: reqwest::Client,
+    /// Turns among the instances KCIs are posted to.
+    posts: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -219,6 +225,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         started: Instant::now(),
         pacer,
         client,
+        posts: AtomicUsize::new(0),
     });
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -261,6 +268,15 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
 }
 
 impl Shared {
+    /// The instance the next KCI goes to (round robin over `base_url` and `other_base_urls`).
+    fn next_base_url(&self) -> &str {
+        let turn = self.posts.fetch_add(1, Ordering::Relaxed);
+        match turn % (1 + self.options.other_base_urls.len()) {
+            0 => &self.options.base_url,
+            n => &self.options.other_base_urls[n - 1],
+        }
+    }
+
     fn stopped(&self) -> bool {
         self.options
             .duration
@@ -407,7 +423,7 @@ async fn post_once(
     let started = Instant::now();
     let sent = shared
         .client
-        .post(format!("{}/kcis", shared.options.base_url))
+        .post(format!("{}/kcis", shared.next_base_url()))
         .basic_auth(
             &shared.options.gateway_user,
             Some(&shared.options.gateway_password),
