@@ -1,43 +1,38 @@
 //! Concurrent KCIs about one entity never lose an update: history and current state agree.
 
+use entity::{state_transition, tracked_entity};
 use futures_util::future::join_all;
 use serde_json::Value;
 
-use crate::helpers::{BACKENDS, Backend, TestApp, flag, kci, spawn_app};
+use crate::helpers::{BACKENDS, Backend, TestApp, kci, spawn_app};
 
 /// Checks that the applied entries of a history form one chain: increasing sequence numbers,
 /// each starting where the previous one ended, and the entity at the chain's end.
-fn assert_history_is_one_consistent_chain(history: &[Value], entity: &Value) {
+fn assert_history_is_one_consistent_chain(
+    history: &[state_transition::Model],
+    entity: &tracked_entity::Model,
+) {
     let mut last_sequence: Option<i64> = None;
     let mut last_status: Option<String> = None;
     for row in history {
-        let sequence = row["sequence_number"].as_i64().unwrap();
-        let previous = row["previous_sequence_number"].as_i64();
         assert_eq!(
-            previous, last_sequence,
-            "each entry saw the state left by the one before: {row}"
+            row.previous_sequence_number, last_sequence,
+            "each entry saw the state left by the one before: {row:?}"
         );
-        assert_eq!(
-            row["from_status"].as_str().map(str::to_owned),
-            last_status,
-            "{row}"
-        );
-        if flag(row, "applied") {
+        assert_eq!(row.from_status, last_status, "{row:?}");
+        if row.applied {
             assert!(
-                last_sequence.is_none_or(|last| sequence > last),
-                "applied only when newer: {row}"
+                last_sequence.is_none_or(|last| row.sequence_number > last),
+                "applied only when newer: {row:?}"
             );
-            last_sequence = Some(sequence);
-            last_status = Some(row["to_status"].as_str().unwrap().to_owned());
+            last_sequence = Some(row.sequence_number);
+            last_status = Some(row.to_status.clone());
         } else {
-            assert!(
-                flag(row, "flag_stale") || flag(row, "flag_duplicate"),
-                "{row}"
-            );
+            assert!(row.flag_stale || row.flag_duplicate, "{row:?}");
         }
     }
-    assert_eq!(entity["last_sequence_number"].as_i64(), last_sequence);
-    assert_eq!(entity["status"].as_str().map(str::to_owned), last_status);
+    assert_eq!(Some(entity.last_sequence_number), last_sequence);
+    assert_eq!(Some(entity.status.clone()), last_status);
 }
 
 fn status_for(sequence: i64) -> &'static str {
@@ -72,10 +67,10 @@ async fn many_concurrent_kcis_on_one_entity(app: &TestApp, count: i64) {
         assert_eq!(response.status().as_u16(), 204);
     }
     let entity = app.entity("PROVIDE_ORDER", "4242").await;
-    assert_eq!(entity["last_sequence_number"], count);
-    assert_eq!(entity["status"], status_for(count));
-    assert_eq!(entity["kci_count"], count);
-    let history = app.history(entity["id"].as_i64().unwrap()).await;
+    assert_eq!(entity.last_sequence_number, count);
+    assert_eq!(entity.status, status_for(count));
+    assert_eq!(entity.kci_count, count);
+    let history = app.history(entity.id).await;
     assert_eq!(history.len() as i64, count);
     assert_history_is_one_consistent_chain(&history, &entity);
     assert_eq!(app.count("FROM kci").await, count);

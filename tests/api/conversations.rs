@@ -1,5 +1,6 @@
 //! `POST /api/v1/conversations`: registering original requests.
 
+use entity::tracked_entity::Correlation;
 use serde_json::{Value, json};
 
 use crate::errors::assert_gateway_error;
@@ -56,8 +57,8 @@ async fn a_registration_with_the_gateway_id_matches_the_entity_even_under_anothe
         .unwrap();
     assert_eq!(answer["matchedEntities"], 1);
     assert_eq!(
-        app.entity("CEASE_ORDER", "9001").await["correlation"],
-        "MATCHED"
+        app.entity("CEASE_ORDER", "9001").await.correlation,
+        Correlation::Matched
     );
 }
 

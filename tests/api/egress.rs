@@ -1,6 +1,7 @@
 //! The egress proxy against a fake Tenant API and a fake token endpoint started by the test:
 //! tokens, correlation headers, recording of original requests and matching, failures, sizes.
 
+use entity::tracked_entity::Correlation;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -342,8 +343,8 @@ async fn a_created_order_is_recorded_and_the_kcis_that_follow_are_matched() {
         204
     );
     assert_eq!(
-        app.entity("PROVIDE_ORDER", "777001").await["correlation"],
-        "MATCHED"
+        app.entity("PROVIDE_ORDER", "777001").await.correlation,
+        Correlation::Matched
     );
 
     // A rejected creating call creates nothing: audited, not recorded.
@@ -373,8 +374,8 @@ async fn a_kci_that_arrived_first_is_matched_as_soon_as_its_creating_call_goes_t
         204
     );
     assert_eq!(
-        app.entity("SERVICE_TEST", "555").await["correlation"],
-        "UNMATCHED"
+        app.entity("SERVICE_TEST", "555").await.correlation,
+        Correlation::Unmatched
     );
     let created = through(&app, reqwest::Method::POST, "/service-tests")
         .header("X-Conversation-ID", "conv-late-test")
@@ -384,8 +385,8 @@ async fn a_kci_that_arrived_first_is_matched_as_soon_as_its_creating_call_goes_t
         .unwrap();
     assert_eq!(created.status().as_u16(), 201);
     assert_eq!(
-        app.entity("SERVICE_TEST", "555").await["correlation"],
-        "MATCHED"
+        app.entity("SERVICE_TEST", "555").await.correlation,
+        Correlation::Matched
     );
 }
 

@@ -1,6 +1,7 @@
 //! Every example KCI of tests/fixtures/kcis (the docs' examples, 3 per KCI type) is accepted and
 //! recorded.
 
+use entity::tracked_entity::Correlation;
 use serde_json::Value;
 
 use crate::helpers::{BACKENDS, Backend, fixture, fixture_names, spawn_app};
@@ -54,16 +55,16 @@ async fn every_fixture_is_accepted_and_recorded(backend: Backend) {
 
     // Every entity holds the state of its newest KCI.
     let provide = app.entity("PROVIDE_ORDER", "12345").await;
-    assert_eq!(provide["status"], "PENDING");
-    assert_eq!(provide["last_sequence_number"], 5);
-    assert_eq!(provide["supplier_reference"], "FC123");
+    assert_eq!(provide.status, "PENDING");
+    assert_eq!(provide.last_sequence_number, 5);
+    assert_eq!(provide.supplier_reference.as_deref(), Some("FC123"));
     let problem = app.entity("SERVICE_PROBLEM", "12346").await;
-    assert_eq!(problem["status"], "RESOLVED");
+    assert_eq!(problem.status, "RESOLVED");
     let cease = app.entity("UNSOLICITED_CEASE_ORDER", "12345").await;
-    assert_eq!(cease["status"], "COMPLETED");
-    assert_eq!(cease["correlation"], "UNSOLICITED");
+    assert_eq!(cease.status, "COMPLETED");
+    assert_eq!(cease.correlation, Correlation::Unsolicited);
     let ethernet = app.entity("PROVIDE_ETHERNET_ORDER", "2001").await;
-    assert_eq!(ethernet["status"], "IN_PROGRESS");
+    assert_eq!(ethernet.status, "IN_PROGRESS");
 
     // The raw body is kept byte for byte.
     let raw = app

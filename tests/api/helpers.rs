@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use entity::{state_transition, tracked_entity};
 use kci_receiver::config::{GatewayAuthMethod, Settings};
 use kci_receiver::startup::Application;
 use sea_orm::{ConnectionTrait, Database};
@@ -447,31 +448,27 @@ impl TestApp {
     }
 
     /// The tracked entity row for (entity type, gateway id).
-    pub async fn entity(&self, entity_type: &str, gateway_id: &str) -> Value {
-        let rows = self
-            .rows(&format!(
-                "SELECT * FROM tracked_entity WHERE entity_type = '{entity_type}' AND gateway_id = '{gateway_id}'"
-            ))
-            .await;
-        assert_eq!(rows.len(), 1, "one entity {entity_type} {gateway_id}");
-        rows.into_iter().next().unwrap()
+    pub async fn entity(&self, entity_type: &str, gateway_id: &str) -> tracked_entity::Model {
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+        let mut found = tracked_entity::Entity::find()
+            .filter(tracked_entity::Column::EntityType.eq(entity_type))
+            .filter(tracked_entity::Column::GatewayId.eq(gateway_id))
+            .all(&self.db)
+            .await
+            .unwrap();
+        assert_eq!(found.len(), 1, "one entity {entity_type} {gateway_id}");
+        found.remove(0)
     }
 
     /// Its history, oldest first.
-    pub async fn history(&self, entity_id: i64) -> Vec<Value> {
-        self.rows(&format!(
-            "SELECT * FROM state_transition WHERE tracked_entity_id = {entity_id} ORDER BY id"
-        ))
-        .await
-    }
-}
-
-/// A boolean column read back from either backend (SQLite gives 0/1).
-pub fn flag(row: &Value, column: &str) -> bool {
-    match &row[column] {
-        Value::Bool(b) => *b,
-        Value::Number(n) => n.as_i64() == Some(1),
-        other => panic!("{column} is not a boolean: {other}"),
+    pub async fn history(&self, entity_id: i64) -> Vec<state_transition::Model> {
+        use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder};
+        state_transition::Entity::find()
+            .filter(state_transition::Column::TrackedEntityId.eq(entity_id))
+            .order_by_asc(state_transition::Column::Id)
+            .all(&self.db)
+            .await
+            .unwrap()
     }
 }
 

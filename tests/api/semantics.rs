@@ -1,10 +1,11 @@
 //! design.md's Guarantees: idempotent on the KCI id, monotonic state per entity, lifecycles as
 //! flags (never 4xx), open-ended values kept, correlation to the original request.
 
+use entity::tracked_entity::Correlation;
 use serde_json::json;
 
 use crate::fixtures::json_column;
-use crate::helpers::{BACKENDS, Backend, flag, kci, spawn_app};
+use crate::helpers::{BACKENDS, Backend, kci, spawn_app};
 
 #[tokio::test]
 async fn a_redelivery_answers_204_and_changes_nothing_but_its_counter() {
@@ -28,7 +29,7 @@ async fn a_redelivery_answers_204_and_changes_nothing_but_its_counter() {
             2
         );
         let entity = app.entity("PROVIDE_ORDER", "500").await;
-        assert_eq!(entity["kci_count"], 1);
+        assert_eq!(entity.kci_count, 1);
     }
 }
 
@@ -47,15 +48,15 @@ async fn a_redelivery_with_different_content_is_an_anomaly_and_is_not_applied() 
         );
 
         let entity = app.entity("PROVIDE_ORDER", "501").await;
-        assert_eq!(entity["status"], "SENT_TO_SUPPLIER", "not applied");
-        assert_eq!(entity["last_sequence_number"], 1);
-        assert!(flag(&entity, "flag_anomaly"));
-        let history = app.history(entity["id"].as_i64().unwrap()).await;
+        assert_eq!(entity.status, "SENT_TO_SUPPLIER", "not applied");
+        assert_eq!(entity.last_sequence_number, 1);
+        assert!(entity.flag_anomaly);
+        let history = app.history(entity.id).await;
         assert_eq!(history.len(), 2);
-        assert!(flag(&history[1], "flag_anomaly"));
-        assert!(!flag(&history[1], "applied"));
-        assert_eq!(history[1]["to_status"], "COMPLETED");
-        let note = history[1]["note"].as_str().unwrap();
+        assert!(history[1].flag_anomaly);
+        assert!(!history[1].applied);
+        assert_eq!(history[1].to_status, "COMPLETED");
+        let note = history[1].note.as_deref().unwrap();
         assert!(
             note.contains("entity") && note.contains("sequenceNumber"),
             "{note}"
@@ -83,15 +84,15 @@ async fn an_older_kci_is_recorded_as_stale_and_does_not_move_the_state_back() {
             assert_eq!(app.post_kci(body, "conv-s").await.status().as_u16(), 204);
         }
         let entity = app.entity("PROVIDE_ORDER", "502").await;
-        assert_eq!(entity["status"], "IN_PROGRESS");
-        assert_eq!(entity["last_sequence_number"], 3);
-        assert!(flag(&entity, "flag_stale"));
-        let history = app.history(entity["id"].as_i64().unwrap()).await;
+        assert_eq!(entity.status, "IN_PROGRESS");
+        assert_eq!(entity.last_sequence_number, 3);
+        assert!(entity.flag_stale);
+        let history = app.history(entity.id).await;
         assert_eq!(history.len(), 3);
-        assert!(flag(&history[1], "flag_stale") && !flag(&history[1], "applied"));
-        assert_eq!(history[1]["from_status"], "IN_PROGRESS");
-        assert_eq!(history[1]["to_status"], "ACKNOWLEDGED");
-        assert!(flag(&history[2], "flag_duplicate") && !flag(&history[2], "applied"));
+        assert!(history[1].flag_stale && !history[1].applied);
+        assert_eq!(history[1].from_status.as_deref(), Some("IN_PROGRESS"));
+        assert_eq!(history[1].to_status, "ACKNOWLEDGED");
+        assert!(history[2].flag_duplicate && !history[2].applied);
 
         // Stale KCIs are still published, marked as such.
         let payload = json_column(
@@ -119,19 +120,20 @@ async fn a_jump_in_sequence_is_recorded_as_a_gap_and_applied() {
         assert_eq!(app.post_kci(&body, "conv-g").await.status().as_u16(), 204);
     }
     let entity = app.entity("SERVICE_TEST", "77").await;
-    assert_eq!(entity["status"], "COMPLETED");
-    assert!(flag(&entity, "flag_gap"));
-    let history = app.history(entity["id"].as_i64().unwrap()).await;
-    let gaps: Vec<bool> = history.iter().map(|row| flag(row, "flag_gap")).collect();
+    assert_eq!(entity.status, "COMPLETED");
+    assert!(entity.flag_gap);
+    let history = app.history(entity.id).await;
+    let gaps: Vec<bool> = history.iter().map(|row| row.flag_gap).collect();
     assert_eq!(gaps, [false, false, true]);
     assert!(
-        history[2]["note"]
-            .as_str()
+        history[2]
+            .note
+            .as_deref()
             .unwrap()
             .contains("expected 3, got 5")
     );
     assert!(
-        !flag(&history[2], "flag_illegal"),
+        !history[2].flag_illegal,
         "IN_PROGRESS -> COMPLETED is allowed"
     );
 }
@@ -152,15 +154,16 @@ async fn a_transition_the_lifecycle_does_not_allow_is_applied_but_flagged_illega
         );
         let entity = app.entity("SERVICE_PROBLEM", "88").await;
         assert_eq!(
-            entity["status"], "IN_PROGRESS",
+            entity.status, "IN_PROGRESS",
             "the gateway's snapshot is the truth"
         );
-        assert!(flag(&entity, "flag_illegal"));
-        let history = app.history(entity["id"].as_i64().unwrap()).await;
-        assert!(flag(&history[1], "flag_illegal") && flag(&history[1], "applied"));
+        assert!(entity.flag_illegal);
+        let history = app.history(entity.id).await;
+        assert!(history[1].flag_illegal && history[1].applied);
         assert!(
-            history[1]["note"]
-                .as_str()
+            history[1]
+                .note
+                .as_deref()
                 .unwrap()
                 .contains("COMPLETED -> IN_PROGRESS")
         );
@@ -176,10 +179,11 @@ async fn an_undocumented_reason_code_or_status_is_kept_and_flagged() {
     body["someNewTopLevelField"] = json!({"kept": true});
     assert_eq!(app.post_kci(&body, "conv-u").await.status().as_u16(), 204);
     let entity = app.entity("MODIFY_ORDER", "90").await;
-    assert_eq!(entity["status"], "QUANTUM_STATE");
-    assert!(flag(&entity, "flag_unknown_value"));
-    let note = app.history(entity["id"].as_i64().unwrap()).await[0]["note"]
-        .as_str()
+    assert_eq!(entity.status, "QUANTUM_STATE");
+    assert!(entity.flag_unknown_value);
+    let note = app.history(entity.id).await[0]
+        .note
+        .as_deref()
         .unwrap()
         .to_owned();
     for value in [
@@ -215,8 +219,8 @@ async fn an_unsolicited_cease_is_a_new_entity_that_no_request_started_and_is_not
         204
     );
     let entity = app.entity("UNSOLICITED_CEASE_ORDER", "12345").await;
-    assert_eq!(entity["correlation"], "UNSOLICITED");
-    assert_eq!(entity["status"], "RECEIVED_BY_GATEWAY");
+    assert_eq!(entity.correlation, Correlation::Unsolicited);
+    assert_eq!(entity.status, "RECEIVED_BY_GATEWAY");
     let payload = json_column(&app.rows("SELECT payload FROM outbox_event").await[0]["payload"]);
     assert_eq!(payload["correlation"]["status"], "UNSOLICITED");
     assert_eq!(payload["correlation"]["matched"], false);
@@ -247,8 +251,8 @@ async fn a_kci_about_a_registered_request_is_matched_and_carries_the_request_in_
             204
         );
         let entity = app.entity("PROVIDE_ORDER", "600").await;
-        assert_eq!(entity["correlation"], "MATCHED");
-        assert!(entity["conversation_ref"].as_i64().is_some());
+        assert_eq!(entity.correlation, Correlation::Matched);
+        assert!(entity.conversation_ref.is_some());
         let payload =
             json_column(&app.rows("SELECT payload FROM outbox_event").await[0]["payload"]);
         assert_eq!(payload["correlation"]["matched"], true);
@@ -270,8 +274,8 @@ async fn an_unknown_conversation_leaves_the_entity_unmatched_until_its_request_i
             204
         );
         assert_eq!(
-            app.entity("SERVICE_PROBLEM", "700").await["correlation"],
-            "UNMATCHED"
+            app.entity("SERVICE_PROBLEM", "700").await.correlation,
+            Correlation::Unmatched
         );
 
         let registration =
@@ -281,7 +285,7 @@ async fn an_unknown_conversation_leaves_the_entity_unmatched_until_its_request_i
         let answer: serde_json::Value = response.json().await.unwrap();
         assert_eq!(answer["matchedEntities"], 1);
         let entity = app.entity("SERVICE_PROBLEM", "700").await;
-        assert_eq!(entity["correlation"], "MATCHED");
+        assert_eq!(entity.correlation, Correlation::Matched);
 
         // The next KCI's event carries the match; the entity keeps its link.
         let second = kci("SERVICE_PROBLEM", 700, 2, "ACKNOWLEDGED", "ACKNOWLEDGED");
@@ -290,7 +294,7 @@ async fn an_unknown_conversation_leaves_the_entity_unmatched_until_its_request_i
             204
         );
         let entity = app.entity("SERVICE_PROBLEM", "700").await;
-        assert_eq!(entity["correlation"], "MATCHED");
+        assert_eq!(entity.correlation, Correlation::Matched);
         let payloads = app
             .rows("SELECT payload FROM outbox_event ORDER BY id")
             .await;
