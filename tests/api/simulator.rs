@@ -106,6 +106,9 @@ async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
         "200",
         "--concurrency",
         "8",
+        // Two instances on the database: the load goes through both, one relay publishes.
+        "--instances",
+        "2",
         "--postgres-url",
         &std::env::var("KCI_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),

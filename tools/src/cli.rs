@@ -182,6 +182,10 @@ pub struct BenchArgs {
     /// Skip the SQLite run.
     #[arg(long)]
     pub postgres_only: bool,
+    /// kci-receiver instances on the PostgreSQL database, the load over all of them (one relay,
+    /// in the first). SQLite always has one.
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
     /// Fixed rates measured besides half of saturation, in percent of saturation
     /// (`--fixed-rates` alone: none).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "25,75")]

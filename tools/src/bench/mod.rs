@@ -87,14 +87,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<StoreFigures>> {
     Ok(results)
 }
 
+/// The load: over every instance in turn (`base_urls[0]` first).
 fn options(
-    base_url: &str,
+    base_urls: &[String],
     concurrency: usize,
     seed: u64,
     first_gateway_id: u64,
 ) -> simulator::Options {
     simulator::Options {
-        base_url: base_url.to_owned(),
+        base_url: base_urls[0].clone(),
+        other_base_urls: base_urls[1..].to_vec(),
         gateway_password: GATEWAY_PASSWORD.to_owned(),
         admin: Some(("ops-admin".to_owned(), ADMIN_PASSWORD.to_owned())),
         // Far more lifecycles than a phase gets through: the duration ends it.
@@ -195,24 +197,50 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         ],
     )?;
     service.wait_ready(Some(true)).await?;
+    // More instances on the same PostgreSQL database (`--instances`), without relays of their
+    // own: the first instance's relay publishes for all, woken by their NOTIFYs.
+    let mut base_urls = vec![service.base_url.clone()];
+    let mut others = Vec::new();
+    if database_url.starts_with("postgres") {
+        for n in 1..args.instances.max(1) {
+            let other = Service::start(
+                binary,
+                &format!("{prefix}-{n}"),
+                &[
+                    ("KCI__DATABASE__URL", database_url.to_owned()),
+                    ("KCI__DATABASE__MAX_CONNECTIONS", "32".to_owned()),
+                    ("KCI__RELAY__ENABLED", "false".to_owned()),
+                    ("KCI__RELAY__NOTIFY_OTHER_PROCESSES", "true".to_owned()),
+                ],
+            )?;
+            other.wait_ready(None).await?;
+            base_urls.push(other.base_url.clone());
+            others.push(other);
+        }
+        if !others.is_empty() {
+            println!(
+                "{} instances of kci-receiver on the database, the load over all of them, one relay",
+                base_urls.len()
+            );
+        }
+    }
 
     let outcome = async {
         // Saturation.
-        let saturation = simulator::run(
-            options(&service.base_url, args.concurrency, 11, 10_000_000).duration(phase),
-        )
-        .await?;
+        let saturation =
+            simulator::run(options(&base_urls, args.concurrency, 11, 10_000_000).duration(phase))
+                .await?;
         // Half of it, at a fixed rate.
         let rate = (saturation.throughput() / 2.0).max(1.0);
         let mut half_options =
-            options(&service.base_url, args.concurrency, 12, 20_000_000).duration(phase);
+            options(&base_urls, args.concurrency, 12, 20_000_000).duration(phase);
         half_options.rate = Some(rate);
         let half = simulator::run(half_options).await?;
         // Other fixed rates, for the shape of latency against load.
         let mut fixed = Vec::new();
         for (n, percent) in args.fixed_rates.iter().enumerate() {
             let mut rate_options = options(
-                &service.base_url,
+                &base_urls,
                 args.concurrency,
                 14 + n as u64,
                 40_000_000 + 10_000_000 * n as u64,
@@ -239,7 +267,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         proxy.cut();
         service.wait_ready(Some(false)).await?;
         let backlog_entities = (args.backlog / 4).max(1);
-        let mut backlog_options = options(&service.base_url, args.concurrency, 13, 30_000_000);
+        let mut backlog_options = options(&base_urls, args.concurrency, 13, 30_000_000);
         backlog_options.orders = backlog_entities / 2;
         backlog_options.ethernet_orders = 0;
         backlog_options.unsolicited_ceases = 0;
