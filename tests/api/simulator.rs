@@ -294,3 +294,97 @@ async fn several_instances_on_one_database_lose_nothing_when_each_is_killed() {
     assert_eq!(finding.duplicate_history, 0);
     assert!(finding.held(), "{}", finding.recovery);
 }
+
+/// Issue 14's proving ground (gap repair is not built yet): a simulated gateway that loses a
+/// share of its deliveries on purpose, and a simulated Tenant API whose GET endpoints still hold
+/// every KCI it produced, in sequence order, as `updates[]`. kci-receiver sees the holes as gaps.
+#[tokio::test]
+async fn a_gateway_that_drops_deliveries_still_returns_them_in_its_updates() {
+    use kci_tools::simulator::tenant_api::SimulatedTenantApi;
+    let gateway = SimulatedTenantApi::start("127.0.0.1:0").unwrap();
+    let app = spawn_app(Backend::Sqlite).await;
+    let report = run(Options {
+        base_url: app.address.clone(),
+        gateway_password: GATEWAY_PASSWORD.to_owned(),
+        orders: 20,
+        ethernet_orders: 3,
+        unsolicited_ceases: 3,
+        tests: 8,
+        problems: 8,
+        concurrency: 4,
+        seed: 14,
+        redelivery_chance: 0.0,
+        out_of_order_chance: 0.0,
+        gap_chance: 0.0,
+        drop_rate: 0.25,
+        gateway_record: Some(gateway.record.clone()),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    assert!(report.dropped.len() >= 10, "{}", report.summary());
+    assert!(report.summary().contains("dropped on purpose"));
+    let client = reqwest::Client::new();
+    for dropped in &report.dropped {
+        assert_eq!(
+            app.count(&format!(
+                "FROM kci WHERE kci_id = {}",
+                app.uuid_sql(&dropped.kci_id)
+            ))
+            .await,
+            0,
+            "a dropped KCI never reached kci-receiver"
+        );
+        let path = match dropped.entity_type.as_str() {
+            "PROVIDE_ETHERNET_ORDER" => "ethernet/service-orders",
+            "SERVICE_TEST" => "service-tests",
+            "SERVICE_PROBLEM" => "service-problems",
+            _ => "service-orders",
+        };
+        let entity: serde_json::Value = client
+            .get(format!(
+                "{}/v1/{path}/{}",
+                gateway.base_url, dropped.gateway_id
+            ))
+            .bearer_auth("simulated-1")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(entity["id"], dropped.gateway_id, "{entity}");
+        let updates = entity["updates"].as_array().expect("updates[]");
+        assert!(
+            updates
+                .iter()
+                .any(|update| update["id"] == dropped.kci_id.as_str()),
+            "the Tenant API still has it"
+        );
+        let sequence: Vec<i64> = updates
+            .iter()
+            .map(|update| update["sequenceNumber"].as_i64().unwrap())
+            .collect();
+        assert!(sequence.windows(2).all(|w| w[0] < w[1]), "{sequence:?}");
+    }
+    assert!(
+        app.count("FROM tracked_entity WHERE flag_gap").await > 0,
+        "kci-receiver flagged the holes it saw as gaps"
+    );
+    let unknown = client
+        .get(format!("{}/v1/service-orders/1", gateway.base_url))
+        .bearer_auth("simulated-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status().as_u16(), 404);
+    let without_token = client
+        .get(format!(
+            "{}/v1/service-orders/{}",
+            gateway.base_url, report.dropped[0].gateway_id
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without_token.status().as_u16(), 401);
+}

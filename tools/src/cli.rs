@@ -147,6 +147,10 @@ pub struct SimulateArgs {
     /// Chance that the original request is registered only after the first KCI.
     #[arg(long, default_value_t = 0.05)]
     pub late_registrations: f64,
+    /// Share of KCIs the gateway "loses": produced but never posted (with --serve-tenant-api,
+    /// its GET endpoints still return them in updates[]).
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_rate: f64,
     /// Gateway ids start here.
     #[arg(long, default_value_t = 1_000_000)]
     pub first_gateway_id: u64,

@@ -56,6 +56,8 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             .retry_unavailable
             .then(|| std::time::Duration::from_secs(1)),
         stop: None,
+        drop_rate: args.drop_rate,
+        gateway_record: None,
     };
     let tenant_api = match &args.serve_tenant_api {
         Some(address) => {
@@ -67,6 +69,10 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             Some(api)
         }
         None => None,
+    };
+    let options = Options {
+        gateway_record: tenant_api.as_ref().map(|api| api.record.clone()),
+        ..options
     };
     let report = run(options).await?;
     println!("{}", report.summary());

@@ -64,6 +64,12 @@ pub struct Options {
     pub retry_unavailable: Option<Duration>,
     /// Stop starting new POSTs once this is set (for drills that end a load from outside).
     pub stop: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Share of KCIs the gateway "loses": produced (and kept in `gateway_record`) but never
+    /// posted. kci-receiver then sees sequence gaps that only the Tenant API can fill.
+    pub drop_rate: f64,
+    /// Where the simulated gateway keeps every KCI it produces (the simulated Tenant API's
+    /// `updates[]`).
+    pub gateway_record: Option<tenant_api::GatewayRecord>,
 }
 
 impl Default for Options {
@@ -71,6 +77,8 @@ impl Default for Options {
         Options {
             base_url: "http://127.0.0.1:8080".to_owned(),
             other_base_urls: Vec::new(),
+            drop_rate: 0.0,
+            gateway_record: None,
             gateway_user: "fibrecafe".to_owned(),
             gateway_password: String::new(),
             admin: None,
@@ -113,7 +121,18 @@ pub struct Accepted {
 }
 
 /// What a run did.
+/// A KCI the simulated gateway produced but never posted (`Options::drop_rate`).
+#[derive(Debug, Clone)]
+pub struct Dropped {
+    pub kci_id: String,
+    pub entity_type: String,
+    pub gateway_id: u64,
+    pub at: Instant,
+}
+
 pub struct Report {
+    /// KCIs "lost" on purpose (never posted).
+    pub dropped: Vec<Dropped>,
     pub lifecycles: u64,
     pub posted: u64,
     pub accepted: Vec<Accepted>,
@@ -151,7 +170,14 @@ impl Report {
             ms(0.95),
             ms(0.99),
             self.latency.max() as f64 / 1000.0,
-        )
+        ) + &if self.dropped.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} KCIs dropped on purpose (never posted; the Tenant API's updates[] has them)",
+                self.dropped.len()
+            )
+        }
     }
 }
 
@@ -197,6 +223,7 @@ struct Shared {
 
 #[derive(Default)]
 struct WorkerTally {
+    dropped: Vec<Dropped>,
     lifecycles: u64,
     posted: u64,
     accepted: Vec<Accepted>,
@@ -244,6 +271,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
     for worker in workers {
         let (tally, histogram) = worker.await?;
         latency.add(&histogram)?;
+        report_tally.dropped.extend(tally.dropped);
         report_tally.lifecycles += tally.lifecycles;
         report_tally.posted += tally.posted;
         report_tally.accepted.extend(tally.accepted);
@@ -255,6 +283,7 @@ pub async fn run(options: Options) -> anyhow::Result<Report> {
         }
     }
     Ok(Report {
+        dropped: report_tally.dropped,
         lifecycles: report_tally.lifecycles,
         posted: report_tally.posted,
         accepted: report_tally.accepted,
@@ -319,6 +348,22 @@ async fn worker(shared: &Shared, tally: &mut WorkerTally, histogram: &mut Histog
             }
         }
         for (position, planned) in kcis.iter().enumerate() {
+            if let Some(record) = &options.gateway_record {
+                record.record(&planned.body);
+            }
+            // Drawn only when dropping is on: a seed replays the same run as before otherwise.
+            if options.drop_rate > 0.0 && random.chance(options.drop_rate) {
+                tally.dropped.push(Dropped {
+                    kci_id: planned.body["id"].as_str().unwrap_or_default().to_owned(),
+                    entity_type: planned.body["entityType"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    gateway_id: story.gateway_id,
+                    at: Instant::now(),
+                });
+                continue;
+            }
             let times = if random.chance(options.redelivery_chance) {
                 2
             } else {
