@@ -10,12 +10,11 @@
 # mount a volume there to keep it (`-v kci-data:/var/lib/kci-receiver`). No VOLUME is declared,
 # so PostgreSQL deployments get none they do not want.
 #
-# Build arguments: RUST_IMAGE and RUNTIME_IMAGE (the bases; a registry mirror, or a local base),
-# BINARY_STAGE=prebuilt to package a binary built elsewhere instead of compiling it here (it is
-# read from prebuilt/kci-receiver in the build context; scripts/container-proof does that).
+# Build arguments: RUST_IMAGE and RUNTIME_IMAGE (the bases; a registry mirror, or a local base).
+# `--target runtime-prebuilt` packages a binary built elsewhere instead of compiling it here (read
+# from prebuilt/kci-receiver in the build context; scripts/container-proof does that).
 ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
 ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
-ARG BINARY_STAGE=build
 
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
@@ -36,13 +35,8 @@ RUN find src entity/src migration/src -name '*.rs' -exec touch {} + \
     && cargo build --release --locked -p kci-receiver --bin kci-receiver \
     && strip target/release/kci-receiver
 
-# A binary built outside (same glibc as the runtime base): BINARY_STAGE=prebuilt.
-FROM scratch AS prebuilt
-COPY prebuilt/kci-receiver /src/target/release/kci-receiver
-
-FROM ${BINARY_STAGE} AS binary
-
-FROM ${RUNTIME_IMAGE} AS runtime
+# The runtime, without its binary: what both final stages share.
+FROM ${RUNTIME_IMAGE} AS runtime-base
 # CA certificates for PostgreSQL, RabbitMQ, the JWK Set and the Tenant API over TLS (a base that
 # already has them skips the download).
 RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
@@ -50,7 +44,6 @@ RUN if [ ! -s /etc/ssl/certs/ca-certificates.crt ]; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && mkdir -p /var/lib/kci-receiver && chown 10001:10001 /var/lib/kci-receiver
-COPY --from=binary /src/target/release/kci-receiver /usr/local/bin/kci-receiver
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
 WORKDIR /var/lib/kci-receiver
@@ -63,3 +56,12 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["kci-receiver", "healthcheck"]
 ENTRYPOINT ["kci-receiver"]
 CMD ["serve"]
+
+# `--target runtime-prebuilt`: a binary built outside (same glibc as the runtime base), read from
+# prebuilt/kci-receiver in the build context; the build stage is not run.
+FROM runtime-base AS runtime-prebuilt
+COPY prebuilt/kci-receiver /usr/local/bin/kci-receiver
+
+# The default target: the binary from the build stage.
+FROM runtime-base AS runtime
+COPY --from=build /src/target/release/kci-receiver /usr/local/bin/kci-receiver
