@@ -28,7 +28,7 @@ use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{AppState, is_json};
+use super::{AppState, PassOrRefuse, is_json, pass, refuse};
 use crate::auth::mtls::Network;
 use crate::error::ApiError;
 use crate::store::audit::{AuditOutcome, AuditRecord, AuditSink};
@@ -218,6 +218,26 @@ where
         None => Ok(service.call(request)),
     };
     async move {
+        let record = |status: u16, outcome: AuditOutcome| AuditRecord {
+            response_status: status,
+            outcome,
+            ..super::audit_record_of(&head, peer)
+        };
+        // A failed authentication (401, 403) is counted and audited aggregated; how long the
+        // source is locked out, when this failure used up its allowance.
+        let count_failure = |status: u16| {
+            let failures = failures.as_ref()?;
+            let failed = status == 401 || status == 403;
+            failed
+                .then(|| {
+                    failures.failed(
+                        source,
+                        record(status, AuditOutcome::AuthFailed),
+                        status == 401,
+                    )
+                })
+                .flatten()
+        };
         let mut response = match called {
             Err(locked_out) => return Ok(locked_out.map_into_right_body()),
             Ok(called) => match called.await {
@@ -225,33 +245,16 @@ where
                 Err(error) => {
                     // An error a middleware returned (a handler's is already an answer): counted
                     // like the others, and passed on.
-                    let status = error.as_response_error().status_code().as_u16();
-                    if let Some(failures) = &failures
-                        && (status == 401 || status == 403)
-                    {
-                        let record = AuditRecord {
-                            response_status: status,
-                            outcome: AuditOutcome::AuthFailed,
-                            ..super::audit_record_of(&head, peer)
-                        };
-                        failures.failed(source, record, status == 401);
-                    }
+                    count_failure(error.as_response_error().status_code().as_u16());
                     return Err(error);
                 }
             },
         };
         let status = response.status().as_u16();
-        if let (Some(state), Some(failures)) = (&state, &failures) {
-            let record = |outcome: AuditOutcome| AuditRecord {
-                response_status: status,
-                outcome,
-                ..super::audit_record_of(&head, peer)
-            };
+        if let Some(state) = &state {
             if status == 401 || status == 403 {
-                let locked_for =
-                    failures.failed(source, record(AuditOutcome::AuthFailed), status == 401);
                 // The failure that uses up the allowance is answered as the lockout it starts.
-                if let Some(wait) = locked_for {
+                if let Some(wait) = count_failure(status) {
                     let (request, _) = response.into_parts();
                     let locked_out = ApiError::TooManyRequests {
                         retry_after_seconds: wait.as_secs().max(1),
@@ -265,7 +268,7 @@ where
             } else if operator_action && (200..300).contains(&status) {
                 state.audit.record(AuditRecord {
                     principal: basic_user(&authorization),
-                    ..record(AuditOutcome::OperatorAction)
+                    ..record(status, AuditOutcome::OperatorAction)
                 });
             }
         }
@@ -319,21 +322,13 @@ fn basic_user(authorization: &Option<String>) -> Option<String> {
 ///
 /// A request without a body, `Origin` or `Sec-Fetch-Site` (curl, scripts, servers) is no
 /// browser's cross-site request and passes: `curl -X POST .../outbox/dead/retry` works.
-pub fn refuse_cross_site<S, B>(
-    request: ServiceRequest,
-    service: &S,
-) -> futures_util::future::Either<
-    S::Future,
-    std::future::Ready<Result<ServiceResponse<B>, actix_web::Error>>,
->
+pub fn refuse_cross_site<S, B>(request: ServiceRequest, service: &S) -> PassOrRefuse<S::Future, B>
 where
     S: Service<ServiceRequest, Response = ServiceResponse<B>, Error = actix_web::Error>,
 {
     match cross_site_refusal(&request) {
-        None => futures_util::future::Either::Left(service.call(request)),
-        Some(why) => futures_util::future::Either::Right(std::future::ready(Err(
-            ApiError::Forbidden(why.to_owned()).into(),
-        ))),
+        None => pass(service.call(request)),
+        Some(why) => refuse(ApiError::Forbidden(why.to_owned())),
     }
 }
 

@@ -138,16 +138,29 @@ pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
     .default_service(web::to(not_found));
 }
 
+/// What a middleware that lets a request through or refuses it at once returns.
+pub(crate) type PassOrRefuse<F, B> = futures_util::future::Either<
+    F,
+    std::future::Ready<Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>>,
+>;
+
+/// [`PassOrRefuse`]: through, to the route's answer.
+pub(crate) fn pass<F, B>(route: F) -> PassOrRefuse<F, B> {
+    futures_util::future::Either::Left(route)
+}
+
+/// [`PassOrRefuse`]: refused, answered in the gateway's format.
+pub(crate) fn refuse<F, B>(error: ApiError) -> PassOrRefuse<F, B> {
+    futures_util::future::Either::Right(std::future::ready(Err(error.into())))
+}
+
 /// Refuses, before any handler runs, a request whose path or query string carries an encoded NUL
 /// (`%00`): no id, filter or path of ours contains one, and PostgreSQL cannot even compare with
 /// it (every such request was a 500). 400 in the gateway's format.
 pub fn refuse_nul<S, B>(
     request: actix_web::dev::ServiceRequest,
     service: &S,
-) -> futures_util::future::Either<
-    S::Future,
-    std::future::Ready<Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>>,
->
+) -> PassOrRefuse<S::Future, B>
 where
     S: Service<
             actix_web::dev::ServiceRequest,
@@ -161,9 +174,9 @@ where
         let error = ApiError::Malformed(vec![
             "The path or query string contains an encoded NUL (%00)".to_owned(),
         ]);
-        return futures_util::future::Either::Right(std::future::ready(Err(error.into())));
+        return refuse(error);
     }
-    futures_util::future::Either::Left(service.call(request))
+    pass(service.call(request))
 }
 
 /// Times every request into the latency histogram, labelled by route pattern (not raw path, to
@@ -219,10 +232,7 @@ async fn metrics_doc(
 pub fn split_listeners<S, B>(
     request: actix_web::dev::ServiceRequest,
     service: &S,
-) -> futures_util::future::Either<
-    S::Future,
-    std::future::Ready<Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>>,
->
+) -> PassOrRefuse<S::Future, B>
 where
     S: Service<
             actix_web::dev::ServiceRequest,
@@ -234,7 +244,7 @@ where
         .app_data::<web::Data<AppState>>()
         .and_then(|state| state.metrics_port.get().copied());
     let Some(metrics_port) = metrics_port else {
-        return futures_util::future::Either::Left(service.call(request));
+        return pass(service.call(request));
     };
     let on_metrics_port = request.request().app_config().local_addr().port() == metrics_port;
     let path = request.path();
@@ -244,10 +254,10 @@ where
         path != "/metrics"
     };
     if served {
-        futures_util::future::Either::Left(service.call(request))
+        pass(service.call(request))
     } else {
         let error = ApiError::NotFound(format!("No resource at {path} on this port"));
-        futures_util::future::Either::Right(std::future::ready(Err(error.into())))
+        refuse(error)
     }
 }
 
