@@ -47,6 +47,24 @@ pub enum Command {
     /// Send one request to the Tenant API through the egress client (token, headers, recording),
     /// and print the answer: for testing the connection.
     EgressRequest(EgressRequestArgs),
+    /// Reconcile with the Tenant API now (gap repair): one entity, or every entity with an open
+    /// gap. KCIs the gateway never delivered are recorded and published as recovered. Prints
+    /// each reconciliation as a JSON line; exits 1 if any failed. Needs [egress] configured.
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The entity's type, e.g. PROVIDE_ORDER (with --gateway-id).
+    #[arg(long, requires = "gateway_id", conflicts_with = "all_gaps")]
+    pub entity_type: Option<String>,
+    /// The entity's gateway id (`entity.id`), also one never seen here.
+    #[arg(long, requires = "entity_type")]
+    pub gateway_id: Option<String>,
+    /// Every entity with an open gap, however recent, oldest first, at most
+    /// reconcile.max_per_minute per minute.
+    #[arg(long)]
+    pub all_gaps: bool,
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +152,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let needs = match &cli.command {
         Command::Serve | Command::CheckConfig | Command::EgressRequest(_) => Needs::Everything,
         Command::Relay => Needs::Publishing,
+        Command::Reconcile(_) => Needs::Reconciling,
         Command::Migrate | Command::Outbox(_) | Command::Healthcheck(_) => Needs::Database,
     };
     let settings = Settings::load_for(cli.config.as_deref(), needs)?;
@@ -159,6 +178,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Outbox(command) => outbox(settings, command).await?,
         Command::Healthcheck(_) => unreachable!("answered above"),
         Command::EgressRequest(args) => egress_request(settings, args).await?,
+        Command::Reconcile(args) => reconcile(settings, args).await?,
     }
     Ok(())
 }
@@ -222,6 +242,83 @@ async fn egress_request(settings: Settings, args: EgressRequestArgs) -> anyhow::
             "recorded as the original request of conversation {} ({} waiting entities matched)",
             upstream.conversation_id, registration.matched_entities
         );
+    }
+    Ok(())
+}
+
+async fn reconcile(settings: Settings, args: ReconcileArgs) -> anyhow::Result<()> {
+    use entity::reconciliation::{ReconcileOutcome, ReconcileTrigger};
+
+    use crate::operations::queries::Family;
+    use crate::reconcile::{ReconcileError, Reconciler, Target, store as reconcile_store};
+    if !settings.egress.enabled {
+        anyhow::bail!(
+            "reconciliation asks the Tenant API: set egress.enabled, egress.upstream_base_url, egress.token_url, egress.client_id and egress.client_secret"
+        );
+    }
+    let aliases = settings.kci.aliases();
+    let targets: Vec<Target> = match (&args.entity_type, &args.gateway_id, args.all_gaps) {
+        (Some(entity_type), Some(gateway_id), false) => {
+            let listed = crate::kci::EntityType::from_wire(entity_type)
+                .or_else(|| aliases.get(entity_type).copied())
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--entity-type {entity_type}: not a listed entity type (PROVIDE_ORDER, CEASE_ORDER, MODIFY_ORDER, UNSOLICITED_CEASE_ORDER, PROVIDE_ETHERNET_ORDER, SERVICE_TEST, SERVICE_PROBLEM) or an alias"
+                    )
+                })?;
+            vec![Target {
+                family: Family::of(listed),
+                gateway_id: gateway_id.clone(),
+            }]
+        }
+        (None, None, true) => Vec::new(),
+        _ => anyhow::bail!("give --entity-type and --gateway-id, or --all-gaps"),
+    };
+    let db = open_database(&settings).await?;
+    let targets = if args.all_gaps {
+        reconcile_store::open_gaps(&db, 100_000)
+            .await?
+            .iter()
+            .filter_map(Target::of)
+            .collect()
+    } else {
+        targets
+    };
+    let client = std::sync::Arc::new(crate::egress::EgressClient::new(&settings.egress)?);
+    let reconciler = Reconciler::new(db, client, settings.reconcile.clone(), aliases)
+        .notifying_other_processes(true);
+    let pause = std::time::Duration::from_secs(60) / settings.reconcile.max_per_minute.max(1);
+    let mut failed = 0usize;
+    for (index, target) in targets.iter().enumerate() {
+        if index > 0 {
+            tokio::time::sleep(pause).await;
+        }
+        match reconciler
+            .reconcile(target, ReconcileTrigger::OnDemand, Some("cli"))
+            .await
+        {
+            Ok(done) => {
+                if matches!(
+                    done.outcome,
+                    ReconcileOutcome::Failed | ReconcileOutcome::NotFound
+                ) {
+                    failed += 1;
+                }
+                println!("{}", serde_json::to_string(&done)?);
+            }
+            Err(ReconcileError::Busy) => {
+                eprintln!(
+                    "{} {}: being reconciled by another instance right now; skipped",
+                    target.family.resource(),
+                    target.gateway_id
+                );
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
+    eprintln!("{} reconciled, {failed} failed", targets.len());
+    if failed > 0 {
+        std::process::exit(1);
     }
     Ok(())
 }

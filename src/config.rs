@@ -31,6 +31,7 @@ pub struct Settings {
     pub intake: IntakeSettings,
     pub relay: RelaySettings,
     pub egress: EgressSettings,
+    pub reconcile: ReconcileSettings,
     pub kci: KciSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
@@ -124,6 +125,21 @@ pub struct EgressSettings {
     pub connect_timeout_ms: u64,
     /// Largest request body the proxy forwards.
     pub max_body_bytes: usize,
+}
+
+/// Gap repair (`crate::reconcile`); every key is described in `config/default.toml`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ReconcileSettings {
+    /// Reconcile automatically (only ever with `egress.enabled`).
+    pub enabled: bool,
+    pub gap_grace_seconds: u64,
+    pub stuck_after_seconds: u64,
+    pub max_per_minute: u32,
+    pub poll_interval_seconds: u64,
+    pub initial_backoff_seconds: u64,
+    pub max_backoff_seconds: u64,
+    pub max_answer_bytes: usize,
+    pub lease_seconds: u64,
 }
 
 fn default_amqp_connect_timeout_ms() -> u64 {
@@ -358,6 +374,8 @@ pub enum Needs {
     Publishing,
     /// `migrate`, `outbox ...`: the database.
     Database,
+    /// `reconcile`: the database and the Tenant API client.
+    Reconciling,
 }
 
 impl Needs {
@@ -367,6 +385,7 @@ impl Needs {
             Needs::Everything => return true,
             Needs::Publishing => &["database.", "amqp.", "relay.", "metrics.", "log."],
             Needs::Database => &["database.", "log."],
+            Needs::Reconciling => &["database.", "egress.", "reconcile.", "kci.", "log."],
         };
         sections.iter().any(|section| problem.starts_with(section))
     }
@@ -545,6 +564,16 @@ impl Settings {
         {
             problems
                 .push("tls.enabled: set tls.certificate_file and tls.private_key_file".to_owned());
+        }
+        let reconcile = &self.reconcile;
+        if reconcile.max_per_minute == 0
+            || reconcile.poll_interval_seconds == 0
+            || reconcile.lease_seconds == 0
+            || reconcile.max_answer_bytes == 0
+            || reconcile.initial_backoff_seconds == 0
+            || reconcile.max_backoff_seconds < reconcile.initial_backoff_seconds
+        {
+            problems.push("reconcile.max_per_minute, poll_interval_seconds, lease_seconds, max_answer_bytes and initial_backoff_seconds must be at least 1, max_backoff_seconds at least initial_backoff_seconds".to_owned());
         }
         if self.egress.enabled {
             let egress = &self.egress;

@@ -75,6 +75,10 @@ pub enum ApiError {
     Refused(Vec<String>),
     #[error("not found: {0}")]
     NotFound(String),
+    /// The request cannot be carried out in the current state (a reconciliation of the entity
+    /// is under way, or reconciliation is not configured): 409 `INVALID_REQUEST`.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// Our fault, and passing: the database is down, slow or overloaded, intake is full or
     /// shutting down. The caller should retry after `Retry-After`.
     #[error("temporarily unavailable")]
@@ -98,6 +102,7 @@ impl ApiError {
             ApiError::Refused(_) => StatusCode::BAD_REQUEST,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Upstream { status, .. } => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -112,7 +117,9 @@ impl ApiError {
             ApiError::Malformed(_)
             | ApiError::PayloadTooLarge { .. }
             | ApiError::UnsupportedMediaType(_) => ErrorCode::MalformedRequest,
-            ApiError::Invalid(_) | ApiError::Refused(_) => ErrorCode::InvalidRequest,
+            ApiError::Invalid(_) | ApiError::Refused(_) | ApiError::Conflict(_) => {
+                ErrorCode::InvalidRequest
+            }
             ApiError::NotFound(_) => ErrorCode::NotFound,
             ApiError::Unavailable(_) | ApiError::Internal(_) => ErrorCode::TenantFault,
             ApiError::Upstream { .. } => ErrorCode::GatewayFault,
@@ -125,6 +132,7 @@ impl ApiError {
             ApiError::Unauthenticated(message)
             | ApiError::Forbidden(message)
             | ApiError::NotFound(message)
+            | ApiError::Conflict(message)
             | ApiError::UnsupportedMediaType(message)
             | ApiError::Upstream { message, .. } => vec![message.clone()],
             ApiError::Malformed(messages)

@@ -29,6 +29,7 @@ pub mod kci;
 pub mod lifecycle;
 pub mod operations;
 pub mod outbox;
+pub mod reconcile;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -77,7 +77,9 @@ impl Application {
         });
 
         let egress = match settings.egress.enabled {
-            true => Some(crate::egress::EgressClient::new(&settings.egress)?),
+            true => Some(Arc::new(crate::egress::EgressClient::new(
+                &settings.egress,
+            )?)),
             false => None,
         };
         let egress_prefix = settings
@@ -98,6 +100,21 @@ impl Application {
             Duration::from_millis(settings.metrics.refresh_interval_ms),
             shutdown.child_token(),
         );
+        // Gap repair needs the Tenant API client: off unless egress is configured.
+        let reconciler = egress.as_ref().map(|client| {
+            crate::reconcile::Reconciler::new(
+                db.clone(),
+                client.clone(),
+                settings.reconcile.clone(),
+                settings.kci.aliases(),
+            )
+            .with_outbox_signal(outbox_signal.clone())
+            .with_metrics(metrics.clone())
+            .notifying_other_processes(settings.relay.notify_other_processes)
+        });
+        if let Some(reconciler) = reconciler.as_ref().filter(|_| settings.reconcile.enabled) {
+            reconciler.clone().start(shutdown.child_token());
+        }
         let unrecorded = crate::egress::unrecorded::UnrecordedRequests::default();
         unrecorded.start(db.clone(), shutdown.child_token());
         let audit =
@@ -124,6 +141,7 @@ impl Application {
             relay_health,
             metrics,
             egress,
+            reconciler,
         });
         let tls = match state.settings.tls.enabled {
             true => Some(crate::tls::Tls::load(&state.settings.tls)?),

@@ -8,6 +8,7 @@ pub mod audit_log;
 pub mod conversation;
 pub mod kci;
 pub mod outbox_event;
+pub mod reconciliation;
 pub mod state_transition;
 pub mod tracked_entity;
 

@@ -41,6 +41,33 @@ pub struct Model {
     pub received_on: Option<chrono::DateTime<chrono::Utc>>,
     pub delivered_on: chrono::DateTime<chrono::Utc>,
     pub recorded_at: chrono::DateTime<chrono::Utc>,
+    /// How the KCI reached us: delivered by the gateway, or recovered by reconciliation.
+    pub source: KciSource,
+}
+
+/// How a KCI reached kci-receiver.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, EnumIter, DeriveActiveEnum, Serialize, ToSchema,
+)]
+#[sea_orm(rs_type = "String", db_type = "String(StringLen::None)")]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum KciSource {
+    /// `POST /kcis` by the gateway.
+    #[default]
+    #[sea_orm(string_value = "DELIVERY")]
+    Delivery,
+    /// Recovered from the Tenant API's `updates[]`: the gateway never delivered it.
+    #[sea_orm(string_value = "RECONCILIATION")]
+    Reconciliation,
+}
+
+impl KciSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KciSource::Delivery => "DELIVERY",
+            KciSource::Reconciliation => "RECONCILIATION",
+        }
+    }
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

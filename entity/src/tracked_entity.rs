@@ -42,6 +42,22 @@ pub struct Model {
     pub flag_unknown_value: bool,
     /// KCIs recorded for this entity (redeliveries are counted on the KCI, not here).
     pub kci_count: i64,
+    /// Sequence numbers below the last applied one that no KCI has brought yet, as ranges
+    /// (`3-4,7`); none when the history is complete (or, for entities older than gap repair,
+    /// unknown while `gap_open_since` is set).
+    #[sea_orm(column_type = "Text", nullable)]
+    pub missing_sequences: Option<String>,
+    /// Since when KCIs have been missing: reconciliation waits `reconcile.gap_grace_seconds`
+    /// after it (the missing KCI is often just late).
+    pub gap_open_since: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last reconciliation's outcome (`RECOVERED`, `IN_SYNC`, `DIFFERS`, `NOT_FOUND`,
+    /// `FAILED`).
+    pub reconcile_status: Option<String>,
+    pub reconciled_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Reconciliations that failed in a row (reset by one that got an answer).
+    pub reconcile_attempts: i32,
+    /// No automatic reconciliation before this (back-off after a failure, `Retry-After`).
+    pub reconcile_next_at: Option<chrono::DateTime<chrono::Utc>>,
     pub first_seen_at: chrono::DateTime<chrono::Utc>,
     /// When the newest KCI about this entity arrived, applied or not ("stuck" is measured from it).
     pub last_kci_at: chrono::DateTime<chrono::Utc>,

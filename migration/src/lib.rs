@@ -13,6 +13,7 @@ mod m20261122_000003_outbox_window_scan;
 mod m20261124_000004_payload_as_text;
 mod m20261124_000005_audit_attempts;
 mod m20261124_000006_outbox_correlation_id;
+mod m20261124_000007_reconciliation;
 
 pub struct Migrator;
 
@@ -26,6 +27,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000004_payload_as_text::Migration),
             Box::new(m20261124_000005_audit_attempts::Migration),
             Box::new(m20261124_000006_outbox_correlation_id::Migration),
+            Box::new(m20261124_000007_reconciliation::Migration),
         ]
     }
 }

@@ -129,6 +129,7 @@ async fn accept(
         request_id,
         conversation_id,
         audit: audit.clone(),
+        source: entity::state_transition::KciSource::Delivery,
     };
     Ok(state.intake.record(delivery, deadline).await?)
 }

@@ -50,6 +50,9 @@ pub struct Metrics {
     published: IntCounter,
     refused: IntCounter,
     pool: IntGaugeVec,
+    reconciliations: IntCounterVec,
+    recovered_kcis: IntCounter,
+    recovery_delay: prometheus::Histogram,
 }
 
 impl Metrics {
@@ -121,8 +124,34 @@ impl Metrics {
             "Times this process's relay failed (a panic or an unexpected error) and was restarted",
         )
         .expect("valid metric");
+        let reconciliations = IntCounterVec::new(
+            Opts::new(
+                "reconciliations_total",
+                "Reconciliations with the Tenant API by outcome (RECOVERED, IN_SYNC, DIFFERS, NOT_FOUND, FAILED)",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let recovered_kcis = IntCounter::new(
+            "recovered_kcis_total",
+            "KCIs the gateway never delivered, recovered from the Tenant API's updates[]",
+        )
+        .expect("valid metric");
+        let recovery_delay = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "recovery_delay_seconds",
+                "From a gap opening to its KCIs recovered by reconciliation",
+            )
+            .buckets(vec![
+                1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0,
+            ]),
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(kcis_received.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(recovered_kcis.clone()),
+            Box::new(recovery_delay.clone()),
+            Box::new(kcis_received.clone()),
             Box::new(request_duration.clone()),
             Box::new(entities.clone()),
             Box::new(outbox_pending.clone()),
@@ -152,6 +181,19 @@ impl Metrics {
             published,
             refused,
             pool,
+            reconciliations,
+            recovered_kcis,
+            recovery_delay,
+        }
+    }
+
+    /// One reconciliation ended: its outcome, the KCIs it recovered, and how long after the gap
+    /// opened (when it recovered any).
+    pub fn count_reconciliation(&self, outcome: &str, recovered: u64, delay_seconds: Option<f64>) {
+        self.reconciliations.with_label_values(&[outcome]).inc();
+        self.recovered_kcis.inc_by(recovered);
+        if let Some(delay) = delay_seconds {
+            self.recovery_delay.observe(delay);
         }
     }
 

@@ -15,6 +15,7 @@ pub mod openapi;
 pub mod operations;
 pub mod operator;
 pub mod outbox;
+pub mod reconcile;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -41,7 +42,9 @@ pub struct AppState {
     pub relay_health: RelayHealth,
     pub metrics: metrics::Metrics,
     /// The egress proxy's client, when `egress.enabled`.
-    pub egress: Option<crate::egress::EgressClient>,
+    pub egress: Option<Arc<crate::egress::EgressClient>>,
+    /// Gap repair with the Tenant API, when egress is configured.
+    pub reconciler: Option<crate::reconcile::Reconciler>,
     /// Writes the audit records of rejected requests and egress calls in the background.
     pub audit: crate::store::audit::AuditSink,
     /// `kci.entity_type_aliases`, resolved.
@@ -113,15 +116,19 @@ pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
             .service(resource!("/service-orders", get => ops::list_service_orders))
             .service(resource!("/service-orders/{id}", get => ops::get_service_order))
             .service(resource!("/service-orders/{id}/history", get => ops::service_order_history))
+            .service(resource!("/service-orders/{id}/reconcile", post => reconcile::reconcile_service_order))
             .service(resource!("/ethernet/service-orders", get => ops::list_ethernet_service_orders))
             .service(resource!("/ethernet/service-orders/{id}", get => ops::get_ethernet_service_order))
             .service(resource!("/ethernet/service-orders/{id}/history", get => ops::ethernet_service_order_history))
+            .service(resource!("/ethernet/service-orders/{id}/reconcile", post => reconcile::reconcile_ethernet_service_order))
             .service(resource!("/service-tests", get => ops::list_service_tests))
             .service(resource!("/service-tests/{id}", get => ops::get_service_test))
             .service(resource!("/service-tests/{id}/history", get => ops::service_test_history))
+            .service(resource!("/service-tests/{id}/reconcile", post => reconcile::reconcile_service_test))
             .service(resource!("/service-problems", get => ops::list_service_problems))
             .service(resource!("/service-problems/{id}", get => ops::get_service_problem))
             .service(resource!("/service-problems/{id}/history", get => ops::service_problem_history))
+            .service(resource!("/service-problems/{id}/reconcile", post => reconcile::reconcile_service_problem))
             .service(resource!("/entities", get => ops::list_all_entities))
             .service(resource!("/conversations", post => conversations::register))
             .service(resource!("/conversations/{conversation_id}", get => ops::get_conversation))

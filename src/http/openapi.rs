@@ -38,6 +38,8 @@ use crate::operations::duration;
         operations::list_service_tests, operations::get_service_test, operations::service_test_history,
         operations::list_service_problems, operations::get_service_problem, operations::service_problem_history,
         operations::list_all_entities,
+        super::reconcile::reconcile_service_order, super::reconcile::reconcile_ethernet_service_order,
+        super::reconcile::reconcile_service_test, super::reconcile::reconcile_service_problem,
         operations::get_conversation, operations::get_kci, operations::get_audit,
         operations::get_attention, operations::search,
         outbox::list_dead, outbox::retry_one, outbox::skip_one, outbox::retry_all, outbox::replay,

@@ -23,11 +23,13 @@
 pub mod batch;
 pub mod conversations;
 pub mod group_commit;
+pub mod missing;
 pub mod plan;
 pub mod rules;
 
 use std::time::Duration;
 
+use entity::state_transition::KciSource;
 use sea_orm::ConnectionTrait;
 use uuid::Uuid;
 
@@ -77,6 +79,9 @@ pub struct Delivery {
     pub conversation_id: String,
     /// The audit record of this request; its outcome is completed here.
     pub audit: AuditRecord,
+    /// Delivered by the gateway, or recovered by reconciliation (`crate::reconcile`): the same
+    /// rules either way, the source recorded in history and published in the envelope.
+    pub source: KciSource,
 }
 
 /// What recording did.

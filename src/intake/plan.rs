@@ -14,12 +14,13 @@ use chrono::{DateTime, Utc};
 use entity::conversation;
 use entity::kci as kci_row;
 use entity::outbox_event::{self, OutboxStatus};
-use entity::state_transition;
+use entity::state_transition::{self, KciSource};
 use entity::tracked_entity;
 use sea_orm::{ActiveValue, Set};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::missing::Missing;
 use super::rules::{self, EntityBefore};
 use super::{Delivery, Outcome, Recorded};
 use crate::kci::Kci;
@@ -137,6 +138,12 @@ pub fn new_entity(
         flag_anomaly: false,
         flag_unknown_value: false,
         kci_count: 0,
+        missing_sequences: None,
+        gap_open_since: None,
+        reconcile_status: None,
+        reconciled_at: None,
+        reconcile_attempts: 0,
+        reconcile_next_at: None,
         first_seen_at: now,
         last_kci_at: now,
         updated_at: now,
@@ -200,6 +207,13 @@ pub fn plan<'a>(deliveries: &[&'a Delivery], mut loaded: Loaded) -> Result<Plan,
             );
         }
         let recorded = match seen.get(&kci_id) {
+            // Recovered by reconciliation, but delivered meanwhile: the gateway's updates[]
+            // carries its bookkeeping fields, so it is neither a redelivery nor an anomaly.
+            Some(first) if delivery.source == KciSource::Reconciliation => Recorded {
+                outcome: Outcome::Redelivered,
+                tracked_entity_id: first.tracked_entity_id,
+                event_id: None,
+            },
             Some(first) => {
                 let recorded = redelivery(delivery, index, first, &mut loaded, &mut plan, now)?;
                 match first.kci {
@@ -286,7 +300,7 @@ fn redelivery(
                 "KCI {} delivered again with different content (X-Request-ID {}); differing fields: {differing}; not applied",
                 kci.id, delivery.request_id
             ), NOTE_MAX).into_owned())),
-            ..history_entry(kci, &Stored::of(kci), entity.id, now)
+            ..history_entry(delivery, &Stored::of(kci), entity.id, now)
         };
         plan.transitions.push((first.kci, index, transition));
         entity.flag_anomaly = true;
@@ -322,6 +336,7 @@ fn new_kci(
         .ok_or_else(|| format!("entity {entity_id} was not loaded"))?;
     // No KCI recorded yet: this one creates the entity.
     let is_new = entity.kci_count == 0;
+    let last_applied = (!is_new).then_some(entity.last_sequence_number);
     let before = (!is_new).then(|| EntityBefore {
         status: &entity.status,
         last_sequence_number: entity.last_sequence_number,
@@ -337,6 +352,8 @@ fn new_kci(
         };
     }
     let previous_status = (!is_new).then(|| entity.status.clone());
+    let missing_before = Missing::parse(entity.missing_sequences.as_deref());
+    let missing = missing_before.after_kci(last_applied, kci.sequence_number);
     let facts = decision.sequence;
     let illegal = decision.illegal;
     let unknown = decision.unknown_values;
@@ -376,7 +393,7 @@ fn new_kci(
         flag_duplicate: Set(facts.duplicate),
         flag_unknown_value: Set(unknown),
         note: Set((!notes.is_empty()).then(|| bounded(&notes.join("; "), NOTE_MAX).into_owned())),
-        ..history_entry(kci, &stored, entity_id, now)
+        ..history_entry(delivery, &stored, entity_id, now)
     };
     plan.transitions
         .push((KciRef::New(kci_row), index, transition));
@@ -408,6 +425,12 @@ fn new_kci(
     entity.flag_unknown_value |= unknown;
     entity.kci_count += 1;
     entity.last_kci_at = now;
+    if missing.is_empty() {
+        entity.gap_open_since = None;
+    } else if missing_before.is_empty() || entity.gap_open_since.is_none() {
+        entity.gap_open_since = Some(now);
+    }
+    entity.missing_sequences = missing.to_text();
 
     let event_id = Uuid::now_v7();
     let message = envelope::build(&EnvelopeFacts {
@@ -426,6 +449,7 @@ fn new_kci(
         gap: facts.gap,
         duplicate: facts.duplicate,
         illegal,
+        source: delivery.source,
         accepted_at: now,
     });
     plan.events.push((
@@ -456,12 +480,14 @@ fn new_kci(
 /// the entity (previous state, applied or not, flags, note). The KCI row and audit record it
 /// cites are filled in once their ids are known.
 fn history_entry(
-    kci: &Kci,
+    delivery: &Delivery,
     stored: &Stored,
     tracked_entity_id: i64,
     now: DateTime<Utc>,
 ) -> state_transition::ActiveModel {
+    let kci = &delivery.kci;
     state_transition::ActiveModel {
+        source: Set(delivery.source),
         tracked_entity_id: Set(tracked_entity_id),
         kci_id: Set(kci.id),
         sequence_number: Set(kci.sequence_number),

@@ -267,10 +267,12 @@ pub struct Kci {
 }
 
 impl Kci {
-    /// Whether `other` says the same as this KCI. `deliveredOn` is left out: the gateway stamps it
-    /// again on every delivery attempt, so an honest redelivery differs there.
+    /// Whether `other` says the same as this KCI. The gateway's delivery bookkeeping is left
+    /// out ([`DELIVERY_BOOKKEEPING`]): `deliveredOn` is stamped again on every delivery attempt,
+    /// and `deliveryStatus` appears only in the Tenant API's `updates[]` (spec section 2.2), so
+    /// a KCI recovered from there and its late delivery say the same.
     pub fn same_content_as(&self, other: &Value) -> bool {
-        strip_delivered_on(&self.body) == strip_delivered_on(other)
+        without_bookkeeping(&self.body) == without_bookkeeping(other)
     }
 
     /// The top-level fields whose values differ from `other` (for the anomaly note).
@@ -281,7 +283,9 @@ impl Kci {
         let mut fields: Vec<String> = mine
             .keys()
             .chain(theirs.keys())
-            .filter(|key| key.as_str() != "deliveredOn" && mine.get(*key) != theirs.get(*key))
+            .filter(|key| {
+                !DELIVERY_BOOKKEEPING.contains(&key.as_str()) && mine.get(*key) != theirs.get(*key)
+            })
             .cloned()
             .collect();
         fields.sort();
@@ -290,10 +294,15 @@ impl Kci {
     }
 }
 
-fn strip_delivered_on(body: &Value) -> Value {
+/// Top-level fields the gateway sets about delivering a KCI, not about what it says.
+pub const DELIVERY_BOOKKEEPING: &[&str] = &["deliveredOn", "deliveryStatus"];
+
+fn without_bookkeeping(body: &Value) -> Value {
     let mut copy = body.clone();
     if let Some(object) = copy.as_object_mut() {
-        object.remove("deliveredOn");
+        for field in DELIVERY_BOOKKEEPING {
+            object.remove(*field);
+        }
     }
     copy
 }

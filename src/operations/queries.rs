@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use entity::outbox_event::{self, OutboxStatus};
+use entity::reconciliation::{self, ReconcileOutcome};
 use entity::tracked_entity::{self, Correlation};
 use entity::{audit_log, conversation, kci, state_transition};
 use sea_orm::{
@@ -42,7 +43,38 @@ impl Family {
         }
     }
 
-    fn type_names(self) -> Vec<&'static str> {
+    /// The family a listed entity type belongs to.
+    pub fn of(entity_type: EntityType) -> Family {
+        match entity_type {
+            EntityType::ProvideOrder
+            | EntityType::CeaseOrder
+            | EntityType::ModifyOrder
+            | EntityType::UnsolicitedCeaseOrder => Family::ServiceOrders,
+            EntityType::ProvideEthernetOrder => Family::EthernetServiceOrders,
+            EntityType::ServiceTest => Family::ServiceTests,
+            EntityType::ServiceProblem => Family::ServiceProblems,
+        }
+    }
+
+    /// The Tenant API's (and the operations API's) path of the family, without the leading
+    /// slash: `service-orders`, `ethernet/service-orders`, `service-tests`, `service-problems`.
+    pub fn resource(self) -> &'static str {
+        match self {
+            Family::ServiceOrders => "service-orders",
+            Family::EthernetServiceOrders => "ethernet/service-orders",
+            Family::ServiceTests => "service-tests",
+            Family::ServiceProblems => "service-problems",
+        }
+    }
+
+    pub const ALL: [Family; 4] = [
+        Family::ServiceOrders,
+        Family::EthernetServiceOrders,
+        Family::ServiceTests,
+        Family::ServiceProblems,
+    ];
+
+    pub fn type_names(self) -> Vec<&'static str> {
         self.entity_types().iter().map(|t| t.as_str()).collect()
     }
 }
@@ -111,7 +143,7 @@ pub struct EntityFilter {
 }
 
 /// `status NOT IN terminal` for each entity type, combined: "still in flight".
-fn not_terminal(types: &[EntityType]) -> Condition {
+pub(crate) fn not_terminal(types: &[EntityType]) -> Condition {
     types.iter().fold(Condition::any(), |any, entity_type| {
         any.add(
             Condition::all()
@@ -237,6 +269,9 @@ pub struct EntityDetail {
     pub original_request: Option<conversation::Model>,
     /// Whether the entity's lifecycle has ended.
     pub terminal: bool,
+    /// Its latest reconciliations with the Tenant API (gap repair), newest first: each one's
+    /// outcome, the KCIs it recovered, the gateway's error when it failed.
+    pub reconciliations: Vec<reconciliation::Model>,
 }
 
 pub async fn entity_detail(
@@ -249,10 +284,12 @@ pub async fn entity_detail(
     };
     let terminal = EntityType::from_wire(&entity.entity_type)
         .is_some_and(|t| t.lifecycle().is_terminal(&entity.status));
+    let reconciliations = crate::reconcile::store::of_entity(db, entity.id, 20).await?;
     Ok(EntityDetail {
         entity,
         original_request,
         terminal,
+        reconciliations,
     })
 }
 
@@ -487,6 +524,12 @@ pub struct Attention {
     /// not recorded yet (the database was unavailable); retried in the background, in this
     /// instance's memory.
     pub unrecorded_original_requests: Vec<crate::egress::unrecorded::UnrecordedRequest>,
+    /// Entities with KCIs missing (a gap in their sequence numbers), oldest gap first. With
+    /// egress configured, reconciliation recovers them after `reconcile.gap_grace_seconds`.
+    pub open_gaps: Counted<tracked_entity::Model>,
+    /// Reconciliations since `since` that recovered KCIs, found a difference, or failed (those
+    /// that found everything in sync are left out), newest first.
+    pub reconciliations: Counted<reconciliation::Model>,
 }
 
 pub async fn attention(
@@ -574,7 +617,31 @@ pub async fn attention(
             .all(db)
             .await?,
     };
+    let open_gaps = counted(
+        tracked_entity::Entity::find()
+            .filter(C::GapOpenSince.is_not_null())
+            .order_by_asc(C::GapOpenSince),
+    )
+    .await?;
+    let notable = reconciliation::Entity::find()
+        .filter(reconciliation::Column::StartedAt.gt(since))
+        .filter(reconciliation::Column::Outcome.is_in([
+            ReconcileOutcome::Recovered,
+            ReconcileOutcome::Differs,
+            ReconcileOutcome::NotFound,
+            ReconcileOutcome::Failed,
+        ]));
+    let reconciliations = Counted {
+        total: notable.clone().count(db).await?,
+        items: notable
+            .order_by_desc(reconciliation::Column::Id)
+            .limit(limit)
+            .all(db)
+            .await?,
+    };
     Ok(Attention {
+        open_gaps,
+        reconciliations,
         action_required,
         unmatched,
         stuck,

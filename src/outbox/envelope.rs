@@ -4,6 +4,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use entity::conversation;
+use entity::state_transition::KciSource;
 use entity::tracked_entity::Correlation;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -37,6 +38,8 @@ pub struct EnvelopeFacts<'a> {
     pub gap: bool,
     pub duplicate: bool,
     pub illegal: bool,
+    /// Delivered by the gateway, or recovered by reconciliation from the Tenant API.
+    pub source: KciSource,
     pub accepted_at: DateTime<Utc>,
 }
 
@@ -84,6 +87,11 @@ fn header(value: &str) -> Value {
 struct Envelope<'a> {
     schema_version: u32,
     event_id: Uuid,
+    /// `DELIVERY` (POSTed by the gateway) or `RECONCILIATION` (recovered from the Tenant API:
+    /// the gateway never delivered it).
+    source: &'static str,
+    /// `source` is `RECONCILIATION`.
+    recovered: bool,
     /// The KCI exactly as the gateway sent it.
     kci: &'a RawValue,
     entity: Value,
@@ -139,6 +147,8 @@ pub fn build(facts: &EnvelopeFacts<'_>) -> Message {
     let envelope = Envelope {
         schema_version: SCHEMA_VERSION,
         event_id: facts.event_id,
+        source: facts.source.as_str(),
+        recovered: facts.source == KciSource::Reconciliation,
         kci: raw_kci,
         entity: json!({
             "type": kci.entity_type.as_str(),
@@ -187,6 +197,8 @@ pub fn build(facts: &EnvelopeFacts<'_>) -> Message {
         "sequence-number": kci.sequence_number,
         "previous-status": header(facts.previous_status.unwrap_or("")),
         "new-status": header(facts.new_status),
+        "x-kci-source": facts.source.as_str(),
+        "x-recovered": facts.source == KciSource::Reconciliation,
     });
     Message {
         routing_key: routing_key(kci),

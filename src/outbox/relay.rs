@@ -706,6 +706,7 @@ fn encode(event: &outbox_event::Model) -> Result<(ShortString, BasicProperties),
                     None => AMQPValue::LongString(LongString::from(n.to_string())),
                 },
                 Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+                Value::Bool(b) => AMQPValue::Boolean(*b),
                 other => AMQPValue::LongString(LongString::from(other.to_string())),
             };
             size += 1

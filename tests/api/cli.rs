@@ -189,6 +189,7 @@ fn the_asyncapi_document_names_every_routing_key_word_and_header_the_relay_publi
             gap: false,
             duplicate: false,
             illegal: false,
+            source: entity::state_transition::KciSource::Reconciliation,
             accepted_at: chrono::Utc::now(),
         });
     for header in message.headers.as_object().unwrap().keys() {

@@ -130,3 +130,75 @@ async fn the_dashboard_finds_an_order_and_shows_its_timeline_in_a_real_browser()
     );
     println!("dashboard screenshot: {}", screenshot.display());
 }
+
+/// A KCI recovered by gap repair stands out in the timeline, and the entity's reconciliations
+/// are listed under it.
+#[tokio::test]
+async fn the_dashboard_shows_recovered_kcis_and_reconciliations_distinctly() {
+    let gateway =
+        kci_tools::simulator::tenant_api::SimulatedTenantApi::start("127.0.0.1:0").unwrap();
+    let app = crate::helpers::spawn_app_with(Backend::Sqlite, |settings| {
+        crate::helpers::enable_egress(
+            settings,
+            format!("{}/v1", gateway.base_url),
+            format!("{}/token", gateway.base_url),
+            ("c", "s"),
+        );
+        settings.reconcile.enabled = false;
+    })
+    .await;
+    let story: Vec<_> = [
+        (1, "SENT_TO_SUPPLIER", "UPDATE"),
+        (2, "IN_PROGRESS", "UPDATE"),
+        (3, "COMPLETED", "COMPLETED"),
+    ]
+    .into_iter()
+    .map(|(sequence, status, reason)| kci("SERVICE_TEST", 535_353, sequence, status, reason))
+    .collect();
+    for body in &story {
+        gateway.record.record(body);
+    }
+    for body in [&story[0], &story[2]] {
+        assert_eq!(app.post_kci(body, "conv-dash").await.status().as_u16(), 204);
+    }
+    let reconciled = app
+        .client
+        .post(format!(
+            "{}/api/v1/service-tests/535353/reconcile",
+            app.address
+        ))
+        .basic_auth(
+            crate::helpers::ADMIN_USER,
+            Some(crate::helpers::ADMIN_PASSWORD),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reconciled.status().as_u16(), 200);
+    let page = app.address.replacen(
+        "http://",
+        &format!("http://{READ_USER}:{READ_PASSWORD}@"),
+        1,
+    );
+    let dom = headless(
+        format!("{page}/dashboard#q=535353"),
+        "--dump-dom".to_owned(),
+    )
+    .await;
+    let timeline = dom
+        .split_once(r#"id="timeline">"#)
+        .and_then(|(_, rest)| rest.split_once("</ol>"))
+        .map(|(timeline, _)| timeline)
+        .expect("a rendered timeline");
+    assert_eq!(
+        timeline.matches(r#"data-source="RECONCILIATION""#).count(),
+        1,
+        "one recovered entry:\n{timeline}"
+    );
+    assert_eq!(timeline.matches(r#"class="flag recovered""#).count(), 1);
+    let reconciliations = dom
+        .split_once(r#"id="reconciliations">"#)
+        .map(|(_, rest)| rest)
+        .expect("the reconciliations table");
+    assert!(reconciliations.contains("RECOVERED"), "{reconciliations}");
+}

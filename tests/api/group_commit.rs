@@ -35,6 +35,7 @@ fn delivery(body: &Value, conversation_id: &str, request_id: &str) -> Delivery {
             kci_id: None,
             received_at: Utc::now(),
         },
+        source: entity::state_transition::KciSource::Delivery,
     }
 }
 

@@ -273,6 +273,17 @@ pub async fn spawn_on(database: TestDatabase, settings: Settings) -> TestApp {
     }
 }
 
+/// Another instance on an existing test database (which the first app keeps owning): its
+/// address.
+pub async fn spawn_second(settings: Settings) -> String {
+    let application = Application::build(settings)
+        .await
+        .expect("the second instance starts");
+    let address = format!("http://127.0.0.1:{}", application.port());
+    tokio::spawn(application.run_until_stopped());
+    address
+}
+
 /// Logs of the app under test when `TEST_LOG` is set.
 fn init_test_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
@@ -413,6 +424,19 @@ impl TestApp {
     }
 
     /// GET `path` as JSON until `ready` holds of it (within 5 s); returns the last answer.
+    /// GET a path of the app with the operations read credentials, as JSON.
+    pub async fn ops_json(&self, path: &str) -> Value {
+        self.client
+            .get(format!("{}{path}", self.address))
+            .basic_auth(READ_USER, Some(READ_PASSWORD))
+            .send()
+            .await
+            .expect("GET")
+            .json()
+            .await
+            .expect("a JSON answer")
+    }
+
     pub async fn get_json_until(&self, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {

@@ -25,6 +25,7 @@ mod mtls;
 mod operations;
 mod outage;
 mod properties;
+mod reconcile;
 mod relay;
 mod secrets;
 mod semantics;

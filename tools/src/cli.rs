@@ -151,6 +151,11 @@ pub struct SimulateArgs {
     /// its GET endpoints still return them in updates[]).
     #[arg(long, default_value_t = 0.0)]
     pub drop_rate: f64,
+    /// After the run, wait up to this many seconds for kci-receiver to recover the dropped KCIs
+    /// (gap repair; needs --admin-password) and report how many it did and how long after the
+    /// drop.
+    #[arg(long, requires = "admin_password")]
+    pub await_recovery_seconds: Option<u64>,
     /// Gateway ids start here.
     #[arg(long, default_value_t = 1_000_000)]
     pub first_gateway_id: u64,

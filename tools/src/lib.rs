@@ -74,8 +74,22 @@ pub async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         gateway_record: tenant_api.as_ref().map(|api| api.record.clone()),
         ..options
     };
+    let (base_url, admin) = (options.base_url.clone(), options.admin.clone());
     let report = run(options).await?;
     println!("{}", report.summary());
+    if let (Some(seconds), Some(admin)) = (args.await_recovery_seconds, admin) {
+        let recovery = simulator::await_recovery(
+            &base_url,
+            &admin,
+            &report.dropped,
+            std::time::Duration::from_secs(seconds),
+        )
+        .await?;
+        println!("{}", recovery.summary());
+        if !recovery.missing.is_empty() {
+            println!("not recovered: {}", recovery.missing.join(", "));
+        }
+    }
     if let Some(api) = tenant_api {
         println!(
             "simulated Tenant API: {} creating calls answered, {} tokens issued",

@@ -181,6 +181,78 @@ impl Report {
     }
 }
 
+/// What became of the dropped KCIs: how many kci-receiver recovered (gap repair) and how long
+/// after the simulated gateway dropped them.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    pub dropped: usize,
+    /// Time from the drop to the KCI being found in kci-receiver, per recovered KCI.
+    pub delays: Vec<Duration>,
+    /// Dropped KCIs not recovered within the wait, by KCI id.
+    pub missing: Vec<String>,
+}
+
+impl Recovery {
+    pub fn summary(&self) -> String {
+        let mut delays = self.delays.clone();
+        delays.sort();
+        let at = |q: f64| {
+            delays
+                .get(((delays.len() as f64 * q).ceil() as usize).saturating_sub(1))
+                .map_or(0.0, Duration::as_secs_f64)
+        };
+        format!(
+            "gap repair: {} of {} dropped KCIs recovered; {:.1} s after the drop at the median, {:.1} s at p95, {:.1} s at most",
+            delays.len(),
+            self.dropped,
+            at(0.5),
+            at(0.95),
+            delays.last().map_or(0.0, Duration::as_secs_f64)
+        )
+    }
+}
+
+/// Waits up to `wait` for every dropped KCI to be recorded by kci-receiver (asked through
+/// `GET /api/v1/kcis/{id}` with the operations credentials `admin`), polling every 250 ms.
+pub async fn await_recovery(
+    base_url: &str,
+    admin: &(String, String),
+    dropped: &[Dropped],
+    wait: Duration,
+) -> anyhow::Result<Recovery> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + wait;
+    let mut waiting: Vec<&Dropped> = dropped.iter().collect();
+    let mut recovery = Recovery {
+        dropped: dropped.len(),
+        ..Recovery::default()
+    };
+    while !waiting.is_empty() {
+        let mut still = Vec::new();
+        for kci in waiting {
+            let found = client
+                .get(format!("{base_url}/api/v1/kcis/{}", kci.kci_id))
+                .basic_auth(&admin.0, Some(&admin.1))
+                .send()
+                .await?
+                .status()
+                .is_success();
+            if found {
+                recovery.delays.push(kci.at.elapsed());
+            } else {
+                still.push(kci);
+            }
+        }
+        waiting = still;
+        if waiting.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    recovery.missing = waiting.iter().map(|k| k.kci_id.clone()).collect();
+    Ok(recovery)
+}
+
 /// The entity type of each lifecycle, in a seeded shuffled order.
 fn plan(options: &Options) -> Vec<EntityType> {
     let mut plan = Vec::new();

@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 struct Counters {
     tokens: AtomicU64,
     created: AtomicU64,
+    entity_gets: AtomicU64,
 }
 
 /// Every KCI the simulated gateway produced, by the Tenant API path of its entity and the
@@ -51,7 +52,10 @@ impl GatewayRecord {
         };
         let updates = entities.entry((path, id)).or_default();
         if !updates.iter().any(|known| known["id"] == kci["id"]) {
-            updates.push(kci.clone());
+            // As in the gateway's GET samples (spec 2.2): its delivery bookkeeping rides along.
+            let mut stored = kci.clone();
+            stored["deliveryStatus"] = Value::String("PENDING".to_owned());
+            updates.push(stored);
             updates.sort_by_key(|update| update["sequenceNumber"].as_i64().unwrap_or(0));
         }
     }
@@ -121,6 +125,11 @@ impl SimulatedTenantApi {
         self.counters.created.load(Ordering::Relaxed)
     }
 
+    /// `GET /v1/<entity path>/{id}` calls answered so far (found or not).
+    pub fn entity_gets(&self) -> u64 {
+        self.counters.entity_gets.load(Ordering::Relaxed)
+    }
+
     /// Tokens issued so far.
     pub fn tokens_issued(&self) -> u64 {
         self.counters.tokens.load(Ordering::Relaxed)
@@ -174,6 +183,7 @@ async fn tenant_api(
             .strip_prefix("/v1/")
             .and_then(|rest| rest.rsplit_once('/'))
     {
+        counters.entity_gets.fetch_add(1, Ordering::Relaxed);
         return match record.entity(entity_path, id) {
             Some(entity) => HttpResponse::Ok().json(entity),
             None => HttpResponse::NotFound().json(gateway_error(
