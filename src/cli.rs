@@ -51,6 +51,13 @@ pub enum Command {
     /// gap. KCIs the gateway never delivered are recorded and published as recovered. Prints
     /// each reconciliation as a JSON line; exits 1 if any failed. Needs [egress] configured.
     Reconcile(ReconcileArgs),
+    /// Delete what the [retention] periods let go (audit records, published outbox events, raw
+    /// bodies of finished entities), in small batches; prints what went, as JSON.
+    Prune {
+        /// Count what would go, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -153,7 +160,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve | Command::CheckConfig | Command::EgressRequest(_) => Needs::Everything,
         Command::Relay => Needs::Publishing,
         Command::Reconcile(_) => Needs::Reconciling,
-        Command::Migrate | Command::Outbox(_) | Command::Healthcheck(_) => Needs::Database,
+        Command::Migrate | Command::Outbox(_) | Command::Healthcheck(_) | Command::Prune { .. } => {
+            Needs::Database
+        }
     };
     let settings = Settings::load_for(cli.config.as_deref(), needs)?;
     if let Command::Healthcheck(args) = &cli.command {
@@ -179,6 +188,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Healthcheck(_) => unreachable!("answered above"),
         Command::EgressRequest(args) => egress_request(settings, args).await?,
         Command::Reconcile(args) => reconcile(settings, args).await?,
+        Command::Prune { dry_run } => {
+            use crate::store::retention;
+            if !settings.retention.any() {
+                eprintln!(
+                    "no retention period is set ([retention] audit_log_days, published_events_days, finished_raw_bodies_days): nothing goes"
+                );
+            }
+            let db = open_database(&settings).await?;
+            let now = Utc::now();
+            let pruned = match dry_run {
+                true => retention::dry_run(&db, &settings.retention, now).await?,
+                false => retention::prune(&db, &settings.retention, now).await?,
+            };
+            println!("{}", serde_json::to_string(&pruned)?);
+        }
     }
     Ok(())
 }

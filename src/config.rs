@@ -32,6 +32,7 @@ pub struct Settings {
     pub relay: RelaySettings,
     pub egress: EgressSettings,
     pub reconcile: ReconcileSettings,
+    pub retention: RetentionSettings,
     pub kci: KciSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
@@ -125,6 +126,27 @@ pub struct EgressSettings {
     pub connect_timeout_ms: u64,
     /// Largest request body the proxy forwards.
     pub max_body_bytes: usize,
+}
+
+/// Retention (`crate::store::retention`): every period in days, 0 = kept forever (the default).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetentionSettings {
+    pub audit_log_days: u32,
+    pub published_events_days: u32,
+    pub finished_raw_bodies_days: u32,
+    /// How often `serve` prunes (each run: batches until nothing is left).
+    pub interval_seconds: u64,
+    /// Rows per batch, each batch one short transaction.
+    pub batch_size: u64,
+}
+
+impl RetentionSettings {
+    /// Whether anything is ever pruned.
+    pub fn any(&self) -> bool {
+        self.audit_log_days > 0
+            || self.published_events_days > 0
+            || self.finished_raw_bodies_days > 0
+    }
 }
 
 /// Gap repair (`crate::reconcile`); every key is described in `config/default.toml`.
@@ -384,7 +406,7 @@ impl Needs {
         let sections: &[&str] = match self {
             Needs::Everything => return true,
             Needs::Publishing => &["database.", "amqp.", "relay.", "metrics.", "log."],
-            Needs::Database => &["database.", "log."],
+            Needs::Database => &["database.", "retention.", "log."],
             Needs::Reconciling => &["database.", "egress.", "reconcile.", "kci.", "log."],
         };
         sections.iter().any(|section| problem.starts_with(section))
@@ -564,6 +586,11 @@ impl Settings {
         {
             problems
                 .push("tls.enabled: set tls.certificate_file and tls.private_key_file".to_owned());
+        }
+        if self.retention.batch_size == 0 || self.retention.interval_seconds == 0 {
+            problems.push(
+                "retention.batch_size and retention.interval_seconds must be at least 1".to_owned(),
+            );
         }
         let reconcile = &self.reconcile;
         if reconcile.max_per_minute == 0

@@ -115,6 +115,12 @@ impl Application {
         if let Some(reconciler) = reconciler.as_ref().filter(|_| settings.reconcile.enabled) {
             reconciler.clone().start(shutdown.child_token());
         }
+        crate::store::retention::start(
+            db.clone(),
+            settings.retention.clone(),
+            metrics.clone(),
+            shutdown.child_token(),
+        );
         let unrecorded = crate::egress::unrecorded::UnrecordedRequests::default();
         unrecorded.start(db.clone(), shutdown.child_token());
         let audit =

@@ -39,6 +39,9 @@ pub struct Model {
     /// Redeliveries of this `id` whose content differed: recorded as anomalies, not applied.
     pub anomaly_count: i32,
     pub received_at: chrono::DateTime<chrono::Utc>,
+    /// When retention emptied `raw_body` (its entity had finished long before); none while the
+    /// body is kept.
+    pub raw_body_pruned_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What processing did with a KCI.

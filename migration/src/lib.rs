@@ -14,6 +14,7 @@ mod m20261124_000004_payload_as_text;
 mod m20261124_000005_audit_attempts;
 mod m20261124_000006_outbox_correlation_id;
 mod m20261124_000007_reconciliation;
+mod m20261124_000008_retention;
 
 pub struct Migrator;
 
@@ -28,6 +29,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000005_audit_attempts::Migration),
             Box::new(m20261124_000006_outbox_correlation_id::Migration),
             Box::new(m20261124_000007_reconciliation::Migration),
+            Box::new(m20261124_000008_retention::Migration),
         ]
     }
 }

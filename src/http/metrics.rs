@@ -53,6 +53,7 @@ pub struct Metrics {
     reconciliations: IntCounterVec,
     recovered_kcis: IntCounter,
     recovery_delay: prometheus::Histogram,
+    pruned: IntCounterVec,
 }
 
 impl Metrics {
@@ -147,8 +148,17 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let pruned = IntCounterVec::new(
+            Opts::new(
+                "pruned_total",
+                "Rows retention removed, by kind (audit_records, published_events, raw_bodies)",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
         for collector in [
-            Box::new(reconciliations.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pruned.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(reconciliations.clone()),
             Box::new(recovered_kcis.clone()),
             Box::new(recovery_delay.clone()),
             Box::new(kcis_received.clone()),
@@ -184,6 +194,18 @@ impl Metrics {
             reconciliations,
             recovered_kcis,
             recovery_delay,
+            pruned,
+        }
+    }
+
+    /// What one retention run removed.
+    pub fn count_pruned(&self, pruned: &crate::store::retention::Pruned) {
+        for (kind, rows) in [
+            ("audit_records", pruned.audit_records),
+            ("published_events", pruned.published_events),
+            ("raw_bodies", pruned.raw_bodies),
+        ] {
+            self.pruned.with_label_values(&[kind]).inc_by(rows);
         }
     }
 

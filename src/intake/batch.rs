@@ -60,12 +60,17 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
         let known_kci = KnownKci {
             id: known.id,
             tracked_entity_id: known.tracked_entity_id,
-            body: serde_json::from_str(&known.raw_body).unwrap_or_else(|error| {
+            // Pruned by retention (its entity finished long ago): nothing to compare with.
+            body: if known.raw_body_pruned_at.is_some() {
+                None
+            } else {
+                Some(serde_json::from_str(&known.raw_body).unwrap_or_else(|error| {
                 // Only bodies that parsed are stored: this is a damaged row. A redelivery of it
                 // is then an anomaly (compared with nothing), recorded, never lost.
-                tracing::error!(kci.id = %known.kci_id, %error, "a stored KCI body does not parse");
-                Value::Null
-            }),
+                    tracing::error!(kci.id = %known.kci_id, %error, "a stored KCI body does not parse");
+                    Value::Null
+                }))
+            },
         };
         loaded.kcis.insert(known.kci_id, known_kci);
     }
@@ -79,7 +84,11 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
     for delivery in deliveries {
         let kci = &delivery.kci;
         if let Some(known) = loaded.kcis.get(&kci.id) {
-            if !kci.same_content_as(&known.body) {
+            if known
+                .body
+                .as_ref()
+                .is_some_and(|body| !kci.same_content_as(body))
+            {
                 anomaly_entities.push(known.tracked_entity_id);
             }
         } else if seen_in_batch.insert(kci.id) {

@@ -61,11 +61,12 @@ pub fn entity_key(kci: &Kci) -> EntityKey {
     )
 }
 
-/// A KCI recorded before this batch, with its body parsed (once, by the loader).
+/// A KCI recorded before this batch, with its body parsed (once, by the loader); none when
+/// retention pruned it.
 pub struct KnownKci {
     pub id: i64,
     pub tracked_entity_id: i64,
-    pub body: Value,
+    pub body: Option<Value>,
 }
 
 /// What the database holds that the batch needs; entities are locked for the transaction.
@@ -162,12 +163,15 @@ struct FirstSeen<'a> {
 enum FirstBody<'a> {
     Parsed(Value),
     Raw(&'a str),
+    /// Pruned by retention: a redelivery cannot be compared and is counted as one.
+    Pruned,
 }
 
 impl FirstBody<'_> {
     fn value(&self) -> Cow<'_, Value> {
         match self {
             FirstBody::Parsed(value) => Cow::Borrowed(value),
+            FirstBody::Pruned => Cow::Owned(Value::Null),
             // It parsed when it arrived, moments ago; a failure here would be a bug, logged.
             FirstBody::Raw(raw) => Cow::Owned(serde_json::from_str(raw).unwrap_or_else(|error| {
                 tracing::error!(%error, "a KCI body of this batch does not parse again");
@@ -202,7 +206,7 @@ pub fn plan<'a>(deliveries: &[&'a Delivery], mut loaded: Loaded) -> Result<Plan,
                 FirstSeen {
                     kci: KciRef::Existing(first.id),
                     tracked_entity_id: first.tracked_entity_id,
-                    body: FirstBody::Parsed(first.body),
+                    body: first.body.map_or(FirstBody::Pruned, FirstBody::Parsed),
                 },
             );
         }
@@ -284,7 +288,10 @@ fn redelivery(
 ) -> Result<Recorded, String> {
     let kci = &delivery.kci;
     let first_body = first.body.value();
-    let outcome = rules::redelivery(kci, &first_body);
+    let outcome = match first.body {
+        FirstBody::Pruned => Outcome::Redelivered,
+        _ => rules::redelivery(kci, &first_body),
+    };
     if outcome == Outcome::Anomaly {
         let entity = loaded
             .entities
@@ -378,6 +385,7 @@ fn new_kci(
         last_redelivered_at: Set(None),
         anomaly_count: Set(0),
         received_at: Set(now),
+        raw_body_pruned_at: Set(None),
         ..Default::default()
     });
     let kci_row = plan.kcis.len() - 1;

@@ -27,6 +27,7 @@ mod outage;
 mod properties;
 mod reconcile;
 mod relay;
+mod retention;
 mod secrets;
 mod semantics;
 mod simulator;
