@@ -95,6 +95,8 @@ impl Application {
             settings.relay.notify_other_processes,
         );
         let metrics = crate::http::metrics::Metrics::new();
+        metrics.register(relay_health.collectors());
+        metrics.register(intake.collectors());
         metrics.start_refreshing(
             db.connection().clone(),
             Duration::from_millis(settings.metrics.refresh_interval_ms),
@@ -267,6 +269,7 @@ pub async fn run_relay(settings: Settings) -> anyhow::Result<()> {
     let probes = match settings.metrics.port {
         Some(port) => {
             let metrics = Metrics::new();
+            metrics.register(health.collectors());
             metrics.start_refreshing(
                 db.connection().clone(),
                 Duration::from_millis(settings.metrics.refresh_interval_ms),

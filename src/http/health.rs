@@ -75,6 +75,7 @@ pub async fn readiness(
             .insert_header(("Retry-After", retry_after_seconds.to_string()))
             .json(json!({
                 "status": "not_ready",
+                "version": env!("CARGO_PKG_VERSION"),
                 "database": {"status": "down"},
                 "broker": broker,
                 "relay": relay,
@@ -91,6 +92,7 @@ pub async fn readiness(
     };
     HttpResponse::Ok().json(json!({
         "status": "ready",
+        "version": env!("CARGO_PKG_VERSION"),
         "database": {"status": "up"},
         "broker": broker,
         "relay": relay,

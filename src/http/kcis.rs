@@ -16,6 +16,7 @@ use crate::error::ApiError;
 use crate::intake::{self, Delivery};
 use crate::kci::parse_kci_with;
 use crate::store::audit::{AuditOutcome, AuditRecord};
+use crate::trace_context::TraceContext;
 
 const X_REQUEST_ID: &str = "x-request-id";
 const X_CONVERSATION_ID: &str = "x-conversation-id";
@@ -130,8 +131,22 @@ async fn accept(
         conversation_id,
         audit: audit.clone(),
         source: entity::state_transition::KciSource::Delivery,
+        trace: trace_of(request),
     };
     Ok(state.intake.record(delivery, deadline).await?)
+}
+
+/// Intake's span in the gateway's trace (its `traceparent`, when valid; else a new trace), with
+/// the trace id on the request's log lines.
+fn trace_of(request: &HttpRequest) -> TraceContext {
+    let parent = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(TraceContext::parse);
+    let trace = TraceContext::child_of(parent.as_ref());
+    tracing::Span::current().record("trace_id", trace.trace_id_hex());
+    trace
 }
 
 /// Answers an error in the gateway's format, and audits it (except when the database is what

@@ -54,6 +54,9 @@ pub struct Metrics {
     recovered_kcis: IntCounter,
     recovery_delay: prometheus::Histogram,
     pruned: IntCounterVec,
+    pool_max: IntGauge,
+    /// The process collector (CPU, resident memory, file descriptors, start time).
+    process: Registry,
 }
 
 impl Metrics {
@@ -156,8 +159,37 @@ impl Metrics {
             &["kind"],
         )
         .expect("valid metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "build_info",
+                "Always 1; the labels say which kci-receiver this is",
+            ),
+            &["version", "schema_version"],
+        )
+        .expect("valid metric");
+        build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                &crate::outbox::envelope::SCHEMA_VERSION.to_string(),
+            ])
+            .set(1);
+        let pool_max = IntGauge::new(
+            "database_pool_max_connections",
+            "The database pool's maximum (database.max_connections)",
+        )
+        .expect("valid metric");
+        // `process_*` under their standard names, without our prefix.
+        let process = Registry::new();
+        #[cfg(target_os = "linux")]
+        process
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("metric names are unique");
         for collector in [
-            Box::new(pruned.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(build_info) as Box<dyn prometheus::core::Collector>,
+            Box::new(pool_max.clone()),
+            Box::new(pruned.clone()),
             Box::new(reconciliations.clone()),
             Box::new(recovered_kcis.clone()),
             Box::new(recovery_delay.clone()),
@@ -195,6 +227,18 @@ impl Metrics {
             recovered_kcis,
             recovery_delay,
             pruned,
+            pool_max,
+            process,
+        }
+    }
+
+    /// Adds collectors that live elsewhere (the relay's and intake's histograms) to `/metrics`;
+    /// once per collector.
+    pub fn register(&self, collectors: Vec<Box<dyn prometheus::core::Collector>>) {
+        for collector in collectors {
+            if let Err(error) = self.registry.register(collector) {
+                tracing::error!(%error, "metrics: a collector could not be registered");
+            }
         }
     }
 
@@ -398,13 +442,12 @@ pub fn render(
         .pool
         .with_label_values(&["in_use"])
         .set(i64::from(size.saturating_sub(idle)));
-    metrics
-        .pool
-        .with_label_values(&["max"])
-        .set(i64::from(max_connections));
+    metrics.pool_max.set(i64::from(max_connections));
 
     let mut buffer = Vec::new();
-    if let Err(error) = TextEncoder::new().encode(&metrics.registry.gather(), &mut buffer) {
+    let mut families = metrics.registry.gather();
+    families.extend(metrics.process.gather());
+    if let Err(error) = TextEncoder::new().encode(&families, &mut buffer) {
         tracing::error!(error = %error, "metrics: could not encode");
     }
     HttpResponse::Ok()

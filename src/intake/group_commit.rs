@@ -33,6 +33,16 @@ struct Job {
 #[derive(Clone)]
 pub struct GroupCommit {
     queue: mpsc::Sender<Job>,
+    stats: IntakeStats,
+}
+
+/// What group commit measures, for `/metrics`.
+#[derive(Clone)]
+struct IntakeStats {
+    /// KCIs per transaction.
+    batch_size: prometheus::Histogram,
+    /// One batch's transaction, begin to commit.
+    commit_duration: prometheus::Histogram,
 }
 
 /// What every committer shares.
@@ -41,6 +51,7 @@ struct Committers {
     jobs: Mutex<mpsc::Receiver<Job>>,
     max_batch: usize,
     notify_other_processes: bool,
+    stats: IntakeStats,
 }
 
 impl GroupCommit {
@@ -59,16 +70,40 @@ impl GroupCommit {
             _ => settings.committers.max(1),
         };
         let (queue, jobs) = mpsc::channel(max_batch * committers * 2);
+        use crate::outbox::relay::histogram;
+        let stats = IntakeStats {
+            batch_size: histogram(
+                "intake_batch_size",
+                "KCIs recorded per transaction (group commit)",
+                &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
+            ),
+            commit_duration: histogram(
+                "intake_commit_duration_seconds",
+                "One intake transaction, begin to commit, whatever its outcome",
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            ),
+        };
         let shared = Arc::new(Committers {
             db,
             jobs: Mutex::new(jobs),
             max_batch,
             notify_other_processes,
+            stats: stats.clone(),
         });
         for _ in 0..committers {
             tokio::spawn(committer(shared.clone()));
         }
-        GroupCommit { queue }
+        GroupCommit { queue, stats }
+    }
+
+    /// Intake's histograms, for `/metrics`.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.stats.batch_size.clone()),
+            Box::new(self.stats.commit_duration.clone()),
+        ]
     }
 
     /// Records one delivery by `deadline`; `Ok` means committed.
@@ -137,9 +172,26 @@ fn last_deadline(batch: &[Job]) -> Instant {
         .unwrap_or_else(Instant::now)
 }
 
+/// Which deliveries a failed batch is about, for its log line: the `X-Request-ID`s and
+/// `X-Conversation-ID`s of its first KCIs (a committer runs outside their requests' spans).
+fn correlation_ids(batch: &[Job]) -> (String, String) {
+    let first = &batch[..batch.len().min(8)];
+    let requests: Vec<&str> = first
+        .iter()
+        .map(|j| j.delivery.request_id.as_str())
+        .collect();
+    let conversations: Vec<&str> = first
+        .iter()
+        .map(|j| j.delivery.conversation_id.as_str())
+        .collect();
+    (requests.join(","), conversations.join(","))
+}
+
 async fn commit(shared: &Committers, batch: Vec<Job>) {
     let deliveries: Vec<&Delivery> = batch.iter().map(|job| &job.delivery).collect();
     let deadline = last_deadline(&batch);
+    shared.stats.batch_size.observe(batch.len() as f64);
+    let started = std::time::Instant::now();
     let result = match tokio::time::timeout_at(
         deadline,
         record_batch(&shared.db, &deliveries, shared.notify_other_processes),
@@ -149,6 +201,10 @@ async fn commit(shared: &Committers, batch: Vec<Job>) {
         Ok(result) => result,
         Err(_) => Err(IntakeError::DeadlineExceeded(Duration::ZERO)),
     };
+    shared
+        .stats
+        .commit_duration
+        .observe(started.elapsed().as_secs_f64());
     drop(deliveries);
     match result {
         Ok(recorded) => {
@@ -157,7 +213,8 @@ async fn commit(shared: &Committers, batch: Vec<Job>) {
             }
         }
         Err(IntakeError::Store(error)) if batch.len() > 1 && !error.is_unavailable() => {
-            tracing::warn!(error = %error, kcis = batch.len(), "a batch failed; recording its KCIs one by one");
+            let (ids, conversations) = correlation_ids(&batch);
+            tracing::warn!(error = %error, kcis = batch.len(), x_request_id = ids, x_conversation_id = conversations, "a batch failed; recording its KCIs one by one");
             for job in batch {
                 let result = match tokio::time::timeout_at(
                     job.deadline,
@@ -173,7 +230,8 @@ async fn commit(shared: &Committers, batch: Vec<Job>) {
         }
         Err(error) => {
             // Every caller of the batch gets the same answer, with the same cause chain.
-            tracing::warn!(error = %error, kcis = batch.len(), "a batch was not recorded");
+            let (ids, conversations) = correlation_ids(&batch);
+            tracing::warn!(error = %error, kcis = batch.len(), x_request_id = ids, x_conversation_id = conversations, "a batch was not recorded");
             for job in batch {
                 let _ = job.answer.send(Err(error.clone()));
             }

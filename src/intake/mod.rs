@@ -82,6 +82,9 @@ pub struct Delivery {
     /// Delivered by the gateway, or recovered by reconciliation (`crate::reconcile`): the same
     /// rules either way, the source recorded in history and published in the envelope.
     pub source: KciSource,
+    /// Intake's span in the W3C trace (the gateway's `traceparent` continued, or a new trace):
+    /// published as the AMQP `traceparent` header.
+    pub trace: crate::trace_context::TraceContext,
 }
 
 /// What recording did.

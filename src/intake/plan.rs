@@ -441,6 +441,7 @@ fn new_kci(
     entity.missing_sequences = missing.to_text();
 
     let event_id = Uuid::now_v7();
+    let traceparent = delivery.trace.to_string();
     let message = envelope::build(&EnvelopeFacts {
         event_id,
         kci,
@@ -458,6 +459,7 @@ fn new_kci(
         duplicate: facts.duplicate,
         illegal,
         source: delivery.source,
+        traceparent: &traceparent,
         accepted_at: now,
     });
     plan.events.push((

@@ -40,6 +40,8 @@ pub struct EnvelopeFacts<'a> {
     pub illegal: bool,
     /// Delivered by the gateway, or recovered by reconciliation from the Tenant API.
     pub source: KciSource,
+    /// W3C `traceparent` of intake's span: the consumer's span continues it.
+    pub traceparent: &'a str,
     pub accepted_at: DateTime<Utc>,
 }
 
@@ -199,6 +201,7 @@ pub fn build(facts: &EnvelopeFacts<'_>) -> Message {
         "new-status": header(facts.new_status),
         "x-kci-source": facts.source.as_str(),
         "x-recovered": facts.source == KciSource::Reconciliation,
+        "traceparent": facts.traceparent,
     });
     Message {
         routing_key: routing_key(kci),

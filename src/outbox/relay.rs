@@ -90,6 +90,10 @@ struct HealthInner {
     published: AtomicU64,
     refused: AtomicU64,
     restarts: AtomicU64,
+    /// From an event's commit to the broker's ack of it.
+    publish_lag: prometheus::Histogram,
+    /// One round: read, publish, confirms, record.
+    round_duration: prometheus::Histogram,
 }
 
 impl Default for RelayHealth {
@@ -100,11 +104,51 @@ impl Default for RelayHealth {
             published: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             restarts: AtomicU64::new(0),
+            publish_lag: histogram(
+                "outbox_publish_lag_seconds",
+                "From an outbox event's commit to the broker's confirm of it",
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0,
+                ],
+            ),
+            round_duration: histogram(
+                "relay_round_duration_seconds",
+                "One relay round: read the due events, publish, await the confirms, record",
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ],
+            ),
         }))
     }
 }
 
+/// Observes a round's duration when dropped (whichever way the round ends).
+struct RoundTimer<'a>(&'a prometheus::Histogram, std::time::Instant);
+
+impl Drop for RoundTimer<'_> {
+    fn drop(&mut self) {
+        self.0.observe(self.1.elapsed().as_secs_f64());
+    }
+}
+
+/// A histogram that is registered by whoever serves `/metrics` (`Metrics::register`).
+pub fn histogram(name: &str, help: &str, buckets: &[f64]) -> prometheus::Histogram {
+    prometheus::Histogram::with_opts(
+        prometheus::HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+    )
+    .expect("valid metric")
+}
+
 impl RelayHealth {
+    /// The relay's histograms, for `/metrics`.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.0.publish_lag.clone()),
+            Box::new(self.0.round_duration.clone()),
+        ]
+    }
+
     pub fn state(&self) -> BrokerState {
         self.0
             .broker
@@ -422,10 +466,12 @@ impl Relay {
         ids: &[i64],
     ) -> Result<usize, RoundError> {
         let relay = &self.0;
+        let started = std::time::Instant::now();
         let heads = store::pending_by_id(relay.db.connection(), ids).await?;
         if heads.is_empty() {
             return Ok(0);
         }
+        let _timer = RoundTimer(&relay.health.0.round_duration, started);
         let outcomes = self.publish(connection, channel, &heads).await;
         let txn = relay.db.begin_write().await?;
         let handled = self.record(&*txn, &heads, &outcomes).await?;
@@ -535,6 +581,17 @@ impl Relay {
             .map(|(event, _)| event.id)
             .collect();
         store::mark_published(db, &confirmed, now).await?;
+        for (event, _) in events
+            .iter()
+            .zip(outcomes)
+            .filter(|(_, outcome)| matches!(outcome, Outcome::Confirmed))
+        {
+            let lag = (now - event.created_at)
+                .num_microseconds()
+                .unwrap_or(0)
+                .max(0);
+            relay.health.0.publish_lag.observe(lag as f64 / 1e6);
+        }
         let mut handled = confirmed.len();
         relay
             .health

@@ -538,6 +538,8 @@ fn recovered_delivery(update: answer::UsableUpdate, request: &Request<'_>) -> De
         conversation_id: request.conversation_id.to_owned(),
         audit,
         source: KciSource::Reconciliation,
+        // A trace of its own: no request of the gateway's started it.
+        trace: crate::trace_context::TraceContext::child_of(None),
     }
 }
 

@@ -174,11 +174,11 @@ fn the_asyncapi_document_names_every_routing_key_word_and_header_the_relay_publi
     let raw_body = body.to_string();
     let message =
         kci_receiver::outbox::envelope::build(&kci_receiver::outbox::envelope::EnvelopeFacts {
-            event_id: uuid::Uuid::nil(),
+            event_id: uuid::Uuid::from_u128(0x0193_6f4a_2b3c_7d8e_9f00_1122_3344_5566),
             kci: &kci,
             raw_body: &raw_body,
-            request_id: "r",
-            conversation_id: "c",
+            request_id: "5f0c9d1e-8a7b-4c3d-9e2f-1a2b3c4d5e6f",
+            conversation_id: "conv-service-test-1",
             previous_status: None,
             new_status: "SENT_TO_SUPPLIER",
             applied: true,
@@ -190,8 +190,22 @@ fn the_asyncapi_document_names_every_routing_key_word_and_header_the_relay_publi
             duplicate: false,
             illegal: false,
             source: entity::state_transition::KciSource::Reconciliation,
-            accepted_at: chrono::Utc::now(),
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-5c1f0e2d3a4b6c7d-01",
+            accepted_at: chrono::DateTime::parse_from_rfc3339("2024-04-10T10:20:01.250Z")
+                .unwrap()
+                .to_utc(),
         });
+    // The document's example is this very message (regenerate it from the assertion's text
+    // when the envelope changes).
+    let example = format!(
+        "          headers: {}\n          payload: {}\n",
+        serde_json::to_string(&message.headers).unwrap(),
+        message.payload
+    );
+    assert!(
+        document.contains(&example),
+        "docs/asyncapi.yaml's kciEvent example must be a real envelope:\n{example}"
+    );
     for header in message.headers.as_object().unwrap().keys() {
         assert!(
             document.contains(&format!("{header}:")),

@@ -36,6 +36,7 @@ fn delivery(body: &Value, conversation_id: &str, request_id: &str) -> Delivery {
             received_at: Utc::now(),
         },
         source: entity::state_transition::KciSource::Delivery,
+        trace: kci_receiver::trace_context::TraceContext::child_of(None),
     }
 }
 

@@ -700,8 +700,20 @@ async fn metrics_count_kcis_latency_entities_outbox_and_the_pool() {
         r#"kci_receiver_tracked_entities{entity_type="CEASE_ORDER",status="IN_PROGRESS"} 1"#,
         "kci_receiver_outbox_pending_events 7",
         "kci_receiver_outbox_dead_events 0",
-        r#"kci_receiver_database_pool_connections{state="max"} 10"#,
+        "kci_receiver_database_pool_max_connections 10",
         "kci_receiver_outbox_published_total 0",
+        concat!(
+            r#"kci_receiver_build_info{schema_version="1",version=""#,
+            env!("CARGO_PKG_VERSION"),
+            r#""} 1"#
+        ),
+        // Intake's batches (each KCI alone here) and the relay's lag, registered even idle.
+        "kci_receiver_intake_batch_size_bucket{le=\"1\"}",
+        "kci_receiver_intake_commit_duration_seconds_count",
+        "kci_receiver_outbox_publish_lag_seconds_count 0",
+        "kci_receiver_relay_round_duration_seconds_count 0",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
     ] {
         assert!(text.contains(line), "{line} in\n{text}");
     }

@@ -190,6 +190,16 @@ async fn every_fixture_is_published_exactly_as_the_amqp_contract_says() {
         app.count("FROM outbox_event WHERE publish_count = 1").await,
         sent.len() as i64
     );
+    // Each confirmed event's lag from commit to ack is in the histogram.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "kci_receiver_outbox_publish_lag_seconds_count {}",
+            sent.len()
+        )),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("kci_receiver_relay_round_duration_seconds_count 0\n"));
 }
 
 #[tokio::test]
@@ -268,6 +278,7 @@ async fn a_broker_down_at_start_up_or_cut_mid_run_stops_nothing_and_loses_nothin
         .get_json_until("/readyz", |ready| ready["outbox"]["pending"] == 20)
         .await;
     assert_eq!(ready["status"], "ready");
+    assert_eq!(ready["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(ready["broker"]["status"], "down");
     assert_eq!(ready["outbox"]["pending"], 20, "{ready}");
     assert!(capture.messages().is_empty());
@@ -842,4 +853,69 @@ async fn a_dead_event_holds_its_entity_until_an_operator_skips_or_retries_it() {
         );
         shutdown.cancel();
     }
+}
+
+/// W3C Trace Context: the gateway's `traceparent` goes on into the AMQP message, as intake's
+/// child (same trace id and flags, intake's own span id); without one, or with a malformed one
+/// (never refused), intake starts a trace of its own.
+#[tokio::test]
+async fn the_gateways_trace_continues_into_the_amqp_message() {
+    let broker = TestBroker::new(true).await;
+    let capture = broker.capture("kci.#").await;
+    let app = spawn_app_with(Backend::Sqlite, |settings| broker.apply(settings)).await;
+    let gateway_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let cases = [
+        (91, Some(gateway_parent)),
+        (92, None),
+        (
+            93,
+            Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01"),
+        ),
+        (94, Some("not a traceparent")),
+    ];
+    for (id, traceparent) in cases {
+        let mut request = app
+            .client
+            .post(format!("{}/kcis", app.address))
+            .basic_auth(
+                crate::helpers::GATEWAY_USER,
+                Some(crate::helpers::GATEWAY_PASSWORD),
+            )
+            .header("X-Request-ID", format!("r-{id}"))
+            .header("X-Conversation-ID", format!("c-{id}"))
+            .json(&kci("SERVICE_TEST", id, 1, "SENT_TO_SUPPLIER", "UPDATE"));
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        assert_eq!(request.send().await.unwrap().status().as_u16(), 204);
+    }
+    let messages = capture.wait_for(cases.len(), Duration::from_secs(20)).await;
+    let traceparent_of = |id: u64| -> String {
+        let message = messages
+            .iter()
+            .find(|m| m.headers["entity-id"].as_str().and_then(|s| s.parse().ok()) == Some(id))
+            .expect("published");
+        message.headers["traceparent"].as_str().unwrap().to_owned()
+    };
+    let continued = traceparent_of(91);
+    let parts: Vec<&str> = continued.split('-').collect();
+    assert_eq!(parts[0], "00");
+    assert_eq!(
+        parts[1], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "the gateway's trace"
+    );
+    assert_ne!(
+        parts[2], "00f067aa0ba902b7",
+        "intake's own span, the parent's child"
+    );
+    assert_eq!(parts[3], "00", "the gateway's flags");
+    let mut fresh_traces = HashSet::new();
+    for id in [92, 93, 94] {
+        let fresh = traceparent_of(id);
+        let context = kci_receiver::trace_context::TraceContext::parse(&fresh)
+            .unwrap_or_else(|| panic!("a valid traceparent: {fresh}"));
+        assert_ne!(context.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        fresh_traces.insert(context.trace_id_hex());
+    }
+    assert_eq!(fresh_traces.len(), 3, "a new trace each");
 }
