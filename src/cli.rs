@@ -169,7 +169,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         // Quiet: its output is a container runtime's health log.
         return healthcheck(&settings, args).await;
     }
-    telemetry::init(&settings.log);
+    let _telemetry = telemetry::init(&settings.log);
     match cli.command {
         Command::Serve => {
             Application::build(settings)

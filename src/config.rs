@@ -103,6 +103,16 @@ pub struct AmqpSettings {
     /// Declare the exchanges and the unrouted queue on every (re)connect. Off when the broker's
     /// topology is managed elsewhere (the relay then needs no configure permission).
     pub declare_topology: bool,
+    /// CloudEvents binary mode: the CloudEvents attributes as `cloudEvents_*` headers.
+    #[serde(default)]
+    pub cloudevents: bool,
+    /// The CloudEvents `source`.
+    #[serde(default = "default_cloudevents_source")]
+    pub cloudevents_source: String,
+}
+
+fn default_cloudevents_source() -> String {
+    "urn:kci-receiver".to_owned()
 }
 
 #[derive(Debug, Clone, Deserialize)]

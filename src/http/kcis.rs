@@ -144,7 +144,10 @@ fn trace_of(request: &HttpRequest) -> TraceContext {
         .get("traceparent")
         .and_then(|value| value.to_str().ok())
         .and_then(TraceContext::parse);
-    let trace = TraceContext::child_of(parent.as_ref());
+    // Exported over OTLP: the request's own span (already the gateway's child); else a span id
+    // of intake's own in the gateway's trace.
+    let trace = crate::telemetry::current_span_context()
+        .unwrap_or_else(|| TraceContext::child_of(parent.as_ref()));
     tracing::Span::current().record("trace_id", trace.trace_id_hex());
     trace
 }

@@ -494,7 +494,11 @@ impl Relay {
         let mut outcomes: Vec<Outcome> = events.iter().map(|_| Outcome::NotSent).collect();
         let mut sendable = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
-            match encode(event) {
+            let cloudevents = relay
+                .amqp
+                .cloudevents
+                .then_some(relay.amqp.cloudevents_source.as_str());
+            match encode(event, cloudevents) {
                 Ok(message) => sendable.push((index, event, message)),
                 Err(reason) => outcomes[index] = Outcome::Refused(reason),
             }
@@ -745,9 +749,42 @@ fn backoff(settings: &RelaySettings, attempts: i32) -> Duration {
 /// event over it (written otherwise) is refused, not sent, so that it cannot break the channel.
 const MAX_PROPERTIES_BYTES: usize = 64 * 1024;
 
+/// CloudEvents 1.0 attributes of an event (binary content mode: `cloudEvents_` headers; the
+/// data content type is the message's `content_type`). `type` is the routing key under the
+/// `com.fibrecafe` namespace (`com.fibrecafe.kci.provide_order.informational.committed`), the
+/// subject the entity (`PROVIDE_ORDER/12345`), the time the KCI's acceptance.
+fn cloudevents_attributes(event: &outbox_event::Model, source: &str) -> Vec<(String, String)> {
+    let header = |name: &str| event.headers.get(name).and_then(Value::as_str);
+    let mut attributes = vec![
+        ("specversion", "1.0".to_owned()),
+        ("id", event.event_id.to_string()),
+        ("source", source.to_owned()),
+        ("type", format!("com.fibrecafe.{}", event.routing_key)),
+        (
+            "time",
+            event
+                .created_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+    ];
+    if let (Some(entity_type), Some(entity_id)) = (header("entity-type"), header("entity-id")) {
+        attributes.push(("subject", format!("{entity_type}/{entity_id}")));
+    }
+    if let Some(traceparent) = header("traceparent") {
+        attributes.push(("traceparent", traceparent.to_owned()));
+    }
+    attributes
+        .into_iter()
+        .map(|(name, value)| (format!("cloudEvents_{name}"), value))
+        .collect()
+}
+
 /// The routing key and properties of design.md's contract, or why the event cannot be an AMQP
 /// message (a routing key or short string over 255 bytes, headers too large for a frame).
-fn encode(event: &outbox_event::Model) -> Result<(ShortString, BasicProperties), String> {
+fn encode(
+    event: &outbox_event::Model,
+    cloudevents_source: Option<&str>,
+) -> Result<(ShortString, BasicProperties), String> {
     let short = |what: &str, value: &str| {
         ShortString::try_new(value.to_owned())
             .map_err(|_| format!("cannot be encoded: the {what} is over 255 bytes"))
@@ -774,6 +811,15 @@ fn encode(event: &outbox_event::Model) -> Result<(ShortString, BasicProperties),
                     _ => 8,
                 };
             headers.insert(short("header name", name)?, value);
+        }
+    }
+    if let Some(source) = cloudevents_source {
+        for (name, value) in cloudevents_attributes(event, source) {
+            size += name.len() + 6 + value.len();
+            headers.insert(
+                short("header name", &name)?,
+                AMQPValue::LongString(LongString::from(value)),
+            );
         }
     }
     if size > MAX_PROPERTIES_BYTES {
@@ -835,22 +881,66 @@ mod tests {
     }
 
     #[test]
+    fn cloudevents_binary_mode_adds_the_attributes_as_headers_only_when_asked() {
+        let published = event(
+            "kci.provide_order.informational.committed",
+            serde_json::json!({
+                "x-conversation-id": "c", "entity-type": "PROVIDE_ORDER", "entity-id": "12345",
+                "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            }),
+        );
+        let (_, plain) = encode(&published, None).unwrap();
+        let plain = plain.headers().clone().unwrap_or_default();
+        assert!(
+            plain
+                .inner()
+                .keys()
+                .all(|name| !name.as_str().starts_with("cloudEvents_"))
+        );
+        let (_, with) = encode(&published, Some("urn:kci-receiver:test")).unwrap();
+        let headers = with.headers().clone().unwrap();
+        let text = |name: &str| match headers.inner().get(name) {
+            Some(AMQPValue::LongString(value)) => {
+                String::from_utf8_lossy(value.as_bytes()).into_owned()
+            }
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(text("cloudEvents_specversion"), "1.0");
+        assert_eq!(text("cloudEvents_id"), published.event_id.to_string());
+        assert_eq!(text("cloudEvents_source"), "urn:kci-receiver:test");
+        assert_eq!(
+            text("cloudEvents_type"),
+            "com.fibrecafe.kci.provide_order.informational.committed"
+        );
+        assert_eq!(text("cloudEvents_subject"), "PROVIDE_ORDER/12345");
+        assert!(text("cloudEvents_time").ends_with('Z'));
+        assert_eq!(
+            text("cloudEvents_traceparent"),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_eq!(
+            with.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
+    }
+
+    #[test]
     fn an_event_that_cannot_be_an_amqp_message_is_refused_not_a_panic() {
         let fine = event("kci.a.b.c", serde_json::json!({"x-conversation-id": "c"}));
-        assert!(encode(&fine).is_ok());
+        assert!(encode(&fine, None).is_ok());
         let long_key = event(&"k".repeat(256), serde_json::json!({}));
-        assert!(encode(&long_key).unwrap_err().contains("routing key"));
+        assert!(encode(&long_key, None).unwrap_err().contains("routing key"));
         let huge_header = event(
             "kci.a.b.c",
             serde_json::json!({"new-status": "S".repeat(200_000)}),
         );
-        assert!(encode(&huge_header).unwrap_err().contains("frame"));
+        assert!(encode(&huge_header, None).unwrap_err().contains("frame"));
         let long_correlation = event(
             "kci.a.b.c",
             serde_json::json!({"x-conversation-id": "c".repeat(300)}),
         );
         assert!(
-            encode(&long_correlation)
+            encode(&long_correlation, None)
                 .unwrap_err()
                 .contains("correlation")
         );

@@ -112,6 +112,8 @@ impl TestBroker {
             queue_type: "classic".to_owned(),
             declare_topology: true,
             connect_timeout_ms: 5000,
+            cloudevents: false,
+            cloudevents_source: "urn:kci-receiver".to_owned(),
         };
         let connection = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await

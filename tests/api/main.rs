@@ -23,6 +23,7 @@ mod group_commit;
 mod hostile;
 mod mtls;
 mod operations;
+mod otel;
 mod outage;
 mod properties;
 mod reconcile;

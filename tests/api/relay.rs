@@ -857,12 +857,17 @@ async fn a_dead_event_holds_its_entity_until_an_operator_skips_or_retries_it() {
 
 /// W3C Trace Context: the gateway's `traceparent` goes on into the AMQP message, as intake's
 /// child (same trace id and flags, intake's own span id); without one, or with a malformed one
-/// (never refused), intake starts a trace of its own.
+/// (never refused), intake starts a trace of its own. With CloudEvents on, the attributes ride
+/// along as `cloudEvents_*` headers.
 #[tokio::test]
 async fn the_gateways_trace_continues_into_the_amqp_message() {
     let broker = TestBroker::new(true).await;
     let capture = broker.capture("kci.#").await;
-    let app = spawn_app_with(Backend::Sqlite, |settings| broker.apply(settings)).await;
+    let app = spawn_app_with(Backend::Sqlite, |settings| {
+        broker.apply(settings);
+        settings.amqp.cloudevents = true;
+    })
+    .await;
     let gateway_parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
     let cases = [
         (91, Some(gateway_parent)),
@@ -897,6 +902,21 @@ async fn the_gateways_trace_continues_into_the_amqp_message() {
             .expect("published");
         message.headers["traceparent"].as_str().unwrap().to_owned()
     };
+    for message in &messages {
+        assert_eq!(message.headers["cloudEvents_specversion"], "1.0");
+        assert_eq!(
+            message.headers["cloudEvents_id"].as_str(),
+            message.message_id.as_deref()
+        );
+        assert_eq!(
+            message.headers["cloudEvents_traceparent"],
+            message.headers["traceparent"]
+        );
+        assert_eq!(
+            message.headers["cloudEvents_type"],
+            format!("com.fibrecafe.{}", message.routing_key)
+        );
+    }
     let continued = traceparent_of(91);
     let parts: Vec<&str> = continued.split('-').collect();
     assert_eq!(parts[0], "00");

@@ -30,6 +30,8 @@ pub fn amqp_settings(amqp_url: &str, prefix: &str) -> AmqpSettings {
         queue_type: "classic".to_owned(),
         declare_topology: true,
         connect_timeout_ms: 5000,
+        cloudevents: false,
+        cloudevents_source: "urn:kci-receiver".to_owned(),
     }
 }
 
