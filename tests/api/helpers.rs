@@ -423,7 +423,6 @@ impl TestApp {
         }
     }
 
-    /// GET `path` as JSON until `ready` holds of it (within 5 s); returns the last answer.
     /// GET a path of the app with the operations read credentials, as JSON.
     pub async fn ops_json(&self, path: &str) -> Value {
         self.client
@@ -437,6 +436,7 @@ impl TestApp {
             .expect("a JSON answer")
     }
 
+    /// GET `path` as JSON until `ready` holds of it (within 5 s); returns the last answer.
     pub async fn get_json_until(&self, path: &str, ready: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {

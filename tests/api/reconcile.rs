@@ -320,10 +320,15 @@ async fn a_gap_filled_by_a_late_delivery_within_the_grace_period_is_not_reconcil
     for body in [&lone, &last] {
         assert_eq!(app.post_kci(body, "c-502").await.status().as_u16(), 204);
     }
-    assert_eq!(
-        app.count_eventually("FROM reconciliation WHERE outcome = 'RECOVERED'", 1)
-            .await,
-        1
+    // Grace (4 s) plus a scheduler round or two; generous for a loaded machine.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            app.count("FROM reconciliation WHERE outcome = 'RECOVERED'")
+                .await
+                == 1
+        })
+        .await,
+        "the unfilled gap was reconciled"
     );
     assert_eq!(gateway.entity_gets(), 1);
     let history = app
@@ -810,10 +815,15 @@ async fn an_entity_whose_every_kci_was_lost_is_recovered_from_its_original_reque
             .record
             .record(&kci("SERVICE_TEST", 903, sequence, status, "UPDATE"));
     }
-    assert_eq!(
-        app.count_eventually("FROM kci WHERE entity_type = 'SERVICE_TEST'", 2)
-            .await,
-        2
+    // Silent for stuck_after (2 s) plus a scheduler round or two.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            app.count("FROM kci WHERE entity_type = 'SERVICE_TEST'")
+                .await
+                == 2
+        })
+        .await,
+        "the lost KCIs were recovered"
     );
     let entity = app.entity("SERVICE_TEST", "903").await;
     assert_eq!(entity.status, "IN_PROGRESS");
@@ -822,10 +832,11 @@ async fn an_entity_whose_every_kci_was_lost_is_recovered_from_its_original_reque
         entity::tracked_entity::Correlation::Matched
     );
     assert_eq!(entity.conversation_id, "conv-lost-test");
+    // (Later rounds may find it in sync again once it is silent for stuck_after.)
     let rows = app
-        .rows("SELECT trigger, outcome, recovered FROM reconciliation")
+        .rows("SELECT trigger, recovered FROM reconciliation WHERE outcome = 'RECOVERED'")
         .await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["trigger"], "STUCK");
-    assert_eq!(rows[0]["outcome"], "RECOVERED");
+    assert_eq!(rows[0]["recovered"], 2);
 }
