@@ -92,6 +92,42 @@ impl Capture {
     }
 }
 
+/// Checks real messages against `docs/asyncapi.yaml` with the AsyncAPI Initiative's parser and
+/// the document's own payload and header schemas (`scripts/asyncapi/validate.mjs`, installed by
+/// `scripts/test`); also validates the document itself. Fails, never skips, when Node.js or the
+/// parser is missing.
+pub fn assert_valid_by_asyncapi(messages: &[Captured]) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let file = std::env::temp_dir().join(format!("kci-amqp-messages-{}.json", Uuid::new_v4()));
+    let real: Vec<Value> = messages
+        .iter()
+        .map(|m| json!({"message": "kciEvent", "headers": m.headers, "payload": m.body}))
+        .collect();
+    std::fs::write(&file, serde_json::to_vec(&real).unwrap()).unwrap();
+    let output = std::process::Command::new("node")
+        .arg(format!("{root}/scripts/asyncapi/validate.mjs"))
+        .arg(format!("{root}/docs/asyncapi.yaml"))
+        .arg(&file)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "Node.js is needed for the AsyncAPI check (run the tests with scripts/test): {e}"
+            )
+        });
+    let _ = std::fs::remove_file(&file);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "docs/asyncapi.yaml or the messages against it are not valid (the parser is installed by \
+         scripts/test):\n{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{} real message(s) match", messages.len())),
+        "{stdout}"
+    );
+}
+
 /// The broker as one test sees it.
 pub struct TestBroker {
     pub amqp: AmqpSettings,

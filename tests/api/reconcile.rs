@@ -14,7 +14,7 @@ use kci_tools::simulator::{Options, run};
 use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 
-use crate::broker::TestBroker;
+use crate::broker::{TestBroker, assert_valid_by_asyncapi};
 use crate::helpers::{
     ADMIN_PASSWORD, ADMIN_USER, BACKENDS, Backend, GATEWAY_PASSWORD, READ_PASSWORD, READ_USER,
     TestApp, enable_egress, eventually, kci, spawn_app_with,
@@ -193,6 +193,8 @@ async fn dropped_kcis_are_recovered_on(backend: Backend) {
             .all(|m| m.headers["x-recovered"] == true
                 && m.headers["x-kci-source"] == "RECONCILIATION")
     );
+    // Delivered and recovered messages alike are what docs/asyncapi.yaml's schemas say.
+    assert_valid_by_asyncapi(&published);
 
     // Idempotent: a second reconciliation of an entity finds it in sync and records nothing.
     let kcis_before = app.count("FROM kci").await;

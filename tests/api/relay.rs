@@ -12,7 +12,7 @@ use kci_receiver::outbox::signal::OutboxSignal;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Captured, TestBroker};
+use crate::broker::{Captured, TestBroker, assert_valid_by_asyncapi};
 use crate::helpers::{
     ADMIN_PASSWORD, ADMIN_USER, Backend, TcpProxy, TestApp, TestDatabase, eventually, fixture,
     fixture_names, kci, spawn_app_with, spawn_on, test_settings,
@@ -182,6 +182,8 @@ async fn every_fixture_is_published_exactly_as_the_amqp_contract_says() {
         }
     }
     assert_per_entity_order(&messages);
+    // Every message, headers and payload, is what docs/asyncapi.yaml's schemas say.
+    assert_valid_by_asyncapi(&messages);
     let pending_or_dead = app
         .count("FROM outbox_event WHERE status <> 'PUBLISHED'")
         .await;
@@ -917,6 +919,7 @@ async fn the_gateways_trace_continues_into_the_amqp_message() {
             format!("com.fibrecafe.{}", message.routing_key)
         );
     }
+    assert_valid_by_asyncapi(&messages);
     let continued = traceparent_of(91);
     let parts: Vec<&str> = continued.split('-').collect();
     assert_eq!(parts[0], "00");
