@@ -1,5 +1,7 @@
 //! `GET /dashboard`: one self-contained page (no CDN, works offline) over the operations API:
-//! search by any id, one entity's timeline, what needs attention, outbox health. It asks for the
+//! the overview (funnels, KCIs per minute, backlog and publish lag, attention counts, refreshed
+//! on their own), filtered lists, one entity's timeline with its raw KCIs, outbox events and
+//! deliveries, what needs attention, dead events, and the admin role's actions. It asks for the
 //! operations credentials with the browser's own Basic prompt; its API calls then reuse them.
 
 use actix_web::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, WWW_AUTHENTICATE};
@@ -10,6 +12,20 @@ use crate::auth::OpsRole;
 use crate::error::ApiError;
 
 const PAGE: &str = include_str!("dashboard.html");
+
+/// The page, told whether to show the admin role's actions (the API refuses them to other roles
+/// anyway; hiding them only spares a read-only user buttons that cannot work).
+fn page_for(admin: bool) -> String {
+    if admin {
+        PAGE.replacen(
+            r#"<body data-role="read">"#,
+            r#"<body data-role="admin">"#,
+            1,
+        )
+    } else {
+        PAGE.to_owned()
+    }
+}
 
 #[utoipa::path(get, path = "/dashboard", tag = "operations",
     responses((status = 200, description = "The dashboard page (HTML)", content_type = "text/html"),
@@ -22,9 +38,14 @@ pub async fn dashboard(request: HttpRequest, state: web::Data<AppState>) -> Http
             .insert_header((CACHE_CONTROL, "no-store"))
             .insert_header((
                 CONTENT_SECURITY_POLICY,
-                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'",
             ))
-            .body(PAGE),
+            .body(page_for(
+                state
+                    .auth
+                    .operations(request.headers(), OpsRole::Admin)
+                    .is_ok(),
+            )),
         Err(error @ ApiError::Unauthenticated(_)) => {
             let mut response = actix_web::ResponseError::error_response(&error);
             response.headers_mut().insert(

@@ -57,6 +57,8 @@ pub struct Metrics {
     pool_max: IntGauge,
     /// The process collector (CPU, resident memory, file descriptors, start time).
     process: Registry,
+    /// The dashboard's overview, fed by the same refresh task.
+    overview: crate::operations::overview::Overview,
 }
 
 impl Metrics {
@@ -229,6 +231,7 @@ impl Metrics {
             pruned,
             pool_max,
             process,
+            overview: Default::default(),
         }
     }
 
@@ -273,6 +276,11 @@ impl Metrics {
         self.request_duration
             .with_label_values(&[route, method, &status.to_string()])
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The dashboard's overview as the refresh task last read it.
+    pub fn overview(&self) -> &crate::operations::overview::Overview {
+        &self.overview
     }
 
     /// The outbox backlog as last read by the background task (none before its first read).
@@ -379,15 +387,28 @@ async fn refresh(
         .count(db)
         .await?;
     metrics.outbox_dead.set(dead as i64);
+    let read_at = Utc::now();
     if let Ok(mut backlog) = metrics.backlog.lock() {
         *backlog = Some(Backlog {
             pending,
             oldest,
             dead,
-            read_at: Utc::now(),
+            read_at,
         });
     }
-    Ok(())
+    let sample = crate::operations::overview::BacklogSample {
+        at: read_at,
+        pending,
+        dead,
+        oldest_pending_seconds: oldest.map_or(0.0, |created| {
+            (read_at - created).num_milliseconds().max(0) as f64 / 1000.0
+        }),
+    };
+    let counts = counts
+        .into_iter()
+        .map(|count| (count.entity_type, count.status, count.n))
+        .collect();
+    metrics.overview.refresh(db, counts, sample).await
 }
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {

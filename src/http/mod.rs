@@ -135,6 +135,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, egress_prefix: Option<&str>) {
             .service(resource!("/kcis/{kci_id}", get => ops::get_kci))
             .service(resource!("/audit/{request_id}", get => ops::get_audit))
             .service(resource!("/attention", get => ops::get_attention))
+            .service(resource!("/overview", get => ops::get_overview))
             .service(resource!("/search", get => ops::search))
             .service(resource!("/outbox/dead", get => outbox::list_dead))
             .service(resource!("/outbox/dead/retry", post => outbox::retry_all))

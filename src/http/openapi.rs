@@ -41,7 +41,7 @@ use crate::operations::duration;
         super::reconcile::reconcile_service_order, super::reconcile::reconcile_ethernet_service_order,
         super::reconcile::reconcile_service_test, super::reconcile::reconcile_service_problem,
         operations::get_conversation, operations::get_kci, operations::get_audit,
-        operations::get_attention, operations::search,
+        operations::get_attention, operations::get_overview, operations::search,
         outbox::list_dead, outbox::retry_one, outbox::skip_one, outbox::retry_all, outbox::replay,
         super::egress::proxy,
         super::health::healthz, super::health::readyz, super::metrics_doc, super::openapi_doc, super::dashboard::dashboard,

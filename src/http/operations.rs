@@ -444,6 +444,22 @@ pub async fn get_attention(
     Ok(HttpResponse::Ok().json(attention))
 }
 
+/// The dashboard's landing view in one answer, from memory: what one background task read from
+/// the database at its last round (`metrics.refresh_interval_ms`), so a page load costs no query.
+#[utoipa::path(get, path = "/api/v1/overview", tag = "operations",
+    responses((status = 200, description = "Entities by type and status (a funnel per lifecycle), KCIs per minute by update type, the outbox backlog and publish lag over the last hours", body = crate::operations::overview::OverviewView),
+              (status = 401, body = ErrorBody)),
+    security(("operations_basic" = [])))]
+pub async fn get_overview(_operator: Operator<Read>, state: web::Data<AppState>) -> HttpResponse {
+    let refresh_seconds = state.settings.metrics.refresh_interval_ms as f64 / 1000.0;
+    HttpResponse::Ok().json(
+        state
+            .metrics
+            .overview()
+            .view(refresh_seconds, state.relay_health.publish_lag_per_minute()),
+    )
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]

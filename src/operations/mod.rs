@@ -4,8 +4,11 @@
 //! - [`queries`]: entity lists with filters and cursors, details, history, conversations, KCIs,
 //!   audit records, search and "what needs attention";
 //! - [`support`]: the text of a support request to the gateway's desk;
+//! - [`overview`]: the dashboard's overview (funnels, KCIs per minute, backlog, publish lag),
+//!   kept in memory by the metrics' refresh task;
 //! - [`duration`]: ISO-8601 durations for "stuck for longer than".
 
 pub mod duration;
+pub mod overview;
 pub mod queries;
 pub mod support;

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, DurationRound, Utc};
 use entity::outbox_event;
 use futures_util::FutureExt;
 use futures_util::future::join_all;
@@ -43,6 +43,7 @@ use super::signal::{OutboxSignal, forward_postgres_notifications};
 use super::store::{self, EntityLocks};
 use super::topology::Topology;
 use crate::config::{AmqpSettings, RelaySettings, redact_url};
+use crate::operations::overview::{LagMinute, LagTally, WINDOW_MINUTES};
 use crate::store::{Database, StoreError};
 
 /// What the relay knows of the broker, for `/readyz`.
@@ -94,6 +95,8 @@ struct HealthInner {
     publish_lag: prometheus::Histogram,
     /// One round: read, publish, confirms, record.
     round_duration: prometheus::Histogram,
+    /// The same lags per minute, for the dashboard's chart (the last few hours).
+    lag_per_minute: Mutex<std::collections::BTreeMap<DateTime<Utc>, LagTally>>,
 }
 
 impl Default for RelayHealth {
@@ -119,6 +122,7 @@ impl Default for RelayHealth {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ],
             ),
+            lag_per_minute: Mutex::default(),
         }))
     }
 }
@@ -141,6 +145,38 @@ pub fn histogram(name: &str, help: &str, buckets: &[f64]) -> prometheus::Histogr
 }
 
 impl RelayHealth {
+    fn observe_publish_lag(&self, confirmed_at: DateTime<Utc>, seconds: f64) {
+        self.0.publish_lag.observe(seconds);
+        let minute = confirmed_at
+            .duration_trunc(chrono::Duration::minutes(1))
+            .unwrap_or(confirmed_at);
+        let mut per_minute = self
+            .0
+            .lag_per_minute
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let tally = per_minute.entry(minute).or_default();
+        tally.0 += 1;
+        tally.1 += seconds;
+        tally.2 = tally.2.max(seconds);
+        // Keep the overview's window, no more.
+        if per_minute.len() as i64 > WINDOW_MINUTES {
+            per_minute.pop_first();
+        }
+    }
+
+    /// Publish lag per minute of the last [`WINDOW_MINUTES`], as this process's relay confirmed
+    /// events (the dashboard's overview).
+    pub fn publish_lag_per_minute(&self) -> Vec<LagMinute> {
+        self.0
+            .lag_per_minute
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(|(minute, tally)| LagMinute::from_tally(*minute, *tally))
+            .collect()
+    }
+
     /// The relay's histograms, for `/metrics`.
     pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
         vec![
@@ -594,7 +630,7 @@ impl Relay {
                 .num_microseconds()
                 .unwrap_or(0)
                 .max(0);
-            relay.health.0.publish_lag.observe(lag as f64 / 1e6);
+            relay.health.observe_publish_lag(now, lag as f64 / 1e6);
         }
         let mut handled = confirmed.len();
         relay

@@ -93,7 +93,7 @@ impl Capture {
 }
 
 /// Checks real messages against `docs/asyncapi.yaml` with the AsyncAPI Initiative's parser and
-/// the document's own payload and header schemas (`scripts/asyncapi/validate.mjs`, installed by
+/// the document's own payload and header schemas (`scripts/js/validate-asyncapi.mjs`, installed by
 /// `scripts/test`); also validates the document itself. Fails, never skips, when Node.js or the
 /// parser is missing.
 pub fn assert_valid_by_asyncapi(messages: &[Captured]) {
@@ -105,7 +105,7 @@ pub fn assert_valid_by_asyncapi(messages: &[Captured]) {
         .collect();
     std::fs::write(&file, serde_json::to_vec(&real).unwrap()).unwrap();
     let output = std::process::Command::new("node")
-        .arg(format!("{root}/scripts/asyncapi/validate.mjs"))
+        .arg(format!("{root}/scripts/js/validate-asyncapi.mjs"))
         .arg(format!("{root}/docs/asyncapi.yaml"))
         .arg(&file)
         .output()

@@ -653,6 +653,7 @@ async fn the_openapi_document_is_valid_3_1_and_covers_every_route() {
         ("/api/v1/kcis/{kciId}", "get"),
         ("/api/v1/audit/{xRequestId}", "get"),
         ("/api/v1/attention", "get"),
+        ("/api/v1/overview", "get"),
         ("/api/v1/search", "get"),
         ("/api/v1/outbox/dead", "get"),
         ("/api/v1/outbox/dead/{eventId}/retry", "post"),
@@ -719,4 +720,157 @@ async fn metrics_count_kcis_latency_entities_outbox_and_the_pool() {
     }
     assert!(text.contains(r#"kci_receiver_http_request_duration_seconds_bucket{method="POST",route="/kcis",status="204""#));
     assert!(text.contains("kci_receiver_outbox_oldest_pending_age_seconds"));
+}
+
+/// `GET /api/v1/overview` of the instance at `address` (read role) until `ready` holds of it,
+/// within 30 s.
+async fn overview_until(
+    client: &reqwest::Client,
+    address: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let overview: Value = client
+            .get(format!("{address}/api/v1/overview"))
+            .basic_auth(READ_USER, Some(READ_PASSWORD))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap_or(Value::Null);
+        if ready(&overview) || tokio::time::Instant::now() >= deadline {
+            return overview;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 16: the dashboard's overview is served from memory: funnels per lifecycle, KCIs per
+/// minute by update type (each counted once, whatever the number of refresh rounds), the outbox
+/// backlog over time; a new instance counts the KCIs already in the window, not older ones.
+#[tokio::test]
+async fn the_overview_counts_entities_kcis_and_the_backlog_once_each() {
+    for backend in BACKENDS {
+        let app = spawn_app(backend).await;
+        assert_eq!(
+            app.client
+                .get(format!("{}/api/v1/overview", app.address))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            401
+        );
+        seed(&app).await;
+        let totals = |overview: &Value| -> (u64, u64, i64, i64) {
+            let minutes = overview["kcisPerMinute"]
+                .as_array()
+                .unwrap_or_else(|| panic!("not an overview: {overview}"));
+            let sum = |key: &str| minutes.iter().map(|m| m[key].as_u64().unwrap()).sum();
+            let funnels = overview["entityTypes"].as_array().unwrap();
+            let entities = funnels.iter().map(|f| f["total"].as_i64().unwrap()).sum();
+            let pending = overview["outbox"]
+                .as_array()
+                .unwrap()
+                .last()
+                .map_or(-1, |sample| sample["pending"].as_i64().unwrap());
+            (
+                sum("informational"),
+                sum("actionRequired"),
+                entities,
+                pending,
+            )
+        };
+        let overview =
+            overview_until(&app.client, &app.address, |o| totals(o) == (6, 1, 5, 7)).await;
+        assert_eq!(totals(&overview), (6, 1, 5, 7), "{backend:?}: {overview:#}");
+        assert_eq!(overview["windowMinutes"], 180);
+        assert_eq!(overview["kcisPerMinute"].as_array().unwrap().len(), 180);
+        let funnel = |entity_type: &str| -> Value {
+            overview["entityTypes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|f| f["entityType"] == entity_type)
+                .cloned()
+                .unwrap()
+        };
+        let provide = funnel("PROVIDE_ORDER");
+        assert_eq!(provide["resource"], "service-orders");
+        assert_eq!(
+            (provide["total"].as_i64(), provide["inFlight"].as_i64()),
+            (Some(1), Some(1))
+        );
+        let statuses: Vec<&str> = provide["statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            statuses,
+            kci_receiver::kci::EntityType::ProvideOrder
+                .lifecycle()
+                .statuses,
+            "the whole lifecycle, in order, zero counts included"
+        );
+        let acknowledged = provide["statuses"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["status"] == "ACKNOWLEDGED")
+            .unwrap();
+        assert_eq!(acknowledged["count"], 1);
+        assert_eq!(
+            funnel("PROVIDE_ETHERNET_ORDER")["resource"],
+            "ethernet/service-orders"
+        );
+
+        // More KCIs, several refresh rounds: each is counted once.
+        for sequence in 3..6 {
+            let body = kci("PROVIDE_ORDER", 1, sequence, "IN_PROGRESS", "UPDATE");
+            assert_eq!(
+                app.post_kci(&body, "conv-order-1").await.status().as_u16(),
+                204
+            );
+        }
+        overview_until(&app.client, &app.address, |o| totals(o).0 == 9).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
+        let overview = read_json(&app, "/api/v1/overview").await;
+        assert_eq!(
+            totals(&overview),
+            (9, 1, 5, 10),
+            "{backend:?}: counted once"
+        );
+        assert!(
+            overview["outbox"].as_array().unwrap().len() >= 2,
+            "samples over time"
+        );
+
+        // A new instance: the two oldest KCIs are moved out of the window before it starts.
+        let long_ago = (chrono::Utc::now() - chrono::Duration::hours(4)).to_rfc3339();
+        sea_orm::ConnectionTrait::execute_unprepared(
+            &app.db,
+            &format!(
+                "UPDATE kci SET received_at = '{long_ago}' WHERE id IN (SELECT id FROM kci ORDER BY id LIMIT 2)"
+            ),
+        )
+        .await
+        .unwrap();
+        let second =
+            crate::helpers::spawn_second(crate::helpers::test_settings(app.database_url())).await;
+        let overview = overview_until(&app.client, &second, |o| !o["refreshedAt"].is_null()).await;
+        assert!(
+            !overview["refreshedAt"].is_null(),
+            "{backend:?}: the second instance refreshed"
+        );
+        assert_eq!(
+            totals(&overview).0 + totals(&overview).1,
+            8,
+            "{backend:?}: the window's KCIs only: {overview:#}"
+        );
+    }
 }

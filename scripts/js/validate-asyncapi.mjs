@@ -4,16 +4,16 @@
 // checks real messages (a JSON file of [{"message": name, "headers": {...}, "payload": {...}}],
 // as a consumer received them) the same way.
 //
-//   node scripts/asyncapi/validate.mjs docs/asyncapi.yaml [messages.json]
+//   node scripts/js/validate-asyncapi.mjs docs/asyncapi.yaml [messages.json]
 //
-// The packages come from KCI_ASYNCAPI_TOOLS (default ~/.cache/kci-receiver/asyncapi), where
+// The packages come from KCI_TEST_JS_TOOLS (default ~/.cache/kci-receiver/js), where
 // scripts/test installs them from this folder's package-lock.json. Exit 0: valid; 1: not valid.
 import { createRequire } from 'node:module';
 import { readFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 
-const tools = process.env.KCI_ASYNCAPI_TOOLS || join(homedir(), '.cache/kci-receiver/asyncapi');
+const tools = process.env.KCI_TEST_JS_TOOLS || join(homedir(), '.cache/kci-receiver/js');
 const require = createRequire(join(tools, 'package.json'));
 const { Parser, fromFile } = require('@asyncapi/parser');
 const Ajv = require('ajv').default;
