@@ -194,9 +194,12 @@ pub struct IntakeSettings {
 pub struct RelaySettings {
     /// Run the relay inside `serve`. Off: run `kci-receiver relay` separately.
     pub enabled: bool,
-    /// Most entities whose next event is published in one round (one event per entity per
-    /// round keeps per-entity order).
+    /// Most entities whose next events are published in one round.
     pub batch_size: u32,
+    /// Most events of one entity in one round: published one after the other, each only once
+    /// the broker confirmed the one before (a refusal withholds the rest), so per-entity order
+    /// holds; more per round means fewer rounds (and database statements) per event.
+    pub events_per_entity: u32,
     /// Safety-net poll when no wake-up arrives.
     pub poll_interval_ms: u64,
     /// Pause after a round that was not full, so that events gather into fewer, larger rounds.
@@ -582,8 +585,14 @@ impl Settings {
         if !["classic", "quorum"].contains(&self.amqp.queue_type.as_str()) {
             problems.push("amqp.queue_type must be classic or quorum".to_owned());
         }
-        if self.relay.batch_size == 0 || self.relay.max_attempts < 1 {
-            problems.push("relay.batch_size and relay.max_attempts must be at least 1".to_owned());
+        if self.relay.batch_size == 0
+            || self.relay.events_per_entity == 0
+            || self.relay.max_attempts < 1
+        {
+            problems.push(
+                "relay.batch_size, relay.events_per_entity and relay.max_attempts must be at least 1"
+                    .to_owned(),
+            );
         }
         if self.relay.confirm_timeout_ms == 0 || self.amqp.connect_timeout_ms == 0 {
             problems.push(

@@ -144,6 +144,9 @@ impl Application {
             audit,
             entity_type_aliases: settings.kci.aliases(),
             openapi: serde_json::to_vec(&crate::http::openapi::document(&settings))?.into(),
+            attention_answers: crate::operations::shared::SharedAnswers::new(
+                Duration::from_millis(settings.metrics.refresh_interval_ms),
+            ),
             settings: Arc::new(settings),
             outbox_signal,
             relay_health,

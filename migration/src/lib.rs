@@ -15,6 +15,8 @@ mod m20261124_000005_audit_attempts;
 mod m20261124_000006_outbox_correlation_id;
 mod m20261124_000007_reconciliation;
 mod m20261124_000008_retention;
+mod m20261124_000009_kci_deliveries_index;
+mod m20261124_000010_attention_indexes;
 
 pub struct Migrator;
 
@@ -30,6 +32,8 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000006_outbox_correlation_id::Migration),
             Box::new(m20261124_000007_reconciliation::Migration),
             Box::new(m20261124_000008_retention::Migration),
+            Box::new(m20261124_000009_kci_deliveries_index::Migration),
+            Box::new(m20261124_000010_attention_indexes::Migration),
         ]
     }
 }

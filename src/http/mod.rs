@@ -57,6 +57,12 @@ pub struct AppState {
     pub metrics_port: std::sync::Arc<std::sync::OnceLock<u16>>,
     /// `/openapi.json` for this configuration, serialized once.
     pub openapi: web::Bytes,
+    /// `GET /api/v1/attention` answers, by (stuckFor, anomaliesWithin, limit), shared for
+    /// `metrics.refresh_interval_ms` and computed one at a time.
+    pub attention_answers: crate::operations::shared::SharedAnswers<
+        (i64, i64, u64),
+        crate::operations::queries::Attention,
+    >,
 }
 
 /// One path and its one method; any other method is answered 405 with `Allow`.

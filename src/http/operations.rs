@@ -437,9 +437,16 @@ pub async fn get_attention(
             .map_err(|e| ApiError::Malformed(vec![format!("{name}: {e}")]))
     };
     let stuck_for = duration("stuckFor", &query.stuck_for)?;
-    let since = Utc::now() - duration("anomaliesWithin", &query.anomalies_within)?;
+    let within = duration("anomaliesWithin", &query.anomalies_within)?;
     let limit = page_size(query.limit, MAX_LIMIT)?;
-    let mut attention = queries::attention(&state.db, stuck_for, since, limit).await?;
+    // Shared by concurrent callers for `metrics.refresh_interval_ms`: as fresh as the overview.
+    let key = (stuck_for.num_seconds(), within.num_seconds(), limit);
+    let mut attention = state
+        .attention_answers
+        .get_or_compute(key, || {
+            queries::attention(&state.db, stuck_for, Utc::now() - within, limit)
+        })
+        .await?;
     attention.unrecorded_original_requests = state.unrecorded.list();
     Ok(HttpResponse::Ok().json(attention))
 }

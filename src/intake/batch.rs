@@ -36,10 +36,16 @@ use crate::store::StoreError;
 pub async fn record(
     txn: &DatabaseTransaction,
     deliveries: &[&Delivery],
+    add_time: &impl Fn(fn(&mut super::StageTimes) -> &mut std::time::Duration, std::time::Instant),
 ) -> Result<Vec<Recorded>, IntakeError> {
+    let loading = std::time::Instant::now();
     let loaded = load(txn, deliveries).await?;
     let plan = plan::plan(deliveries, loaded).map_err(IntakeError::Inconsistent)?;
-    Ok(write(txn, deliveries, plan).await?)
+    add_time(|t| &mut t.load, loading);
+    let writing = std::time::Instant::now();
+    let recorded = write(txn, deliveries, plan).await?;
+    add_time(|t| &mut t.write, writing);
+    Ok(recorded)
 }
 
 async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loaded, StoreError> {

@@ -19,12 +19,14 @@ use std::time::Duration;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::{Delivery, IntakeError, Recorded, record, record_batch};
+use super::{Delivery, IntakeError, Recorded, StageTimes, record, record_batch_timed};
 use crate::config::IntakeSettings;
 
 struct Job {
     delivery: Delivery,
     deadline: Instant,
+    /// When it was queued: its wait for a committer is the first stage of its time.
+    queued_at: std::time::Instant,
     answer: oneshot::Sender<Result<Recorded, IntakeError>>,
 }
 
@@ -43,6 +45,9 @@ struct IntakeStats {
     batch_size: prometheus::Histogram,
     /// One batch's transaction, begin to commit.
     commit_duration: prometheus::Histogram,
+    /// Where the time of a `POST /kcis` goes: `queue_wait` (each KCI's wait for a committer),
+    /// then per batch `begin`, `load`, `write`, `commit` (see [`StageTimes`]).
+    stages: prometheus::HistogramVec,
 }
 
 /// What every committer shares.
@@ -84,6 +89,17 @@ impl GroupCommit {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                 ],
             ),
+            stages: prometheus::HistogramVec::new(
+                prometheus::HistogramOpts::new(
+                    "intake_stage_duration_seconds",
+                    "Where intake's time goes: each KCI's wait for a committer (queue_wait), and per batch getting a connection and BEGIN (begin), locks and reads (load), inserts and updates (write), COMMIT (commit)",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["stage"],
+            )
+            .expect("valid metric"),
         };
         let shared = Arc::new(Committers {
             db,
@@ -103,6 +119,7 @@ impl GroupCommit {
         vec![
             Box::new(self.stats.batch_size.clone()),
             Box::new(self.stats.commit_duration.clone()),
+            Box::new(self.stats.stages.clone()),
         ]
     }
 
@@ -116,6 +133,7 @@ impl GroupCommit {
         let job = Job {
             delivery,
             deadline,
+            queued_at: std::time::Instant::now(),
             answer,
         };
         self.queue.try_send(job).map_err(|error| match error {
@@ -192,19 +210,53 @@ async fn commit(shared: &Committers, batch: Vec<Job>) {
     let deadline = last_deadline(&batch);
     shared.stats.batch_size.observe(batch.len() as f64);
     let started = std::time::Instant::now();
+    let queue_wait = shared.stats.stages.with_label_values(&["queue_wait"]);
+    let mut longest_wait = Duration::ZERO;
+    for job in &batch {
+        let waited = started.duration_since(job.queued_at);
+        longest_wait = longest_wait.max(waited);
+        queue_wait.observe(waited.as_secs_f64());
+    }
+    let times = std::sync::Mutex::new(StageTimes::default());
     let result = match tokio::time::timeout_at(
         deadline,
-        record_batch(&shared.db, &deliveries, shared.notify_other_processes),
+        record_batch_timed(
+            &shared.db,
+            &deliveries,
+            shared.notify_other_processes,
+            &times,
+        ),
     )
     .await
     {
         Ok(result) => result,
         Err(_) => Err(IntakeError::DeadlineExceeded(Duration::ZERO)),
     };
-    shared
-        .stats
-        .commit_duration
-        .observe(started.elapsed().as_secs_f64());
+    let took = started.elapsed();
+    shared.stats.commit_duration.observe(took.as_secs_f64());
+    let times = times.into_inner().unwrap_or_default();
+    for (stage, spent) in [
+        ("begin", times.begin),
+        ("load", times.load),
+        ("write", times.write),
+        ("commit", times.commit),
+    ] {
+        shared
+            .stats
+            .stages
+            .with_label_values(&[stage])
+            .observe(spent.as_secs_f64());
+    }
+    tracing::debug!(
+        kcis = batch.len(),
+        longest_queue_wait_ms = longest_wait.as_secs_f64() * 1e3,
+        begin_ms = times.begin.as_secs_f64() * 1e3,
+        load_ms = times.load.as_secs_f64() * 1e3,
+        write_ms = times.write.as_secs_f64() * 1e3,
+        commit_ms = times.commit.as_secs_f64() * 1e3,
+        total_ms = took.as_secs_f64() * 1e3,
+        "intake batch"
+    );
     drop(deliveries);
     match result {
         Ok(recorded) => {

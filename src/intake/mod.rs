@@ -142,8 +142,32 @@ pub async fn record_batch(
     deliveries: &[&Delivery],
     notify_other_processes: bool,
 ) -> Result<Vec<Recorded>, IntakeError> {
+    record_batch_timed(db, deliveries, notify_other_processes, &Default::default()).await
+}
+
+/// Where one batch's time went (all attempts of it together), for the stage histogram and the
+/// debug log: what the tail of `POST /kcis` is made of.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StageTimes {
+    /// Getting a connection (or SQLite's write turn) and `BEGIN`.
+    pub begin: std::time::Duration,
+    /// Locks and reads: conversations, known KCIs, the entities (`FOR UPDATE`), the rules.
+    pub load: std::time::Duration,
+    /// The batch's inserts and updates.
+    pub write: std::time::Duration,
+    /// `COMMIT` (the durable flush).
+    pub commit: std::time::Duration,
+}
+
+/// [`record_batch`], adding each stage's time to `times`.
+pub async fn record_batch_timed(
+    db: &Database,
+    deliveries: &[&Delivery],
+    notify_other_processes: bool,
+    times: &std::sync::Mutex<StageTimes>,
+) -> Result<Vec<Recorded>, IntakeError> {
     retry_on_race("intake transaction", || {
-        record_batch_once(db, deliveries, notify_other_processes)
+        record_batch_once(db, deliveries, notify_other_processes, times)
     })
     .await
 }
@@ -152,9 +176,19 @@ async fn record_batch_once(
     db: &Database,
     deliveries: &[&Delivery],
     notify_other_processes: bool,
+    times: &std::sync::Mutex<StageTimes>,
 ) -> Result<Vec<Recorded>, IntakeError> {
+    let add = |stage: fn(&mut StageTimes) -> &mut std::time::Duration,
+               since: std::time::Instant| {
+        if let Ok(mut times) = times.lock() {
+            *stage(&mut times) += since.elapsed();
+        }
+    };
+    let started = std::time::Instant::now();
     let txn = db.begin_write().await?;
-    let recorded = batch::record(&txn, deliveries).await?;
+    add(|t| &mut t.begin, started);
+    let recorded = batch::record(&txn, deliveries, &add).await?;
+    let committing = std::time::Instant::now();
     // Relays in other processes LISTEN for this; it is delivered only if the transaction commits.
     if notify_other_processes && txn.get_database_backend() == sea_orm::DbBackend::Postgres {
         txn.execute_unprepared(&format!("NOTIFY {}", crate::outbox::signal::NOTIFY_CHANNEL))
@@ -162,5 +196,6 @@ async fn record_batch_once(
             .map_err(StoreError::from)?;
     }
     txn.commit().await.map_err(StoreError::from)?;
+    add(|t| &mut t.commit, committing);
     Ok(recorded)
 }

@@ -3,6 +3,7 @@
 //!
 //! - [`queries`]: entity lists with filters and cursors, details, history, conversations, KCIs,
 //!   audit records, search and "what needs attention";
+//! - [`shared`]: answers shared by concurrent callers for a short while (the attention list);
 //! - [`support`]: the text of a support request to the gateway's desk;
 //! - [`overview`]: the dashboard's overview (funnels, KCIs per minute, backlog, publish lag),
 //!   kept in memory by the metrics' refresh task;
@@ -11,4 +12,5 @@
 pub mod duration;
 pub mod overview;
 pub mod queries;
+pub mod shared;
 pub mod support;

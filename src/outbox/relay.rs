@@ -1,9 +1,10 @@
 //! The outbox relay: publishes committed outbox events to RabbitMQ with publisher confirms, and
 //! marks an event published only after the broker confirmed it (design.md, flow step 4).
 //!
-//! One round: take the head event of up to `batch_size` entities (see [`super::store`]), publish
-//! them all at once on a confirming channel (`mandatory`, persistent), wait for the confirms, and
-//! record each outcome. A nack, a `basic.return`, a broker channel error, or an event that cannot
+//! One round: take the first events (up to `events_per_entity` each) of up to `batch_size`
+//! entities (see [`super::store`]), publish them on a confirming channel (`mandatory`,
+//! persistent), the entities side by side and each entity's events one after the other, each
+//! once the previous one is confirmed, and record each outcome. A nack, a `basic.return`, a broker channel error, or an event that cannot
 //! be encoded as an AMQP message is a refusal: the event is retried with exponential backoff and
 //! is dead after `max_attempts` (its entity's later events then wait behind it). A lost
 //! connection is not the event's fault: it stays pending, unchanged, while the relay reconnects
@@ -465,10 +466,11 @@ impl Relay {
     ) -> Result<usize, RoundError> {
         let relay = &self.0;
         let now = Utc::now();
-        let head_ids = store::due_head_ids(
+        let head_ids = store::due_event_ids(
             relay.db.connection(),
             now,
             relay.settings.batch_size,
+            relay.settings.events_per_entity,
             relay.settings.max_round_bytes,
         )
         .await?;
@@ -529,43 +531,71 @@ impl Relay {
         let relay = &self.0;
         let mut outcomes: Vec<Outcome> = events.iter().map(|_| Outcome::NotSent).collect();
         let mut sendable = Vec::with_capacity(events.len());
+        // Entities with an event that cannot be sent: their later events stay pending behind it.
+        let mut stopped = std::collections::HashSet::new();
         for (index, event) in events.iter().enumerate() {
+            if stopped.contains(&event.tracked_entity_id) {
+                continue;
+            }
             let cloudevents = relay
                 .amqp
                 .cloudevents
                 .then_some(relay.amqp.cloudevents_source.as_str());
             match encode(event, cloudevents) {
                 Ok(message) => sendable.push((index, event, message)),
-                Err(reason) => outcomes[index] = Outcome::Refused(reason),
+                Err(reason) => {
+                    stopped.insert(event.tracked_entity_id);
+                    outcomes[index] = Outcome::Refused(reason);
+                }
             }
         }
         let exchange = relay.amqp.exchange.as_str();
-        // A round holds at most one event per entity, so the order among them does not matter:
-        // they are handed to the channel all at once rather than one send at a time.
+        // One chain per entity, its events in id order, each sent only once the broker confirmed
+        // the one before: a refused event withholds the rest of its entity's (they stay pending,
+        // behind its retry). The chains run side by side: entities have no order among them.
+        let mut chains: Vec<Vec<_>> = Vec::new();
+        let mut chain_of: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+        for sendable in sendable {
+            let entity = sendable.1.tracked_entity_id;
+            let chain = *chain_of.entry(entity).or_insert_with(|| {
+                chains.push(Vec::new());
+                chains.len() - 1
+            });
+            chains[chain].push(sendable);
+        }
         let publishing = async {
-            let sends =
-                sendable
-                    .into_iter()
-                    .map(|(index, event, (routing_key, properties))| async move {
-                        let published = channel
-                            .basic_publish(
-                                exchange.into(),
-                                routing_key,
-                                BasicPublishOptions {
-                                    mandatory: true,
-                                    ..Default::default()
-                                },
-                                event.payload.as_bytes(),
-                                properties,
-                            )
-                            .await;
-                        let confirmation = match published {
-                            Ok(confirm) => confirm.await,
-                            Err(error) => Err(error),
-                        };
-                        (index, confirmation)
-                    });
-            join_all(sends).await
+            let sends = chains.into_iter().map(|chain| async move {
+                let mut results = Vec::with_capacity(chain.len());
+                for (index, event, (routing_key, properties)) in chain {
+                    let published = channel
+                        .basic_publish(
+                            exchange.into(),
+                            routing_key,
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..Default::default()
+                            },
+                            event.payload.as_bytes(),
+                            properties,
+                        )
+                        .await;
+                    let confirmation = match published {
+                        Ok(confirm) => confirm.await,
+                        Err(error) => Err(error),
+                    };
+                    let confirmed = matches!(confirmation, Ok(Confirmation::Ack(None)));
+                    results.push((index, confirmation));
+                    if !confirmed {
+                        break;
+                    }
+                }
+                results
+            });
+            join_all(sends)
+                .await
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
         };
         let timeout = Duration::from_millis(relay.settings.confirm_timeout_ms);
         let mut publishing = std::pin::pin!(publishing);

@@ -1,9 +1,9 @@
 //! The outbox table as the relay and operators use it: which events are due, recording what the
 //! broker said, dead events, retries and replays.
 //!
-//! Per-entity order: only an entity's oldest pending event (its "head") is ever published, so
-//! events about one entity go out one after the other, in the order their KCIs were accepted,
-//! retries included. A dead event holds its entity: the entity's later events wait behind it
+//! Per-entity order: an entity's events are published from its oldest pending event (its
+//! "head") on, one after the other, each only once the broker confirmed the previous one, so
+//! events about one entity go out in the order their KCIs were accepted, retries included. A dead event holds its entity: the entity's later events wait behind it
 //! (design.md, "Per-entity order"), until an operator retries it (it then goes first, and order
 //! is kept) or skips it (recorded; the later events then go, and the skipped one never does
 //! unless the entity is replayed). Held entities are listed in the attention view.
@@ -24,21 +24,24 @@ const ENTITY_LOCK_NAMESPACE: i32 = 0x4b43_4931; // "KCI1"
 /// How many pending events a round looks at per head it may publish.
 const WINDOW_PER_HEAD: u32 = 4;
 
-/// The ids of the heads of up to `limit` entities whose head is due, oldest first, whose
+/// The ids of the events to publish in a round: of up to `limit` entities whose head is due,
+/// the head and up to `per_entity - 1` of the entity's next pending events, oldest first, whose
 /// payloads together stay within `max_bytes` (the first head always goes).
 ///
 /// Pending events are read in id order from the oldest (the `(status, id)` index), ids only, at
-/// most `limit * 4` of them: an entity's first pending event in that window is its head, since
-/// everything older is published, dead or skipped. The cost of a round is bounded by the window,
-/// not by the backlog (a `GROUP BY` over every pending event cost 15 ms a round at 1,000 KCIs/s
-/// and 77 ms in a 11,000-event drain). An entity whose head is waiting for a retry is skipped
-/// with its later events, and so is an entity with a dead event (held, see the module
-/// documentation); a window full of such entities delays the others until those retries (at
-/// most `relay.retry_max_ms`).
-pub async fn due_head_ids(
+/// most `limit * 4` of them: an entity's pending events in that window are its oldest ones (its
+/// head first), since everything older is published, dead or skipped. The cost of a round is
+/// bounded by the window, not by the backlog (a `GROUP BY` over every pending event cost 15 ms a
+/// round at 1,000 KCIs/s and 77 ms in a 11,000-event drain). An entity whose head is waiting for
+/// a retry is skipped with its later events, and so is an entity with a dead event (held, see the
+/// module documentation); a window full of such entities delays the others until those retries
+/// (at most `relay.retry_max_ms`). The relay publishes an entity's events in id order, each after
+/// the previous one is confirmed.
+pub async fn due_event_ids(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
     limit: u32,
+    per_entity: u32,
     max_bytes: u64,
 ) -> Result<Vec<i64>, StoreError> {
     #[derive(FromQueryResult)]
@@ -66,25 +69,39 @@ pub async fn due_head_ids(
         .all(db)
         .await?;
     let held = held_among(db, window.iter().map(|event| event.tracked_entity_id)).await?;
-    let mut entities_seen = std::collections::HashSet::new();
-    let mut heads = Vec::new();
+    // Per entity: how many of its events were taken (0: its head was not due, or it is held,
+    // or the round was full when its head came).
+    let mut taken: std::collections::HashMap<i64, u32> = std::collections::HashMap::new();
+    let mut entities = 0usize;
+    let mut ids = Vec::new();
     let mut bytes = 0u64;
     for event in window {
-        if entities_seen.insert(event.tracked_entity_id)
-            && event.next_attempt_at <= now
-            && !held.contains(&event.tracked_entity_id)
-        {
-            bytes = bytes.saturating_add(u64::try_from(event.size).unwrap_or(0));
-            if !heads.is_empty() && bytes > max_bytes {
-                break;
+        let wanted = match taken.get(&event.tracked_entity_id) {
+            // Its head: due, not held, and room for one more entity.
+            None => {
+                event.next_attempt_at <= now
+                    && !held.contains(&event.tracked_entity_id)
+                    && entities < limit as usize
             }
-            heads.push(event.id);
-            if heads.len() >= limit as usize {
-                break;
-            }
+            // A follower: only behind a head that goes, within the entity's share.
+            Some(count) => *count > 0 && *count < Ord::max(per_entity, 1),
+        };
+        let count = taken.entry(event.tracked_entity_id).or_insert(0);
+        if !wanted {
+            continue;
         }
+        let size = u64::try_from(event.size).unwrap_or(0);
+        if !ids.is_empty() && bytes.saturating_add(size) > max_bytes {
+            break;
+        }
+        bytes = bytes.saturating_add(size);
+        if *count == 0 {
+            entities += 1;
+        }
+        *count += 1;
+        ids.push(event.id);
     }
-    Ok(heads)
+    Ok(ids)
 }
 
 /// Which of these entities are held by a dead event.

@@ -180,6 +180,47 @@ impl TestBroker {
         fast_relay(settings);
     }
 
+    /// A queue bound to `binding_key` that refuses everything routed to it (maximum length 0,
+    /// `reject-publish`): the broker nacks those publishes. Returns its name.
+    pub async fn refusing_queue(&self, binding_key: &str) -> String {
+        let name = format!("{}-refusing", self.amqp.exchange);
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongInt(0));
+        arguments.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        self.channel
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions {
+                    auto_delete: false,
+                    ..Default::default()
+                },
+                arguments,
+            )
+            .await
+            .expect("declare the refusing queue");
+        self.channel
+            .queue_bind(
+                name.as_str().into(),
+                self.amqp.exchange.as_str().into(),
+                binding_key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind the refusing queue");
+        name
+    }
+
+    pub async fn delete_queue(&self, name: &str) {
+        self.channel
+            .queue_delete(name.into(), Default::default())
+            .await
+            .expect("delete the queue");
+    }
+
     pub async fn declare_topology(&self) {
         Topology::from_settings(&self.amqp)
             .declare(&self.channel)

@@ -711,6 +711,12 @@ async fn metrics_count_kcis_latency_entities_outbox_and_the_pool() {
         // Intake's batches (each KCI alone here) and the relay's lag, registered even idle.
         "kci_receiver_intake_batch_size_bucket{le=\"1\"}",
         "kci_receiver_intake_commit_duration_seconds_count",
+        // Where intake's time goes, stage by stage (one queue wait per KCI recorded).
+        r#"kci_receiver_intake_stage_duration_seconds_count{stage="queue_wait"} 7"#,
+        r#"kci_receiver_intake_stage_duration_seconds_count{stage="begin"}"#,
+        r#"kci_receiver_intake_stage_duration_seconds_count{stage="load"}"#,
+        r#"kci_receiver_intake_stage_duration_seconds_count{stage="write"}"#,
+        r#"kci_receiver_intake_stage_duration_seconds_count{stage="commit"}"#,
         "kci_receiver_outbox_publish_lag_seconds_count 0",
         "kci_receiver_relay_round_duration_seconds_count 0",
         "process_resident_memory_bytes ",

@@ -596,6 +596,100 @@ async fn events_the_broker_refuses_become_dead_and_are_published_once_retried() 
     );
 }
 
+/// Several events of one entity go in one round (`relay.events_per_entity`), each only after the
+/// broker confirmed the one before: when the broker refuses the second (nack), the third is not
+/// sent at all; it waits, never attempted, behind the refused one, which dies after
+/// `max_attempts`; once retried, the two go in order. The other entity is not held up.
+#[tokio::test]
+async fn a_refused_event_withholds_the_later_events_of_its_entity_in_the_same_round() {
+    let broker = TestBroker::new(true).await;
+    // Not kci.#: a nacked message still reaches the other queues it was routed to (RabbitMQ
+    // nacks when any queue refused it), and this capture is to see what was accepted.
+    let capture = broker.capture("kci.*.*.update").await;
+    // Everything whose reason is REFUSE_ME is nacked.
+    let refusing = broker.refusing_queue("kci.*.*.refuse_me").await;
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let mut settings = test_settings(&database.url);
+    broker.apply(&mut settings);
+    settings.relay.enabled = false;
+    settings.relay.max_attempts = 2;
+    let app = spawn_on(database, settings.clone()).await;
+    let story = [
+        kci("SERVICE_TEST", 701, 1, "SENT_TO_SUPPLIER", "UPDATE"),
+        kci("SERVICE_TEST", 701, 2, "IN_PROGRESS", "REFUSE_ME"),
+        kci("SERVICE_TEST", 701, 3, "IN_PROGRESS", "UPDATE"),
+        kci("SERVICE_TEST", 702, 1, "SENT_TO_SUPPLIER", "UPDATE"),
+        kci("SERVICE_TEST", 702, 2, "IN_PROGRESS", "UPDATE"),
+    ];
+    for body in &story {
+        assert_eq!(
+            app.post_kci(body, "conv-chain").await.status().as_u16(),
+            204
+        );
+    }
+    // The relay starts with all five pending: one round takes them all.
+    let shutdown = CancellationToken::new();
+    let health = start_relay(&settings, &shutdown).await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            app.count("FROM outbox_event WHERE status = 'DEAD'").await == 1
+        })
+        .await,
+        "the refused event dies after 2 refusals"
+    );
+    let arrived: Vec<Value> = capture
+        .wait_for(3, Duration::from_secs(10))
+        .await
+        .iter()
+        .map(|m| m.body["kci"]["id"].clone())
+        .collect();
+    assert_eq!(
+        arrived,
+        [
+            story[0]["id"].clone(),
+            story[3]["id"].clone(),
+            story[4]["id"].clone()
+        ],
+        "701's first event, and entity 702's two, in order"
+    );
+    let third = app
+        .rows(&format!(
+            "SELECT o.status, o.attempts FROM outbox_event o JOIN kci k ON k.id = o.kci_ref WHERE k.kci_id = {}",
+            app.uuid_sql(story[2]["id"].as_str().unwrap())
+        ))
+        .await;
+    assert_eq!(third[0]["status"], "PENDING");
+    assert_eq!(
+        third[0]["attempts"], 0,
+        "never sent: withheld behind the refusal"
+    );
+
+    // The broker accepts it now; the operator retries: the refused event, then the third.
+    broker.delete_queue(&refusing).await;
+    let everything = broker.capture("kci.#").await;
+    let retried = app
+        .client
+        .post(format!("{}/api/v1/outbox/dead/retry", app.address))
+        .basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status().as_u16(), 200);
+    let after: Vec<Value> = everything
+        .wait_for(2, Duration::from_secs(15))
+        .await
+        .iter()
+        .map(|m| m.body["kci"]["id"].clone())
+        .collect();
+    assert_eq!(
+        after,
+        [story[1]["id"].clone(), story[2]["id"].clone()],
+        "in order"
+    );
+    assert!(health.published() >= 5);
+    shutdown.cancel();
+}
+
 #[tokio::test]
 async fn replaying_an_entity_publishes_its_events_again_with_the_same_message_ids_in_order() {
     let broker = TestBroker::new(true).await;
@@ -674,12 +768,12 @@ async fn replaying_an_entity_publishes_its_events_again_with_the_same_message_id
     assert_eq!(bad.status().as_u16(), 422);
 }
 
-/// Head selection reads a window of pending events in id order: an entity's first pending event
-/// is its head, later events of an entity whose head waits for a retry are held back, and the
-/// other entities go ahead.
+/// Selection reads a window of pending events in id order: an entity's first pending event is
+/// its head, followed by up to `events_per_entity - 1` of its next ones; later events of an
+/// entity whose head waits for a retry are held back, and the other entities go ahead.
 #[tokio::test]
 async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
-    use kci_receiver::outbox::store::due_head_ids;
+    use kci_receiver::outbox::store::due_event_ids;
     use sea_orm::ConnectionTrait;
     for backend in crate::helpers::BACKENDS {
         let app = crate::helpers::spawn_app(backend).await;
@@ -699,13 +793,23 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
         let id = |n: usize| events[n]["id"].as_i64().unwrap();
         let now = chrono::Utc::now();
         assert_eq!(
-            due_head_ids(&app.db, now, 10, u64::MAX).await.unwrap(),
+            due_event_ids(&app.db, now, 10, 1, u64::MAX).await.unwrap(),
             [id(0), id(1), id(3)],
             "{backend:?}: one head per entity, oldest first"
         );
         assert_eq!(
-            due_head_ids(&app.db, now, 2, u64::MAX).await.unwrap(),
+            due_event_ids(&app.db, now, 2, 1, u64::MAX).await.unwrap(),
             [id(0), id(1)]
+        );
+        assert_eq!(
+            due_event_ids(&app.db, now, 10, 8, u64::MAX).await.unwrap(),
+            [id(0), id(1), id(2), id(3), id(4)],
+            "{backend:?}: heads with their followers, in id order"
+        );
+        assert_eq!(
+            due_event_ids(&app.db, now, 2, 8, u64::MAX).await.unwrap(),
+            [id(0), id(1), id(2), id(4)],
+            "{backend:?}: two entities, each with its followers"
         );
 
         // Entity 1's head is refused and waits for its retry: its second event waits too.
@@ -718,9 +822,14 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
             .await
             .unwrap();
         assert_eq!(
-            due_head_ids(&app.db, now, 10, u64::MAX).await.unwrap(),
+            due_event_ids(&app.db, now, 10, 1, u64::MAX).await.unwrap(),
             [id(1), id(3)],
             "{backend:?}"
+        );
+        assert_eq!(
+            due_event_ids(&app.db, now, 10, 8, u64::MAX).await.unwrap(),
+            [id(1), id(3), id(4)],
+            "{backend:?}: nothing of entity 1 while its head waits"
         );
         // Published heads make room for the next event of their entity.
         app.db
@@ -732,7 +841,7 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
             .await
             .unwrap();
         assert_eq!(
-            due_head_ids(&app.db, now, 10, u64::MAX).await.unwrap(),
+            due_event_ids(&app.db, now, 10, 1, u64::MAX).await.unwrap(),
             [id(4)],
             "{backend:?}"
         );

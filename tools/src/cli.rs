@@ -23,6 +23,10 @@ pub enum Command {
     /// Measure throughput, latency, publish lag, backlog drain, memory and loss against
     /// PostgreSQL and RabbitMQ (and SQLite), and print the figures.
     Bench(BenchArgs),
+    /// The operations API at scale: load a history of --kcis KCIs in bulk (PostgreSQL), then
+    /// measure p50/p99 of every read endpoint under concurrent readers while KCIs keep coming,
+    /// and print the plans of the single-entity reads' queries.
+    BenchReads(BenchReadsArgs),
     /// Reliability drills under load: kill -9 of the service, broker outage, database outage,
     /// database freeze; report what was acknowledged, what is missing, duplicates, order,
     /// answers during each fault and recovery times.
@@ -162,6 +166,35 @@ pub struct SimulateArgs {
     /// Like the gateway: send a KCI again after a 503 or no answer.
     #[arg(long)]
     pub retry_unavailable: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchReadsArgs {
+    /// An administrative PostgreSQL URL; a database of its own is created (and dropped).
+    #[arg(
+        long,
+        env = "KCI_BENCH_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    pub postgres_url: String,
+    /// KCIs in the history (five per entity).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub kcis: u64,
+    /// Concurrent readers.
+    #[arg(long, default_value_t = 16)]
+    pub readers: usize,
+    /// Seconds of reading.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// KCIs per second posted while the readers read.
+    #[arg(long, default_value_t = 100.0)]
+    pub intake_rate: f64,
+    /// Keep the database afterwards (for EXPLAIN by hand).
+    #[arg(long)]
+    pub keep_database: bool,
+    /// The kci-receiver binary (default: the one next to this program).
+    #[arg(long, env = "KCI_RECEIVER_BIN")]
+    pub service_binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -35,6 +35,49 @@ pub fn amqp_settings(amqp_url: &str, prefix: &str) -> AmqpSettings {
     }
 }
 
+/// The benchmark's way of consuming: a queue of its own (exclusive, deleted with its
+/// connection) bound to `kci.#` on `exchange`, prefetch 1,000, no acknowledgements. Also what the
+/// broker's own publish rate is measured against (`bench::broker_ceiling`), so both see the same.
+pub async fn consume_everything(
+    channel: &lapin::Channel,
+    exchange: &str,
+    tag: &str,
+) -> anyhow::Result<(lapin::Queue, lapin::Consumer)> {
+    channel.basic_qos(1000, BasicQosOptions::default()).await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            "kci.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            tag.into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((queue, consumer))
+}
+
 /// Every message published on the exchange, as it arrives.
 pub struct Consumer {
     connection: Connection,
@@ -48,38 +91,8 @@ impl Consumer {
         let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
         let channel = connection.create_channel().await?;
         Topology::from_settings(amqp).declare(&channel).await?;
-        channel.basic_qos(1000, BasicQosOptions::default()).await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                amqp.exchange.as_str().into(),
-                "kci.#".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "kci-tools".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let (_queue, mut consumer) =
+            consume_everything(&channel, &amqp.exchange, "kci-tools").await?;
         let arrivals = Arc::new(Mutex::new(Vec::new()));
         let sink = arrivals.clone();
         tokio::spawn(async move {

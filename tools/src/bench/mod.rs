@@ -2,10 +2,13 @@
 //! PostgreSQL database and RabbitMQ (then SQLite), drives it with the gateway simulator,
 //! consumes everything it publishes, and prints the figures: throughput at saturation and at half
 //! of it, POST latency (HDR histogram), publish lag from 204 to consumer, backlog drain after a
-//! broker outage, peak memory, the loss and order check, and the durable-commit ceiling of the
-//! same database measured with plain SQL at the same concurrency.
+//! broker outage, peak memory, the loss and order check, the durable-commit ceiling of the
+//! same database measured with plain SQL at the same concurrency, and the broker's own
+//! confirmed-publish rate for messages of the relay's size, in the relay's rounds.
 
+pub mod broker_ceiling;
 pub mod ceiling;
+pub mod reads;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -39,6 +42,12 @@ struct Figures {
     /// From the broker's return to the first message, then from the first to the last.
     reconnect_seconds: f64,
     drain_seconds: f64,
+    /// A plain lapin publisher's confirmed publishes per second, same size and window, and the
+    /// size used (the average outbox payload of the run).
+    broker_rate: f64,
+    message_bytes: usize,
+    /// Intake's stages during the half-rate phase (from `/metrics`, before and after it).
+    half_stages: Vec<StageFigure>,
     peak_rss_kib: u64,
     accepted_distinct: usize,
     arrived_distinct: usize,
@@ -235,7 +244,9 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         let mut half_options =
             options(&base_urls, args.concurrency, 12, 20_000_000).duration(phase);
         half_options.rate = Some(rate);
+        let before_half = stage_snapshot(&service.base_url).await;
         let half = simulator::run(half_options).await?;
+        let half_stages = stage_figures(&before_half, &stage_snapshot(&service.base_url).await);
         // Other fixed rates, for the shape of latency against load.
         let mut fixed = Vec::new();
         for (n, percent) in args.fixed_rates.iter().enumerate() {
@@ -296,7 +307,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         }
         Ok::<_, anyhow::Error>((
             saturation,
-            half,
+            (half, half_stages),
             fixed,
             lag,
             drain_events,
@@ -308,12 +319,42 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         ))
     }
     .await;
+    // The broker's own confirmed-publish rate, for messages of the size the relay published in
+    // this run, in rounds of the relay's window: what the drain is compared with.
+    let database = Database::connect(database_url).await?;
+    let average: Option<i64> = database
+        .query_one_raw(sea_orm::Statement::from_string(
+            database.get_database_backend(),
+            "SELECT CAST(COALESCE(AVG(LENGTH(payload)), 0) AS BIGINT) AS n FROM outbox_event",
+        ))
+        .await?
+        .and_then(|row| row.try_get::<i64>("", "n").ok());
+    database.close().await?;
+    figures.message_bytes = average.unwrap_or(1500).max(64) as usize;
+    if outcome.is_ok() {
+        figures.broker_rate = broker_ceiling::confirmed_publishes_per_second(
+            &args.amqp_url,
+            &format!("{prefix}.ceiling"),
+            figures.message_bytes,
+            1000,
+            args.backlog.max(5000) as usize,
+        )
+        .await?;
+    }
     figures.peak_rss_kib = service.peak_rss_kib();
     // Give the relay a moment, then stop the service gracefully.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::spawn_blocking(move || service.stop()).await?;
-    let (saturation, half, fixed, lag, drain_events, (reconnect_seconds, drain_seconds), accepted) =
-        outcome?;
+    let (
+        saturation,
+        (half, half_stages),
+        fixed,
+        lag,
+        drain_events,
+        (reconnect_seconds, drain_seconds),
+        accepted,
+    ) = outcome?;
+    figures.half_stages = half_stages;
 
     // Loss, duplicates, order.
     let check = consumer.with_arrivals(|arrivals| delivery::check(arrivals, &accepted));
@@ -330,6 +371,85 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     figures.reconnect_seconds = reconnect_seconds;
     consumer.close().await;
     Ok(figures)
+}
+
+/// One intake stage over a phase: mean, and the histogram bucket bound the 99th percentile is
+/// under.
+struct StageFigure {
+    stage: String,
+    mean_seconds: f64,
+    p99_bound: Option<f64>,
+}
+
+/// `stage -> (sum, count, [(le, cumulative count)])` of the intake stage histogram, as the
+/// service's `/metrics` says now (empty when it cannot be read).
+type StageSnapshot = HashMap<String, (f64, f64, Vec<(f64, f64)>)>;
+
+async fn stage_snapshot(base_url: &str) -> StageSnapshot {
+    const NAME: &str = "kci_receiver_intake_stage_duration_seconds";
+    let Ok(response) = reqwest::get(format!("{base_url}/metrics")).await else {
+        return HashMap::new();
+    };
+    let text = response.text().await.unwrap_or_default();
+    let mut snapshot: StageSnapshot = HashMap::new();
+    for line in text.lines().filter(|l| l.starts_with(NAME)) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let label = |name: &str| {
+            series
+                .split_once(&format!("{name}=\""))
+                .and_then(|(_, rest)| rest.split_once('"'))
+                .map(|(v, _)| v.to_owned())
+        };
+        let Some(stage) = label("stage") else {
+            continue;
+        };
+        let entry = snapshot.entry(stage).or_default();
+        if series.starts_with(&format!("{NAME}_sum")) {
+            entry.0 = value;
+        } else if series.starts_with(&format!("{NAME}_count")) {
+            entry.1 = value;
+        } else if let Some(le) = label("le").and_then(|le| le.parse::<f64>().ok()) {
+            entry.2.push((le, value));
+        }
+    }
+    snapshot
+}
+
+/// What happened between two snapshots, per stage, in the order a KCI meets them.
+fn stage_figures(before: &StageSnapshot, after: &StageSnapshot) -> Vec<StageFigure> {
+    ["queue_wait", "begin", "load", "write", "commit"]
+        .iter()
+        .filter_map(|stage| {
+            let (sum, count, buckets) = after.get(*stage)?;
+            let empty = (0.0, 0.0, Vec::new());
+            let (sum0, count0, buckets0) = before.get(*stage).unwrap_or(&empty);
+            let n = count - count0;
+            if n <= 0.0 {
+                return None;
+            }
+            let p99_bound = buckets
+                .iter()
+                .map(|(le, c)| {
+                    let earlier = buckets0
+                        .iter()
+                        .find(|(le0, _)| le0 == le)
+                        .map_or(0.0, |(_, c0)| *c0);
+                    (*le, c - earlier)
+                })
+                .find(|(_, c)| *c >= 0.99 * n)
+                .map(|(le, _)| le);
+            Some(StageFigure {
+                stage: (*stage).to_owned(),
+                mean_seconds: (sum - sum0) / n,
+                p99_bound,
+            })
+        })
+        .collect()
 }
 
 /// From 204 to the consumer, for the KCIs of the fixed-rate phase (microseconds).
@@ -398,6 +518,25 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
             ms(h, 0.99),
             h.max() as f64 / 1000.0
         );
+        if !figures.half_stages.is_empty() {
+            let stages: Vec<String> = figures
+                .half_stages
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} {:.1} ms (p99 <= {})",
+                        s.stage,
+                        s.mean_seconds * 1e3,
+                        s.p99_bound
+                            .map_or("-".to_owned(), |b| format!("{:.1} ms", b * 1e3))
+                    )
+                })
+                .collect();
+            println!(
+                "| intake's stages at half of saturation, mean per KCI wait or per batch (kci_receiver_intake_stage_duration_seconds) | {} |",
+                stages.join("; ")
+            );
+        }
     }
     for (percent, report) in &figures.fixed {
         let h = &report.latency;
@@ -429,6 +568,13 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
         figures.drain_seconds,
         figures.drain_events as f64 / figures.drain_seconds.max(1e-9),
         figures.reconnect_seconds
+    );
+    let drain_rate = figures.drain_events as f64 / figures.drain_seconds.max(1e-9);
+    println!(
+        "| the broker's own confirmed-publish rate (plain lapin, {} B messages, rounds of 1000, same run) | {:.0} messages/s; backlog drain = {:.2}x |",
+        figures.message_bytes,
+        figures.broker_rate,
+        drain_rate / figures.broker_rate.max(1e-9)
     );
     println!(
         "| peak RSS of kci-receiver | {:.1} MB |",

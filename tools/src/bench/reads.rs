@@ -1,0 +1,361 @@
+//! `kci-tools bench-reads`: the operations API at scale (issue 17, item 5). Loads a realistic
+//! history of `--kcis` KCIs into a fresh PostgreSQL database in bulk (`history.sql`, not through
+//! HTTP), then runs `--readers` concurrent readers over every read endpoint of the operations
+//! API and the dashboard while the simulator posts KCIs at `--intake-rate`, and prints p50/p99
+//! of each endpoint and PostgreSQL's plans of the queries behind the single-entity reads.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use sea_orm::{ConnectionTrait, Database};
+
+use crate::cli::BenchReadsArgs;
+use crate::service::{ADMIN_PASSWORD, Service, host_port, machine, with_authority};
+use crate::simulator;
+
+const HISTORY: &str = include_str!("history.sql");
+const ENTITY_TYPES: [&str; 10] = [
+    "PROVIDE_ORDER",
+    "PROVIDE_ORDER",
+    "PROVIDE_ORDER",
+    "PROVIDE_ORDER",
+    "PROVIDE_ORDER",
+    "CEASE_ORDER",
+    "MODIFY_ORDER",
+    "SERVICE_TEST",
+    "SERVICE_PROBLEM",
+    "PROVIDE_ETHERNET_ORDER",
+];
+
+fn resource(entity_type: &str) -> &'static str {
+    match entity_type {
+        "SERVICE_TEST" => "service-tests",
+        "SERVICE_PROBLEM" => "service-problems",
+        "PROVIDE_ETHERNET_ORDER" => "ethernet/service-orders",
+        _ => "service-orders",
+    }
+}
+
+/// The id history.sql gives KCI number `k`.
+fn kci_uuid(k: u64) -> String {
+    format!("00000000-0000-4000-8000-{k:012x}")
+}
+
+/// A small, seeded generator: the same run picks the same ids.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// One read: its name in the report, and the path of a call of it.
+fn read_path(endpoint: usize, entities: u64, random: &mut XorShift) -> (&'static str, String) {
+    let n = random.below(entities) + 1;
+    let k = (n - 1) * 5 + random.below(5) + 1;
+    let entity_type = ENTITY_TYPES[(n % 10) as usize];
+    let gateway_id = 1_000_000 + n;
+    let hour_ago = (chrono::Utc::now() - chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    match endpoint % READS {
+        0 => ("GET /kcis/{kciId}", format!("/api/v1/kcis/{}", kci_uuid(k))),
+        1 => (
+            "GET /{entities}/{id}",
+            format!(
+                "/api/v1/{}/{gateway_id}?entityType={entity_type}",
+                resource(entity_type)
+            ),
+        ),
+        2 => (
+            "GET /{entities}/{id}/history",
+            format!(
+                "/api/v1/{}/{gateway_id}/history?entityType={entity_type}",
+                resource(entity_type)
+            ),
+        ),
+        3 => ("GET /audit/{xRequestId}", format!("/api/v1/audit/req-{k}")),
+        4 => (
+            "GET /search?q={gateway id}",
+            format!("/api/v1/search?q={gateway_id}"),
+        ),
+        5 => (
+            "GET /service-orders?status=IN_PROGRESS",
+            "/api/v1/service-orders?status=IN_PROGRESS".to_owned(),
+        ),
+        6 => (
+            "GET /entities?supplier=&status=",
+            "/api/v1/entities?supplier=OTHERCO&status=SENT_TO_SUPPLIER".to_owned(),
+        ),
+        7 => (
+            "GET /entities?correlation=unmatched",
+            "/api/v1/entities?correlation=unmatched".to_owned(),
+        ),
+        8 => (
+            "GET /entities?flagged=gap",
+            "/api/v1/entities?flagged=gap".to_owned(),
+        ),
+        9 => (
+            "GET /entities?stuckFor=P7D",
+            "/api/v1/entities?stuckFor=P7D".to_owned(),
+        ),
+        10 => (
+            "GET /entities?updatedAfter=(an hour ago)",
+            format!("/api/v1/entities?updatedAfter={hour_ago}"),
+        ),
+        11 => (
+            "GET /service-tests?cursor=(deep)",
+            format!(
+                "/api/v1/service-tests?cursor={}",
+                random.below(entities) + 1
+            ),
+        ),
+        12 => ("GET /attention", "/api/v1/attention?limit=20".to_owned()),
+        13 => ("GET /overview", "/api/v1/overview".to_owned()),
+        14 => ("GET /outbox/dead", "/api/v1/outbox/dead".to_owned()),
+        _ => (
+            "GET /conversations/{id}",
+            format!("/api/v1/conversations/conv-{n}"),
+        ),
+    }
+}
+const READS: usize = 16;
+
+/// Per endpoint: latencies (µs) and answers other than 200 (404 counts as answered: an id the
+/// history does not have, e.g. a conversation never registered).
+#[derive(Default)]
+struct Calls {
+    latency: BTreeMap<&'static str, Histogram<u64>>,
+    not_ok: BTreeMap<&'static str, BTreeMap<u16, u64>>,
+}
+
+pub async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
+    println!("# kci-receiver at scale: the operations API's reads");
+    let binary = crate::service::binary(args.service_binary.as_deref())?;
+    println!("{}", machine());
+    let name = format!("kci_reads_{}", uuid::Uuid::new_v4().simple());
+    let admin = Database::connect(&args.postgres_url).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        .await?;
+    let authority = host_port(&args.postgres_url, 5432)?.to_string();
+    let database_url = with_authority(&args.postgres_url, &authority, Some(&name));
+    let result = measure(&args, &binary, &database_url).await;
+    if args.keep_database {
+        println!("kept the database: {database_url}");
+    } else {
+        let _ = admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+    result
+}
+
+async fn measure(
+    args: &BenchReadsArgs,
+    binary: &std::path::Path,
+    database_url: &str,
+) -> anyhow::Result<()> {
+    let service = Service::start(
+        binary,
+        &format!("kci-reads-{}", uuid::Uuid::new_v4().simple()),
+        &[
+            ("KCI__DATABASE__URL", database_url.to_owned()),
+            ("KCI__DATABASE__MAX_CONNECTIONS", "32".to_owned()),
+            // No broker here: the KCIs posted during the reads wait in the outbox.
+            ("KCI__RELAY__ENABLED", "false".to_owned()),
+        ],
+    )?;
+    service.wait_ready(None).await?;
+
+    // The history, in chunks of 20,000 entities (100,000 KCIs).
+    let entities = (args.kcis / 5).max(1);
+    let mut options = sea_orm::ConnectOptions::new(database_url.to_owned());
+    // The bulk statements run for seconds by design: no slow-statement warnings.
+    options.sqlx_logging(false);
+    let database = Database::connect(options).await?;
+    let started = Instant::now();
+    let chunk = 20_000;
+    let mut lo = 1;
+    while lo <= entities {
+        let hi = (lo + chunk - 1).min(entities);
+        let sql = HISTORY
+            .replace(":lo", &lo.to_string())
+            .replace(":hi", &hi.to_string())
+            .replace(":total", &entities.to_string());
+        database.execute_unprepared(&sql).await?;
+        lo = hi + 1;
+    }
+    database.execute_unprepared("ANALYZE").await?;
+    println!(
+        "history: {} entities, {} KCIs (with their audit records, history and published events) loaded in {:.0} s",
+        entities,
+        entities * 5,
+        started.elapsed().as_secs_f64()
+    );
+
+    // Intake goes on while the readers read.
+    let phase = Duration::from_secs(args.seconds);
+    let mut intake =
+        super::options(std::slice::from_ref(&service.base_url), 16, 21, 50_000_000).duration(phase);
+    intake.rate = Some(args.intake_rate);
+    let intake = tokio::spawn(simulator::run(intake));
+
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let deadline = Instant::now() + phase;
+    let readers: Vec<_> = (0..args.readers)
+        .map(|reader| {
+            let (client, calls, base) = (client.clone(), calls.clone(), service.base_url.clone());
+            tokio::spawn(async move {
+                let mut random = XorShift(0x9e37_79b9_7f4a_7c15 ^ (reader as u64 + 1));
+                let mut endpoint = reader;
+                while Instant::now() < deadline {
+                    let (name, path) = read_path(endpoint, entities, &mut random);
+                    endpoint += 1;
+                    let sent = Instant::now();
+                    let status = match client
+                        .get(format!("{base}{path}"))
+                        .basic_auth("ops-admin", Some(ADMIN_PASSWORD))
+                        .send()
+                        .await
+                    {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            let _ = response.bytes().await;
+                            status
+                        }
+                        Err(_) => 0,
+                    };
+                    let took = sent.elapsed().as_micros() as u64;
+                    let mut calls = calls.lock().unwrap_or_else(|p| p.into_inner());
+                    calls
+                        .latency
+                        .entry(name)
+                        .or_insert_with(|| {
+                            Histogram::new_with_bounds(1, 120_000_000, 3).expect("a histogram")
+                        })
+                        .saturating_record(took.max(1));
+                    if status != 200 {
+                        *calls
+                            .not_ok
+                            .entry(name)
+                            .or_default()
+                            .entry(status)
+                            .or_default() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.await?;
+    }
+    let intake = intake.await??;
+    println!(
+        "\n{} readers for {} s while the simulator posted {} KCIs ({:.0}/s; {} other answers)",
+        args.readers,
+        args.seconds,
+        intake.accepted.len(),
+        intake.throughput(),
+        intake.other_statuses.values().sum::<u64>() + intake.transport_errors,
+    );
+    println!("\n| endpoint | calls | p50 | p99 | max | answers other than 200 |");
+    println!("|---|---|---|---|---|---|");
+    let calls = std::mem::take(&mut *calls.lock().unwrap_or_else(|p| p.into_inner()));
+    for (name, h) in &calls.latency {
+        let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "| {name} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:?} |",
+            h.len(),
+            ms(0.5),
+            ms(0.99),
+            h.max() as f64 / 1000.0,
+            calls.not_ok.get(name).cloned().unwrap_or_default()
+        );
+    }
+
+    // The plans of the single-entity reads' queries (as the handlers issue them).
+    let k = entities * 5 / 2;
+    println!(
+        "\nPlans (EXPLAIN ANALYZE), KCI {} of entity {}:",
+        kci_uuid(k),
+        (k - 1) / 5 + 1
+    );
+    for (what, sql) in [
+        (
+            "kci by kciId",
+            format!("SELECT * FROM kci WHERE kci_id = '{}'", kci_uuid(k)),
+        ),
+        (
+            "its history entries",
+            format!(
+                "SELECT * FROM state_transition WHERE tracked_entity_id = (SELECT tracked_entity_id FROM kci WHERE kci_id = '{0}') AND kci_ref = (SELECT id FROM kci WHERE kci_id = '{0}') ORDER BY id",
+                kci_uuid(k)
+            ),
+        ),
+        (
+            "its outbox event",
+            format!(
+                "SELECT * FROM outbox_event WHERE tracked_entity_id = (SELECT tracked_entity_id FROM kci WHERE kci_id = '{0}') AND kci_ref = (SELECT id FROM kci WHERE kci_id = '{0}') LIMIT 1",
+                kci_uuid(k)
+            ),
+        ),
+        (
+            "its deliveries",
+            format!(
+                "SELECT * FROM audit_log WHERE kci_id = '{}' ORDER BY id",
+                kci_uuid(k)
+            ),
+        ),
+        (
+            "an entity's history",
+            format!(
+                "SELECT * FROM state_transition WHERE tracked_entity_id = {} ORDER BY id",
+                (k - 1) / 5 + 1
+            ),
+        ),
+    ] {
+        let plan = database
+            .query_all_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!("EXPLAIN (ANALYZE, COSTS OFF) {sql}"),
+            ))
+            .await?;
+        let lines: Vec<String> = plan
+            .iter()
+            .filter_map(|row| row.try_get_by_index::<String>(0).ok())
+            .collect();
+        let index_used = lines.iter().any(|l| l.contains("Index"));
+        println!(
+            "- {what}: {} ({})",
+            lines
+                .iter()
+                .find(|l| l.contains("Execution Time"))
+                .map(|l| l.trim())
+                .unwrap_or("?"),
+            if index_used {
+                "index"
+            } else {
+                "NO INDEX: sequential scan"
+            }
+        );
+        for line in lines.iter().filter(|l| l.contains("Scan")) {
+            println!("    {}", line.trim());
+        }
+    }
+    database.close().await?;
+    println!(
+        "\npeak RSS of kci-receiver: {:.1} MB",
+        service.peak_rss_kib() as f64 / 1024.0
+    );
+    tokio::task::spawn_blocking(move || service.stop()).await?;
+    Ok(())
+}
