@@ -130,6 +130,46 @@ async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
     assert_eq!(postgres.order_violations, 0);
 }
 
+/// `kci-tools bench-reads` on a small history: every read endpoint answered 200 under
+/// concurrent readers while intake ran, and the single-entity queries' plans use indexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_read_benchmark_runs_end_to_end_on_a_bulk_loaded_history() {
+    use clap::Parser;
+    let args = kci_tools::cli::Cli::parse_from([
+        "kci-tools",
+        "bench-reads",
+        "--kcis",
+        "5000",
+        "--readers",
+        "4",
+        "--seconds",
+        "2",
+        "--intake-rate",
+        "20",
+        "--postgres-url",
+        &std::env::var("KCI_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+        "--service-binary",
+        env!("CARGO_BIN_EXE_kci-receiver"),
+    ]);
+    let kci_tools::cli::Command::BenchReads(args) = args.command else {
+        unreachable!("parsed as bench-reads")
+    };
+    let report = kci_tools::bench::reads::run(args)
+        .await
+        .expect("the read benchmark runs");
+    assert_eq!(report.endpoints.len(), 16, "{report:?}");
+    for (endpoint, calls, not_ok) in &report.endpoints {
+        assert!(*calls > 0, "{endpoint} was read");
+        assert_eq!(*not_ok, 0, "{endpoint}: every answer 200");
+    }
+    assert!(
+        report.plans_without_index.is_empty(),
+        "{:?}",
+        report.plans_without_index
+    );
+}
+
 /// The simulator as a CP's systems and the gateway together: each creating call goes through
 /// kci-receiver's egress proxy to the simulated Tenant API, which answers with the gateway id;
 /// the proxy records the original request, and the KCIs that follow are matched to it.

@@ -12,7 +12,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Simulate(args) => kci_tools::simulate(args).await,
         Command::Bench(args) => kci_tools::bench::run(args).await.map(|_| ()),
-        Command::BenchReads(args) => kci_tools::bench::reads::run(args).await,
+        Command::BenchReads(args) => kci_tools::bench::reads::run(args).await.map(|_| ()),
         Command::Drill(args) => {
             let findings = kci_tools::drill::run(args).await?;
             if !findings.iter().all(kci_tools::drill::Finding::held) {

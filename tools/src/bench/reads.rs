@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use sea_orm::{ConnectionTrait, Database};
+use sea_orm::{ConnectionTrait, Database, FromQueryResult};
 
 use crate::cli::BenchReadsArgs;
 use crate::service::{ADMIN_PASSWORD, Service, host_port, machine, with_authority};
@@ -134,12 +134,22 @@ struct Calls {
     not_ok: BTreeMap<&'static str, BTreeMap<u16, u64>>,
 }
 
-pub async fn run(args: BenchReadsArgs) -> anyhow::Result<()> {
+/// What a run saw, for its smoke test: per endpoint, calls and answers other than 200; the
+/// single-entity queries whose plan used no index.
+#[derive(Debug, Default)]
+pub struct ReadsReport {
+    pub endpoints: Vec<(String, u64, u64)>,
+    pub plans_without_index: Vec<String>,
+}
+
+pub async fn run(args: BenchReadsArgs) -> anyhow::Result<ReadsReport> {
     println!("# kci-receiver at scale: the operations API's reads");
     let binary = crate::service::binary(args.service_binary.as_deref())?;
     println!("{}", machine());
     let name = format!("kci_reads_{}", uuid::Uuid::new_v4().simple());
-    let admin = Database::connect(&args.postgres_url).await?;
+    let mut admin_options = sea_orm::ConnectOptions::new(args.postgres_url.clone());
+    admin_options.sqlx_logging(false);
+    let admin = Database::connect(admin_options).await?;
     admin
         .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
         .await?;
@@ -160,7 +170,8 @@ async fn measure(
     args: &BenchReadsArgs,
     binary: &std::path::Path,
     database_url: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<ReadsReport> {
+    let mut report = ReadsReport::default();
     let service = Service::start(
         binary,
         &format!("kci-reads-{}", uuid::Uuid::new_v4().simple()),
@@ -192,6 +203,9 @@ async fn measure(
         lo = hi + 1;
     }
     database.execute_unprepared("ANALYZE").await?;
+    // Index use is counted from here on: the reads and the intake that goes with them, not the
+    // bulk load (needs a superuser; without one the counts include the load).
+    let _ = database.execute_unprepared("SELECT pg_stat_reset()").await;
     println!(
         "history: {} entities, {} KCIs (with their audit records, history and published events) loaded in {:.0} s",
         entities,
@@ -271,6 +285,11 @@ async fn measure(
     println!("|---|---|---|---|---|---|");
     let calls = std::mem::take(&mut *calls.lock().unwrap_or_else(|p| p.into_inner()));
     for (name, h) in &calls.latency {
+        report.endpoints.push((
+            (*name).to_owned(),
+            h.len(),
+            calls.not_ok.get(name).map_or(0, |n| n.values().sum()),
+        ));
         let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         println!(
             "| {name} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:?} |",
@@ -334,6 +353,9 @@ async fn measure(
             .filter_map(|row| row.try_get_by_index::<String>(0).ok())
             .collect();
         let index_used = lines.iter().any(|l| l.contains("Index"));
+        if !index_used {
+            report.plans_without_index.push(what.to_owned());
+        }
         println!(
             "- {what}: {} ({})",
             lines
@@ -351,11 +373,39 @@ async fn measure(
             println!("    {}", line.trim());
         }
     }
+    // Which indexes the reads and the intake of this run used (item 1's index diet: an index no
+    // question of the operations API uses only costs intake).
+    #[derive(sea_orm::FromQueryResult)]
+    struct IndexUse {
+        table_name: String,
+        index_name: String,
+        scans: i64,
+        size_kib: i64,
+    }
+    let uses = IndexUse::find_by_statement(sea_orm::Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "SELECT relname::text AS table_name, indexrelname::text AS index_name, idx_scan AS scans, \
+         (pg_relation_size(indexrelid) / 1024)::bigint AS size_kib \
+         FROM pg_stat_user_indexes WHERE relname <> 'seaql_migrations' ORDER BY relname, indexrelname",
+    ))
+    .all(&database)
+    .await?;
+    println!("\nIndex use during the reads and their intake (pg_stat_user_indexes):");
+    println!("\n| table | index | scans | size |\n|---|---|---|---|");
+    for u in &uses {
+        println!(
+            "| {} | {} | {} | {:.1} MB |",
+            u.table_name,
+            u.index_name,
+            u.scans,
+            u.size_kib as f64 / 1024.0
+        );
+    }
     database.close().await?;
     println!(
         "\npeak RSS of kci-receiver: {:.1} MB",
         service.peak_rss_kib() as f64 / 1024.0
     );
     tokio::task::spawn_blocking(move || service.stop()).await?;
-    Ok(())
+    Ok(report)
 }
