@@ -439,14 +439,38 @@ pub async fn get_attention(
     let stuck_for = duration("stuckFor", &query.stuck_for)?;
     let within = duration("anomaliesWithin", &query.anomalies_within)?;
     let limit = page_size(query.limit, MAX_LIMIT)?;
-    // Shared by concurrent callers for `metrics.refresh_interval_ms`: as fresh as the overview.
+    // Shared by concurrent callers for `metrics.refresh_interval_ms` (as fresh as the
+    // overview); once there is an answer, a stale one is given at once while one caller's
+    // background task computes the next, so no caller waits for the counts.
     let key = (stuck_for.num_seconds(), within.num_seconds(), limit);
-    let mut attention = state
-        .attention_answers
-        .get_or_compute(key, || {
-            queries::attention(&state.db, stuck_for, Utc::now() - within, limit)
-        })
-        .await?;
+    let mut attention = match state.attention_answers.recent(&key) {
+        Some((attention, refresh)) => {
+            if refresh {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let computed = state
+                        .attention_answers
+                        .get_or_compute(key, || {
+                            queries::attention(&state.db, stuck_for, Utc::now() - within, limit)
+                        })
+                        .await;
+                    if let Err(error) = computed {
+                        tracing::warn!(error = %error, "attention: could not refresh the counts");
+                    }
+                    state.attention_answers.refreshed(&key);
+                });
+            }
+            attention
+        }
+        None => {
+            state
+                .attention_answers
+                .get_or_compute(key, || {
+                    queries::attention(&state.db, stuck_for, Utc::now() - within, limit)
+                })
+                .await?
+        }
+    };
     attention.unrecorded_original_requests = state.unrecorded.list();
     Ok(HttpResponse::Ok().json(attention))
 }

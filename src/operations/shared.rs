@@ -1,7 +1,9 @@
 //! Answers shared by concurrent callers for a short while: an expensive read (the attention
 //! list's counts go over every entity in flight) is computed at most once per `ttl` and one at
 //! a time, whatever the number of dashboards open, so readers cannot pile work on the database
-//! that intake needs. A caller that arrives while it is being computed waits for that result.
+//! that intake needs. A caller that arrives while it is being computed waits for that result;
+//! with [`SharedAnswers::recent`], a caller gets a slightly stale answer at once while one
+//! refreshes it in the background, so nobody waits once there is an answer.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -12,7 +14,13 @@ pub struct SharedAnswers<K, V> {
     answers: std::sync::Mutex<HashMap<K, (Instant, V)>>,
     /// One computation at a time (across keys).
     computing: tokio::sync::Mutex<()>,
+    /// Keys being refreshed in the background ([`SharedAnswers::recent`]).
+    refreshing: std::sync::Mutex<std::collections::HashSet<K>>,
 }
+
+/// How much older than `ttl` an answer may be and still be given at once while a fresh one is
+/// computed in the background; older ones are waited for.
+const STALE_FOR_AT_MOST: u32 = 10;
 
 impl<K: Eq + Hash + Clone, V: Clone> SharedAnswers<K, V> {
     pub fn new(ttl: Duration) -> Self {
@@ -20,7 +28,37 @@ impl<K: Eq + Hash + Clone, V: Clone> SharedAnswers<K, V> {
             ttl,
             answers: std::sync::Mutex::new(HashMap::new()),
             computing: tokio::sync::Mutex::new(()),
+            refreshing: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// The last answer for `key` if it is younger than `STALE_FOR_AT_MOST` times `ttl`, and
+    /// whether the caller should refresh it (it is older than `ttl` and nobody refreshes it yet;
+    /// the caller then calls [`SharedAnswers::refreshed`] when done, whatever happened).
+    pub fn recent(&self, key: &K) -> Option<(V, bool)> {
+        let (age, value) = {
+            let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+            let (at, value) = answers.get(key)?;
+            (at.elapsed(), value.clone())
+        };
+        if age >= self.ttl * STALE_FOR_AT_MOST {
+            return None;
+        }
+        let refresh = age >= self.ttl
+            && self
+                .refreshing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
+        Some((value, refresh))
+    }
+
+    /// The background refresh of `key` is over.
+    pub fn refreshed(&self, key: &K) {
+        self.refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
     }
 
     fn fresh(&self, key: &K) -> Option<V> {
@@ -107,5 +145,38 @@ mod tests {
             .get_or_compute(3, || async { Ok::<_, &str>(7) })
             .await;
         assert_eq!(recovered, Ok(7));
+    }
+
+    #[tokio::test]
+    async fn a_stale_answer_is_given_at_once_and_one_caller_refreshes_it() {
+        let shared = SharedAnswers::<u8, u32>::new(Duration::from_millis(100));
+        assert!(shared.recent(&1).is_none(), "nothing yet: wait for it");
+        shared
+            .get_or_compute(1, || async { Ok::<_, ()>(1) })
+            .await
+            .unwrap();
+        assert_eq!(shared.recent(&1), Some((1, false)), "fresh");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert_eq!(
+            shared.recent(&1),
+            Some((1, true)),
+            "stale: this caller refreshes"
+        );
+        assert_eq!(
+            shared.recent(&1),
+            Some((1, false)),
+            "someone refreshes already"
+        );
+        shared
+            .get_or_compute(1, || async { Ok::<_, ()>(2) })
+            .await
+            .unwrap();
+        shared.refreshed(&1);
+        assert_eq!(shared.recent(&1), Some((2, false)));
+        tokio::time::sleep(Duration::from_millis(1_050)).await;
+        assert!(
+            shared.recent(&1).is_none(),
+            "too old to give: wait for a new one"
+        );
     }
 }
