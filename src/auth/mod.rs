@@ -155,6 +155,17 @@ impl Authenticator {
 
     /// Authenticates an operations API caller holding at least `required`.
     pub fn operations(&self, headers: &HeaderMap, required: OpsRole) -> Result<String, ApiError> {
+        self.operations_role(headers, required)
+            .map(|(username, _)| username)
+    }
+
+    /// [`Authenticator::operations`], also telling the caller's own role (the dashboard shows
+    /// the admin role's actions only to it).
+    pub fn operations_role(
+        &self,
+        headers: &HeaderMap,
+        required: OpsRole,
+    ) -> Result<(String, OpsRole), ApiError> {
         let (username, password) = basic::parse(authorization(headers)?)?;
         let role = self
             .operations
@@ -162,7 +173,7 @@ impl Authenticator {
             .find(|(user, _)| user.matches(&username, &password))
             .map(|(_, role)| *role);
         match role {
-            Some(role) if role.allows(required) => Ok(username),
+            Some(role) if role.allows(required) => Ok((username, role)),
             Some(_) => Err(ApiError::Forbidden(format!(
                 "{username} may not do this: the {required:?} role is required"
             ))),

@@ -32,20 +32,15 @@ fn page_for(admin: bool) -> String {
               (status = 401, description = "Asks for the operations credentials")),
     security(("operations_basic" = [])))]
 pub async fn dashboard(request: HttpRequest, state: web::Data<AppState>) -> HttpResponse {
-    match state.auth.operations(request.headers(), OpsRole::Read) {
-        Ok(_) => HttpResponse::Ok()
+    match state.auth.operations_role(request.headers(), OpsRole::Read) {
+        Ok((_, role)) => HttpResponse::Ok()
             .content_type("text/html; charset=utf-8")
             .insert_header((CACHE_CONTROL, "no-store"))
             .insert_header((
                 CONTENT_SECURITY_POLICY,
                 "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'",
             ))
-            .body(page_for(
-                state
-                    .auth
-                    .operations(request.headers(), OpsRole::Admin)
-                    .is_ok(),
-            )),
+            .body(page_for(role == OpsRole::Admin)),
         Err(error @ ApiError::Unauthenticated(_)) => {
             let mut response = actix_web::ResponseError::error_response(&error);
             response.headers_mut().insert(

@@ -443,21 +443,20 @@ pub async fn get_attention(
     // overview); once there is an answer, a stale one is given at once while one caller's
     // background task computes the next, so no caller waits for the counts.
     let key = (stuck_for.num_seconds(), within.num_seconds(), limit);
+    let compute = move |state: web::Data<AppState>| async move {
+        queries::attention(&state.db, stuck_for, Utc::now() - within, limit).await
+    };
     let mut attention = match state.attention_answers.recent(&key) {
         Some((attention, refresh)) => {
             if refresh {
                 let state = state.clone();
                 tokio::spawn(async move {
-                    let computed = state
-                        .attention_answers
-                        .get_or_compute(key, || {
-                            queries::attention(&state.db, stuck_for, Utc::now() - within, limit)
-                        })
-                        .await;
+                    let answers = &state.attention_answers;
+                    let computed = answers.get_or_compute(key, || compute(state.clone())).await;
                     if let Err(error) = computed {
                         tracing::warn!(error = %error, "attention: could not refresh the counts");
                     }
-                    state.attention_answers.refreshed(&key);
+                    answers.refreshed(&key);
                 });
             }
             attention
@@ -465,9 +464,7 @@ pub async fn get_attention(
         None => {
             state
                 .attention_answers
-                .get_or_compute(key, || {
-                    queries::attention(&state.db, stuck_for, Utc::now() - within, limit)
-                })
+                .get_or_compute(key, || compute(state.clone()))
                 .await?
         }
     };
