@@ -17,6 +17,7 @@ mod m20261124_000007_reconciliation;
 mod m20261124_000008_retention;
 mod m20261124_000009_kci_deliveries_index;
 mod m20261124_000010_attention_indexes;
+mod m20261125_000011_index_diet;
 
 pub struct Migrator;
 
@@ -34,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000008_retention::Migration),
             Box::new(m20261124_000009_kci_deliveries_index::Migration),
             Box::new(m20261124_000010_attention_indexes::Migration),
+            Box::new(m20261125_000011_index_diet::Migration),
         ]
     }
 }

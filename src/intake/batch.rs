@@ -3,7 +3,9 @@
 //!
 //! A batch of n KCIs costs about a dozen statements and one durable commit, whatever n is; one
 //! KCI alone costs the same dozen. That is what makes group commit pay: the database's work per
-//! KCI shrinks as load grows, instead of each KCI paying its own round trips and commit.
+//! KCI shrinks as load grows, instead of each KCI paying its own round trips and commit. On
+//! PostgreSQL each of those statements also has one text whatever n is ([`crate::store::bulk`]),
+//! so it is parsed and planned once per connection rather than once per batch size.
 //!
 //! Locking (PostgreSQL): the batch's entities are locked with one `SELECT ... ORDER BY id FOR
 //! UPDATE`, so concurrent batches take shared entities in the same order and queue behind each
@@ -17,13 +19,11 @@ use std::collections::{HashMap, HashSet};
 use chrono::Utc;
 use entity::conversation;
 use entity::kci as kci_row;
-use entity::outbox_event;
-use entity::state_transition;
 use entity::tracked_entity;
-use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, Condition, DatabaseTransaction, DbErr, EntityTrait, ExprTrait, Iterable,
-    QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
+    ExprTrait, QueryFilter, QueryOrder, QuerySelect, Set, Statement,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -31,6 +31,7 @@ use uuid::Uuid;
 use super::plan::{self, EntityKey, KciRef, KnownKci, Loaded, entity_key};
 use super::{Delivery, IntakeError, Recorded};
 use crate::store::StoreError;
+use crate::store::bulk::{self, Elements};
 
 /// Records `deliveries` in `txn` (not committed here); one [`Recorded`] per delivery, in order.
 pub async fn record(
@@ -57,9 +58,15 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
         .map(|d| d.conversation_id.as_str())
         .collect();
     super::conversations::lock_conversations(txn, conversation_ids.iter().copied(), false).await?;
+    let backend = txn.get_database_backend();
     let kci_ids: HashSet<Uuid> = deliveries.iter().map(|d| d.kci.id).collect();
     for known in kci_row::Entity::find()
-        .filter(kci_row::Column::KciId.is_in(kci_ids))
+        .filter(bulk::one_of(
+            backend,
+            kci_row::Column::KciId,
+            Elements::Uuid,
+            kci_ids,
+        ))
         .all(txn)
         .await?
     {
@@ -111,7 +118,12 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
 
     // Conversations of the new KCIs: needed now to create entities matched.
     for request in conversation::Entity::find()
-        .filter(conversation::Column::ConversationId.is_in(conversation_ids))
+        .filter(bulk::one_of(
+            backend,
+            conversation::Column::ConversationId,
+            Elements::Text,
+            conversation_ids.iter().map(|id| id.to_string()),
+        ))
         .all(txn)
         .await?
     {
@@ -137,13 +149,15 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
             row.id = sea_orm::ActiveValue::NotSet;
             row
         });
-        tracked_entity::Entity::insert_many(new_rows)
-            .on_conflict_do_nothing_on([
+        bulk::insert_unless_present(
+            txn,
+            new_rows.collect(),
+            &[
                 tracked_entity::Column::EntityType,
                 tracked_entity::Column::GatewayId,
-            ])
-            .exec_without_returning(txn)
-            .await?;
+            ],
+        )
+        .await?;
         lock_entities(txn, &missing, &[], &mut loaded).await?;
         if let Some(key) = missing.iter().find(|k| !loaded.entity_ids.contains_key(*k)) {
             // Deleted between our insert and lock: not something intake does; run it again.
@@ -165,7 +179,12 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
         .collect();
     if !linked.is_empty() {
         for request in conversation::Entity::find()
-            .filter(conversation::Column::Id.is_in(linked))
+            .filter(bulk::one_of(
+                backend,
+                conversation::Column::Id,
+                Elements::BigInt,
+                linked,
+            ))
             .all(txn)
             .await?
         {
@@ -185,17 +204,40 @@ async fn lock_entities(
     if keys.is_empty() && ids.is_empty() {
         return Ok(());
     }
-    let mut wanted = Condition::any();
-    if !ids.is_empty() {
-        wanted = wanted.add(tracked_entity::Column::Id.is_in(ids.iter().copied()));
-    }
-    for (entity_type, gateway_id) in keys {
-        wanted = wanted.add(
-            Condition::all()
-                .add(tracked_entity::Column::EntityType.eq(entity_type.as_str()))
-                .add(tracked_entity::Column::GatewayId.eq(gateway_id.as_str())),
-        );
-    }
+    let wanted = if txn.get_database_backend() == DbBackend::Postgres {
+        // One text whatever the numbers of keys and ids (`store::bulk`): the ids of the keys'
+        // entities and the ids asked for, computed first, then every row locked in id order.
+        // Each key is looked up by its own subquery on the unique index: a join of the keys
+        // with the table would be planned as a scan of every entity (see `store::bulk`).
+        let keys: Vec<Value> = keys
+            .iter()
+            .map(|(entity_type, gateway_id)| serde_json::json!([entity_type, gateway_id]))
+            .collect();
+        Condition::all().add(Expr::cust_with_values(
+            r#""tracked_entity"."id" = ANY(ARRAY(
+                SELECT (SELECT e."id" FROM "tracked_entity" AS e
+                        WHERE e."entity_type" = k->>0 AND e."gateway_id" = k->>1)
+                FROM jsonb_array_elements($1) AS k
+                UNION ALL SELECT jsonb_array_elements_text($2)::bigint))"#,
+            [
+                sea_orm::Value::from(Value::Array(keys)),
+                sea_orm::Value::from(serde_json::json!(ids)),
+            ],
+        ))
+    } else {
+        let mut wanted = Condition::any();
+        if !ids.is_empty() {
+            wanted = wanted.add(tracked_entity::Column::Id.is_in(ids.iter().copied()));
+        }
+        for (entity_type, gateway_id) in keys {
+            wanted = wanted.add(
+                Condition::all()
+                    .add(tracked_entity::Column::EntityType.eq(entity_type.as_str()))
+                    .add(tracked_entity::Column::GatewayId.eq(gateway_id.as_str())),
+            );
+        }
+        wanted
+    };
     for entity in tracked_entity::Entity::find()
         .filter(wanted)
         .order_by_asc(tracked_entity::Column::Id)
@@ -217,36 +259,20 @@ async fn write(
     deliveries: &[&Delivery],
     plan: plan::Plan,
 ) -> Result<Vec<Recorded>, StoreError> {
-    let kci_ids = insert_in_order(txn, kci_row::Entity::insert_many(plan.kcis)).await?;
+    let kci_ids = bulk::insert(txn, plan.kcis, true).await?;
     let audit_rows = deliveries.iter().zip(&plan.recorded).map(|(d, recorded)| {
         let mut row = d.audit.to_active_model();
         row.outcome = Set(recorded.outcome.audit_outcome().as_str().to_owned());
         row.kci_id = Set(Some(d.kci.id));
         row
     });
-    let audit_ids =
-        insert_in_order(txn, entity::audit_log::Entity::insert_many(audit_rows)).await?;
+    let audit_ids = bulk::insert(txn, audit_rows.collect(), true).await?;
     let kci_ref = |reference: KciRef| match reference {
         KciRef::Existing(id) => id,
         KciRef::New(n) => kci_ids[n],
     };
 
-    let now = Utc::now();
-    for (id, redeliveries, anomalies) in plan.counters {
-        kci_row::Entity::update_many()
-            .col_expr(
-                kci_row::Column::RedeliveryCount,
-                Expr::col(kci_row::Column::RedeliveryCount).add(redeliveries),
-            )
-            .col_expr(
-                kci_row::Column::AnomalyCount,
-                Expr::col(kci_row::Column::AnomalyCount).add(anomalies),
-            )
-            .col_expr(kci_row::Column::LastRedeliveredAt, Expr::value(now))
-            .filter(kci_row::Column::Id.eq(id))
-            .exec(txn)
-            .await?;
-    }
+    count_redeliveries(txn, &plan.counters).await?;
 
     let transitions = plan
         .transitions
@@ -256,56 +282,64 @@ async fn write(
             row.audit_log_id = Set(Some(audit_ids[delivery]));
             row
         });
-    state_transition::Entity::insert_many(transitions)
-        .exec_without_returning(txn)
-        .await?;
-
-    // Every changed entity in one statement: an upsert on the primary key updates them all.
-    if !plan.entities.is_empty() {
-        let columns =
-            tracked_entity::Column::iter().filter(|c| !matches!(c, tracked_entity::Column::Id));
-        let rows = plan
-            .entities
+    bulk::insert(txn, transitions.collect(), false).await?;
+    bulk::update_by_id(
+        txn,
+        plan.entities
             .into_iter()
-            .map(tracked_entity::ActiveModel::from);
-        tracked_entity::Entity::insert_many(rows)
-            .on_conflict(
-                OnConflict::column(tracked_entity::Column::Id)
-                    .update_columns(columns)
-                    .to_owned(),
-            )
-            .exec_without_returning(txn)
-            .await?;
-    }
-
+            .map(tracked_entity::ActiveModel::from)
+            .collect(),
+    )
+    .await?;
     let events = plan.events.into_iter().map(|(kci, mut row)| {
         row.kci_ref = Set(kci_ids[kci]);
         row
     });
-    outbox_event::Entity::insert_many(events)
-        .exec_without_returning(txn)
-        .await?;
+    bulk::insert(txn, events.collect(), false).await?;
     Ok(plan.recorded)
 }
 
-/// Inserts rows and returns their ids in the order of the rows. Both databases hand out the ids
-/// of one multi-row insert in increasing order of its rows; the order in which `RETURNING`
-/// lists them is not promised, so they are sorted.
-async fn insert_in_order<A>(
+/// Redeliveries of KCIs recorded before the batch: their counters and the time of the last one.
+/// One statement on PostgreSQL (`store::bulk`); SQLite, where statements cost next to nothing to
+/// prepare, one per KCI (redeliveries are rare).
+async fn count_redeliveries(
     txn: &DatabaseTransaction,
-    insert: sea_orm::InsertMany<A>,
-) -> Result<Vec<i64>, StoreError>
-where
-    A: sea_orm::ActiveModelTrait,
-    <A::Entity as EntityTrait>::Model: sea_orm::IntoActiveModel<A>,
-    <<A::Entity as EntityTrait>::PrimaryKey as sea_orm::PrimaryKeyTrait>::ValueType: Into<i64>,
-{
-    let mut ids: Vec<i64> = insert
-        .exec_with_returning_keys(txn)
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect();
-    ids.sort_unstable();
-    Ok(ids)
+    counters: &[(i64, i32, i32)],
+) -> Result<(), StoreError> {
+    if counters.is_empty() {
+        return Ok(());
+    }
+    let now = Utc::now();
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let rows: Vec<Value> = counters
+            .iter()
+            .map(|(id, redeliveries, anomalies)| serde_json::json!([id, redeliveries, anomalies]))
+            .collect();
+        txn.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            r#"UPDATE "kci" SET "redelivery_count" = "kci"."redelivery_count" + (c->>1)::integer,
+                "anomaly_count" = "kci"."anomaly_count" + (c->>2)::integer, "last_redelivered_at" = $2
+               FROM jsonb_array_elements($1) AS c WHERE "kci"."id" = (c->>0)::bigint
+               AND "kci"."id" = ANY(ARRAY(SELECT (c->>0)::bigint FROM jsonb_array_elements($1) AS c))"#,
+            [sea_orm::Value::from(Value::Array(rows)), now.into()],
+        ))
+        .await?;
+        return Ok(());
+    }
+    for (id, redeliveries, anomalies) in counters {
+        kci_row::Entity::update_many()
+            .col_expr(
+                kci_row::Column::RedeliveryCount,
+                Expr::col(kci_row::Column::RedeliveryCount).add(*redeliveries),
+            )
+            .col_expr(
+                kci_row::Column::AnomalyCount,
+                Expr::col(kci_row::Column::AnomalyCount).add(*anomalies),
+            )
+            .col_expr(kci_row::Column::LastRedeliveredAt, Expr::value(now))
+            .filter(kci_row::Column::Id.eq(*id))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
 }

@@ -180,11 +180,12 @@ pub async fn lock_conversations<'a>(
     if txn.get_database_backend() != DbBackend::Postgres {
         return Ok(());
     }
-    // Locks are taken in the order of the ids, sorted: the same order in every transaction.
-    let ids: Vec<SqlValue> = conversation_ids
+    // Locks are taken in the order of the ids, sorted: the same order in every transaction
+    // (`jsonb_array_elements_text` yields them in the array's order). One statement text
+    // whatever their number (`store::bulk`).
+    let ids: Vec<&str> = conversation_ids
         .collect::<std::collections::BTreeSet<&str>>()
         .into_iter()
-        .map(|id| SqlValue::from(id.to_owned()))
         .collect();
     if ids.is_empty() {
         return Ok(());
@@ -194,15 +195,13 @@ pub async fn lock_conversations<'a>(
     } else {
         "pg_advisory_xact_lock_shared"
     };
-    let rows: Vec<String> = (1..=ids.len()).map(|n| format!("(${n})")).collect();
     let sql = format!(
-        "SELECT {function}({CONVERSATION_LOCK_NAMESPACE}, hashtext(c)) FROM (VALUES {}) AS v(c)",
-        rows.join(", ")
+        "SELECT {function}({CONVERSATION_LOCK_NAMESPACE}, hashtext(c)) FROM jsonb_array_elements_text($1) AS c"
     );
     txn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         sql,
-        ids,
+        [SqlValue::from(serde_json::json!(ids))],
     ))
     .await?;
     Ok(())

@@ -708,7 +708,7 @@ pub struct SearchResult {
     /// By gateway id, supplier reference or conversation id.
     pub entities: Vec<tracked_entity::Model>,
     pub conversations: Vec<conversation::Model>,
-    /// By X-Request-ID.
+    /// By X-Request-ID, or by the UUID of an error we answered (the `uuid` of its body).
     pub audit: Vec<audit_log::Model>,
     /// By KCI id.
     pub kcis: Vec<KciSummary>,
@@ -753,17 +753,31 @@ pub async fn search(db: &impl ConnectionTrait, query: &str) -> Result<SearchResu
         .filter(conversation::Column::ConversationId.eq(query))
         .all(db)
         .await?;
-    let audit = audit_records(db, query).await?;
+    let mut audit = audit_records(db, query).await?;
     let kcis = match uuid::Uuid::parse_str(query) {
-        Ok(id) => kci::Entity::find()
-            .filter(kci::Column::KciId.eq(id))
-            .all(db)
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        Ok(id) => {
+            // The UUID of an error we answered (what the gateway's operator quotes back):
+            // the refused request, through the partial index of migration 11.
+            audit.extend(
+                audit_log::Entity::find()
+                    .filter(audit_log::Column::ErrorUuid.eq(id))
+                    .order_by_asc(audit_log::Column::Id)
+                    .limit(100)
+                    .all(db)
+                    .await?,
+            );
+            kci::Entity::find()
+                .filter(kci::Column::KciId.eq(id))
+                .all(db)
+                .await?
+                .into_iter()
+                .map(Into::into)
+                .collect()
+        }
         Err(_) => Vec::new(),
     };
+    audit.sort_by_key(|record| record.id);
+    audit.dedup_by_key(|record| record.id);
     Ok(SearchResult {
         entities,
         conversations,

@@ -17,6 +17,7 @@ use sea_orm::{
 };
 
 use crate::store::StoreError;
+use crate::store::bulk::{self, Elements};
 
 /// Advisory lock namespace for "this relay is publishing this entity" (PostgreSQL).
 const ENTITY_LOCK_NAMESPACE: i32 = 0x4b43_4931; // "KCI1"
@@ -122,7 +123,12 @@ async fn held_among(
         .column(outbox_event::Column::TrackedEntityId)
         .distinct()
         .filter(outbox_event::Column::Status.eq(OutboxStatus::Dead))
-        .filter(outbox_event::Column::TrackedEntityId.is_in(entities))
+        .filter(bulk::one_of(
+            db.get_database_backend(),
+            outbox_event::Column::TrackedEntityId,
+            Elements::BigInt,
+            entities,
+        ))
         .into_model::<Held>()
         .all(db)
         .await?
@@ -131,13 +137,13 @@ async fn held_among(
         .collect())
 }
 
-/// Integer ids as an SQL list (safe to inline).
-fn id_list(ids: &[i64]) -> String {
-    ids.iter()
-        .map(|id| id.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
+/// The heads among `$1` whose entity no other relay holds, each such entity then held by us.
+static LOCK_HEADS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT e.id FROM outbox_event e WHERE e.id = ANY($1) \
+         AND pg_try_advisory_lock({ENTITY_LOCK_NAMESPACE}, (e.tracked_entity_id % 2147483647)::int)"
+    )
+});
 
 /// The events with these ids that are still pending, in id order (SQLite, where one relay runs).
 pub async fn pending_by_id(
@@ -224,13 +230,11 @@ impl EntityLocks {
         if head_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let statement = format!(
-            "SELECT e.id FROM outbox_event e WHERE e.id IN ({}) \
-             AND pg_try_advisory_lock({ENTITY_LOCK_NAMESPACE}, (e.tracked_entity_id % 2147483647)::int)",
-            id_list(head_ids)
-        );
+        // One text whatever the number of heads (an array parameter): prepared once.
+        let head_ids = head_ids.to_vec();
         self.run(async move |connection| {
-            sea_orm::sqlx::query_scalar::<_, i64>(sea_orm::sqlx::AssertSqlSafe(statement))
+            sea_orm::sqlx::query_scalar::<_, i64>(LOCK_HEADS.as_str())
+                .bind(head_ids.clone())
                 .fetch_all(connection)
                 .await
         })
@@ -275,7 +279,12 @@ pub async fn mark_published(
             outbox_event::Column::LastError,
             Expr::value(Option::<String>::None),
         )
-        .filter(outbox_event::Column::Id.is_in(ids.iter().copied()))
+        .filter(bulk::one_of(
+            db.get_database_backend(),
+            outbox_event::Column::Id,
+            Elements::BigInt,
+            ids.iter().copied(),
+        ))
         .exec(db)
         .await?;
     Ok(())

@@ -3,6 +3,7 @@
 //! transactions, running again work that lost a race).
 
 pub mod audit;
+pub mod bulk;
 pub mod retention;
 pub mod text;
 pub mod write;

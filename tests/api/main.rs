@@ -10,6 +10,7 @@ mod access;
 mod access_matrix;
 mod auth;
 mod broker;
+mod bulk;
 mod cli;
 mod concurrency;
 mod contract;

@@ -438,6 +438,19 @@ async fn the_audit_record_and_support_text_cover_accepted_and_rejected_requests(
         )),
         "{rejected}"
     );
+    // The error UUID the gateway's operator quotes back finds the refused request.
+    let found = read_json(
+        app,
+        &format!("/api/v1/search?q={}", error["uuid"].as_str().unwrap()),
+    )
+    .await;
+    let found_ids: Vec<&str> = found["audit"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| record["requestId"].as_str().unwrap())
+        .collect();
+    assert_eq!(found_ids, ["req-rejected"], "{found}");
     assert!(rejected.contains("Response:\n422"));
     assert!(rejected.contains("sequenceNumber: must be a whole number from 1 to"));
     assert!(rejected.contains("Gateway ids:       PROVIDE_ORDER 12345"));
