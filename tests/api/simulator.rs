@@ -428,3 +428,37 @@ async fn a_gateway_that_drops_deliveries_still_returns_them_in_its_updates() {
         .unwrap();
     assert_eq!(without_token.status().as_u16(), 401);
 }
+
+/// `scripts/bench/index-cost` (one second per configuration, on the test build): every
+/// configuration's schema is made and written to, and each prints its figures.
+#[test]
+fn the_index_cost_script_prints_figures_for_every_configuration() {
+    let output = std::process::Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/bench/index-cost"
+    ))
+    .arg("1")
+    .env("KCI_RECEIVER_BIN", env!("CARGO_BIN_EXE_kci-receiver"))
+    .env(
+        "KCI_BENCH_POSTGRES_URL",
+        std::env::var("KCI_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+    )
+    .output()
+    .expect("the script runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let runs: Vec<&str> = stdout
+        .lines()
+        .filter(|line| line.starts_with("| 1 |") || line.starts_with("| 2 |"))
+        .collect();
+    assert_eq!(runs.len(), 2, "{stdout}");
+    for run in runs {
+        assert_eq!(run.matches(" tx/s, ").count(), 3, "{stdout}");
+        assert_eq!(run.matches(" ms CPU/tx |").count(), 3, "{stdout}");
+    }
+}

@@ -196,6 +196,11 @@ impl Service {
         anyhow::bail!("kci-receiver did not become ready (broker up: {broker_up:?})")
     }
 
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|child| child.id())
+    }
+
     /// Peak resident memory so far (VmHWM), KiB.
     pub fn peak_rss_kib(&self) -> u64 {
         let Some(child) = &self.child else {

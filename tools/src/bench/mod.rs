@@ -8,6 +8,7 @@
 
 pub mod broker_ceiling;
 pub mod ceiling;
+pub mod cpu;
 pub mod reads;
 
 use std::collections::HashMap;
@@ -49,6 +50,8 @@ struct Figures {
     /// Intake's stages during the half-rate phase (from `/metrics`, before and after it).
     half_stages: Vec<StageFigure>,
     peak_rss_kib: u64,
+    /// Milliseconds of CPU per KCI at saturation, by part of the system.
+    cpu_per_kci: Vec<(&'static str, f64)>,
     accepted_distinct: usize,
     arrived_distinct: usize,
     duplicates: usize,
@@ -236,9 +239,19 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
 
     let outcome = async {
         // Saturation.
+        let service_pids: Vec<u32> = std::iter::once(&service)
+            .chain(&others)
+            .filter_map(Service::pid)
+            .collect();
+        let cpu_before = cpu::sample(&service_pids);
         let saturation =
             simulator::run(options(&base_urls, args.concurrency, 11, 10_000_000).duration(phase))
                 .await?;
+        let cpu_per_kci = cpu::per_kci(
+            &cpu_before,
+            &cpu::sample(&service_pids),
+            saturation.accepted.len(),
+        );
         // Half of it, at a fixed rate.
         let rate = (saturation.throughput() / 2.0).max(1.0);
         let mut half_options =
@@ -306,7 +319,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
             );
         }
         Ok::<_, anyhow::Error>((
-            saturation,
+            (saturation, cpu_per_kci),
             (half, half_stages),
             fixed,
             lag,
@@ -346,7 +359,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::spawn_blocking(move || service.stop()).await?;
     let (
-        saturation,
+        (saturation, cpu_per_kci),
         (half, half_stages),
         fixed,
         lag,
@@ -355,6 +368,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         accepted,
     ) = outcome?;
     figures.half_stages = half_stages;
+    figures.cpu_per_kci = cpu_per_kci;
 
     // Loss, duplicates, order.
     let check = consumer.with_arrivals(|arrivals| delivery::check(arrivals, &accepted));
@@ -493,6 +507,18 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
             ms(h, 0.99),
             h.max() as f64 / 1000.0
         );
+        if !figures.cpu_per_kci.is_empty() {
+            let parts: Vec<String> = figures
+                .cpu_per_kci
+                .iter()
+                .map(|(part, ms)| format!("{part} {ms:.3} ms"))
+                .collect();
+            let all: f64 = figures.cpu_per_kci.iter().map(|(_, ms)| ms).sum();
+            println!(
+                "| CPU per KCI at saturation (user + system, /proc; compare builds by it) | {}; {all:.3} ms in all |",
+                parts.join(", ")
+            );
+        }
         println!(
             "| durable-commit ceiling (plain SQL, same rows into the same tables, same concurrency) | {:.0} tx/s; kci-receiver = {:.2}x |",
             figures.ceiling,
