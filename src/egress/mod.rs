@@ -381,19 +381,30 @@ pub async fn record_original_request(
     status: u16,
     response_body: &[u8],
 ) -> Result<Registration, StoreError> {
+    let new = original_request(outbound, request_id, conversation_id, status, response_body);
+    register(db, &new, ConversationSource::Egress).await
+}
+
+/// The original request a successful creating call makes, to be registered.
+pub fn original_request(
+    outbound: &Outbound,
+    request_id: &str,
+    conversation_id: &str,
+    status: u16,
+    response_body: &[u8],
+) -> NewConversation {
     let gateway_id = serde_json::from_slice::<Value>(response_body)
         .ok()
         .and_then(|body| body.get("id").cloned())
         .filter(|id| id.is_number() || id.is_string());
-    let new = NewConversation {
+    NewConversation {
         conversation_id: conversation_id.to_owned(),
         request_id: Some(request_id.to_owned()),
         operation: format!("{} {}", outbound.method, outbound.path()),
         request_body: serde_json::from_slice(&outbound.body).ok(),
         gateway_id,
         response_status: Some(Value::from(status)),
-    };
-    register(db, &new, ConversationSource::Egress).await
+    }
 }
 
 #[cfg(test)]

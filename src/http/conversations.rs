@@ -7,7 +7,7 @@ use serde_json::json;
 use super::AppState;
 use super::operator::{Admin, Operator};
 use crate::error::ApiError;
-use crate::intake::conversations::{NewConversation, register as register_conversation};
+use crate::intake::conversations::NewConversation;
 
 #[utoipa::path(post, path = "/api/v1/conversations", tag = "operations",
     request_body = NewConversation,
@@ -31,7 +31,7 @@ pub async fn register(
     if !problems.is_empty() {
         return Err(ApiError::Invalid(problems));
     }
-    let registration = register_conversation(&state.db, &new, ConversationSource::Api).await?;
+    let registration = state.intake.register(new, ConversationSource::Api).await?;
     let body = json!({
         "conversation": registration.conversation,
         "created": registration.created,

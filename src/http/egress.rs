@@ -10,9 +10,7 @@ use serde_json::Value;
 
 use super::{AppState, audit_record, read_limited};
 use crate::auth::OpsRole;
-use crate::egress::{
-    EgressError, Outbound, creates_something, is_returned, record_original_request,
-};
+use crate::egress::{EgressError, Outbound, creates_something, is_returned, original_request};
 use crate::error::ApiError;
 use crate::store::audit::{AuditOutcome, AuditRecord};
 
@@ -191,13 +189,15 @@ async fn forward(
     // retried in the background.
     let recorded = tokio::time::timeout(
         std::time::Duration::from_secs(5),
-        record_original_request(
-            &state.db,
-            &outbound,
-            &upstream.request_id,
-            &upstream.conversation_id,
-            status.as_u16(),
-            &bytes,
+        state.intake.register(
+            original_request(
+                &outbound,
+                &upstream.request_id,
+                &upstream.conversation_id,
+                status.as_u16(),
+                &bytes,
+            ),
+            entity::conversation::ConversationSource::Egress,
         ),
     )
     .await;

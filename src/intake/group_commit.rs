@@ -36,6 +36,8 @@ struct Job {
 pub struct GroupCommit {
     queue: mpsc::Sender<Job>,
     stats: IntakeStats,
+    /// Original requests, likewise several per transaction.
+    registrar: super::conversations::Registrar,
 }
 
 /// What group commit measures, for `/metrics`.
@@ -101,6 +103,7 @@ impl GroupCommit {
             )
             .expect("valid metric"),
         };
+        let registrar = super::conversations::Registrar::start(db.clone());
         let shared = Arc::new(Committers {
             db,
             jobs: Mutex::new(jobs),
@@ -111,7 +114,11 @@ impl GroupCommit {
         for _ in 0..committers {
             tokio::spawn(committer(shared.clone()));
         }
-        GroupCommit { queue, stats }
+        GroupCommit {
+            queue,
+            stats,
+            registrar,
+        }
     }
 
     /// Intake's histograms, for `/metrics`.
@@ -121,6 +128,16 @@ impl GroupCommit {
             Box::new(self.stats.commit_duration.clone()),
             Box::new(self.stats.stages.clone()),
         ]
+    }
+
+    /// Registers an original request, with others that arrive meanwhile in one transaction
+    /// ([`super::conversations::Registrar`]); `Ok` means committed.
+    pub async fn register(
+        &self,
+        new: super::conversations::NewConversation,
+        source: entity::conversation::ConversationSource,
+    ) -> Result<super::conversations::Registration, crate::store::StoreError> {
+        self.registrar.register(new, source).await
     }
 
     /// Records one delivery by `deadline`; `Ok` means committed.

@@ -78,3 +78,77 @@ async fn an_invalid_registration_names_its_problems() {
     let response = app.register_conversation(&json!({"operation": 5})).await;
     assert_gateway_error(response, 422, "INVALID_REQUEST").await;
 }
+
+/// Registrations arriving together are recorded together (several per transaction): each is
+/// still answered for itself (201 once per conversation, 200 for the repeats), each stored
+/// once, each matching the entities that waited for it.
+async fn many_registrations_at_once(backend: Backend) {
+    let app = spawn_app(backend).await;
+    // Entities waiting for their original request.
+    for n in 0..10u64 {
+        let body = kci("PROVIDE_ORDER", 7000 + n, 1, "ACKNOWLEDGED", "UPDATE");
+        let status = app
+            .post_kci(&body, &format!("conv-many-{n}"))
+            .await
+            .status();
+        assert_eq!(status.as_u16(), 204);
+    }
+    let app = &app;
+    let register = |n: u64| async move {
+        let response = app
+            .register_conversation(&json!({
+                "conversationId": format!("conv-many-{}", n % 20),
+                "operation": "POST /service-orders",
+                "requestBody": {"orderType": "PROVIDE"}
+            }))
+            .await;
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        (n, status, body)
+    };
+    let answers = futures_util::future::join_all((0..60).map(register)).await;
+    let mut created = std::collections::HashMap::new();
+    for (n, status, body) in &answers {
+        assert!(
+            matches!(status, 200 | 201),
+            "registration {n}: {status} {body}"
+        );
+        assert_eq!(
+            body["conversation"]["conversationId"],
+            format!("conv-many-{}", n % 20)
+        );
+        if *status == 201 {
+            *created.entry(n % 20).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(
+        created.len(),
+        20,
+        "each conversation created once: {created:?}"
+    );
+    assert!(created.values().all(|count| *count == 1), "{created:?}");
+    assert_eq!(app.count("FROM conversation").await, 20);
+    let matched: u64 = answers
+        .iter()
+        .map(|(_, _, body)| body["matchedEntities"].as_u64().unwrap())
+        .sum();
+    assert_eq!(matched, 10, "each waiting entity matched once");
+    for n in 0..10u64 {
+        assert_eq!(
+            app.entity("PROVIDE_ORDER", &(7000 + n).to_string())
+                .await
+                .correlation,
+            Correlation::Matched
+        );
+    }
+}
+
+#[tokio::test]
+async fn many_registrations_at_once_are_each_recorded_and_answered_on_sqlite() {
+    many_registrations_at_once(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn many_registrations_at_once_are_each_recorded_and_answered_on_postgres() {
+    many_registrations_at_once(Backend::Postgres).await;
+}
