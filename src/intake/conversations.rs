@@ -171,7 +171,9 @@ pub async fn register(
 /// fsync) the simulator's registrations, about one per four KCIs, kept intake's committer
 /// waiting for its turn to write for 17 ms per batch, 45% of its time (docs/benchmarks.md,
 /// "Third round"). Nobody waits for company; a batch that fails is recorded again one by one;
-/// if the registrar is gone, a registration is recorded directly.
+/// if the registrar is gone, a registration is recorded directly. A batch that outlives the
+/// deadline (a database that hangs rather than refuses) is abandoned and its registrations are
+/// answered "unavailable", so that nothing queued behind it waits for good.
 #[derive(Clone)]
 pub struct Registrar {
     db: Database,
@@ -190,7 +192,7 @@ const REGISTRATIONS_PER_BATCH: usize = 64;
 impl Registrar {
     /// Starts the registrar's task on the current Tokio runtime; it stops once every clone is
     /// dropped.
-    pub fn start(db: Database) -> Registrar {
+    pub fn start(db: Database, deadline: std::time::Duration) -> Registrar {
         let (queue, mut queued) = tokio::sync::mpsc::channel::<Queued>(REGISTRATIONS_PER_BATCH * 4);
         let task_db = db.clone();
         tokio::spawn(async move {
@@ -202,7 +204,7 @@ impl Registrar {
                         Err(_) => break,
                     }
                 }
-                record_queued(&task_db, batch).await;
+                record_queued(&task_db, batch, deadline).await;
             }
         });
         Registrar { db, queue }
@@ -235,25 +237,53 @@ impl Registrar {
     }
 }
 
-async fn record_queued(db: &Database, batch: Vec<Queued>) {
+/// `work`'s result, or "unavailable" once `deadline` has passed (`work` is then dropped: its
+/// transaction, if any, rolls back).
+async fn within<T>(
+    deadline: std::time::Duration,
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(deadline, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError {
+                kind: crate::store::StoreErrorKind::Unavailable,
+                source: sea_orm::DbErr::Custom(format!(
+                    "the database did not answer within {deadline:?}"
+                )),
+            })
+        })
+}
+
+async fn record_queued(db: &Database, batch: Vec<Queued>, deadline: std::time::Duration) {
     let pairs: Vec<(&NewConversation, ConversationSource)> =
         batch.iter().map(|q| (&q.new, q.source)).collect();
     let together = if batch.len() > 1 {
-        register_batch(db, &pairs).await.ok()
+        Some(within(deadline, register_batch(db, &pairs)).await)
     } else {
         None
     };
     match together {
-        Some(registrations) => {
+        Some(Ok(registrations)) => {
             for (queued, registration) in batch.into_iter().zip(registrations) {
                 let _ = queued.answer.send(Ok(registration));
             }
         }
-        // Alone, or the batch failed (one bad registration, a lost race): each on its own, so
-        // that one cannot fail the others.
-        None => {
+        // The database cannot be reached: so it is for every one of them, and trying each in
+        // turn would make the last wait for all the others' timeouts.
+        Some(Err(error)) if error.is_unavailable() => {
             for queued in batch {
-                let result = register(db, &queued.new, queued.source).await;
+                let _ = queued.answer.send(Err(StoreError {
+                    kind: error.kind,
+                    source: sea_orm::DbErr::Custom(error.source.to_string()),
+                }));
+            }
+        }
+        // Alone, or the batch failed for what may be one registration's fault (or a lost
+        // race): each on its own, so that one cannot fail the others.
+        Some(Err(_)) | None => {
+            for queued in batch {
+                let result = within(deadline, register(db, &queued.new, queued.source)).await;
                 let _ = queued.answer.send(result);
             }
         }

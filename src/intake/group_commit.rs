@@ -103,7 +103,10 @@ impl GroupCommit {
             )
             .expect("valid metric"),
         };
-        let registrar = super::conversations::Registrar::start(db.clone());
+        let registrar = super::conversations::Registrar::start(
+            db.clone(),
+            Duration::from_millis(settings.deadline_ms.max(1)),
+        );
         let shared = Arc::new(Committers {
             db,
             jobs: Mutex::new(jobs),

@@ -291,3 +291,53 @@ async fn sigterm_ends_the_process_in_bounded_time_while_database_and_broker_hang
     database_proxy.thaw();
     broker_proxy.thaw();
 }
+
+/// Registrations of original requests (recorded several per transaction) against a database
+/// that hangs: each is answered 503 by the deadline, none waits behind another's hung
+/// transaction, and registering works again once the database thaws.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_against_a_frozen_database_get_503_within_the_deadline() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let proxy = TcpProxy::start(database.postgres_addr()).await;
+    let mut settings = test_settings(&database.url_via_port(proxy.port));
+    settings.intake.deadline_ms = DEADLINE.as_millis() as u64;
+    let app = spawn_on(database, settings).await;
+    let registration = |n: usize| serde_json::json!({"conversationId": format!("conv-frozen-{n}"), "operation": "POST /service-orders"});
+    assert_eq!(
+        app.register_conversation(&registration(0))
+            .await
+            .status()
+            .as_u16(),
+        201
+    );
+
+    proxy.freeze();
+    let app = &app;
+    let answers = join_all((1..=12).map(|n| async move {
+        let started = Instant::now();
+        let response = tokio::time::timeout(
+            Duration::from_secs(20),
+            app.register_conversation(&registration(n)),
+        )
+        .await
+        .expect("an answer while the database is frozen");
+        (response.status().as_u16(), started.elapsed())
+    }))
+    .await;
+    for (status, took) in answers {
+        assert_eq!(status, 503, "while the database is frozen");
+        // A registration may queue behind a batch or two that hung: a few deadlines, never
+        // one per registration (12 here).
+        assert!(took < DEADLINE * 3 + SLACK, "answered after {took:?}");
+    }
+
+    proxy.thaw();
+    let recovered = eventually(Duration::from_secs(20), || async {
+        app.register_conversation(&registration(99))
+            .await
+            .status()
+            .is_success()
+    })
+    .await;
+    assert!(recovered, "registering works again once the database thaws");
+}
