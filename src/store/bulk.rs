@@ -44,7 +44,20 @@ where
         return Ok(Vec::new());
     }
     if db.get_database_backend() != DbBackend::Postgres {
-        return insert_with_values(db, rows, returning_ids).await;
+        // SQLite: sea-orm's multi-row `INSERT ... VALUES`.
+        let insert = A::Entity::insert_many(rows);
+        if !returning_ids {
+            insert.exec_without_returning(db).await?;
+            return Ok(Vec::new());
+        }
+        let mut ids: Vec<i64> = insert
+            .exec_with_returning_keys(db)
+            .await?
+            .into_iter()
+            .map(Into::into)
+            .collect();
+        ids.sort_unstable();
+        return Ok(ids);
     }
     let (columns, parameter) = as_json_rows(&rows)?;
     let table = quoted(A::Entity::default().table_name());
@@ -181,7 +194,7 @@ fn as_json_rows<A: ActiveModelTrait>(rows: &[A]) -> Result<(Columns<A>, Value), 
                     column.unquoted()
                 ))
             })?;
-            object.insert(column.unquoted().to_owned(), json_of(&value)?);
+            object.insert(column.unquoted().to_owned(), json_of(value)?);
         }
         array.push(Json::Object(object));
     }
@@ -197,32 +210,6 @@ fn column_list<C: Iden>(columns: &[C], prefix: &str) -> String {
         .map(|column| format!("{prefix}{}", quoted(column.unquoted())))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// SQLite: sea-orm's multi-row `INSERT ... VALUES`.
-async fn insert_with_values<A>(
-    db: &impl ConnectionTrait,
-    rows: Vec<A>,
-    returning_ids: bool,
-) -> Result<Vec<i64>, DbErr>
-where
-    A: ActiveModelTrait + Send,
-    <A::Entity as EntityTrait>::Model: sea_orm::IntoActiveModel<A>,
-    <<A::Entity as EntityTrait>::PrimaryKey as PrimaryKeyTrait>::ValueType: Into<i64>,
-{
-    let insert = A::Entity::insert_many(rows);
-    if !returning_ids {
-        insert.exec_without_returning(db).await?;
-        return Ok(Vec::new());
-    }
-    let mut ids: Vec<i64> = insert
-        .exec_with_returning_keys(db)
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect();
-    ids.sort_unstable();
-    Ok(ids)
 }
 
 /// The element type `one_of` casts its values to on PostgreSQL.
@@ -246,7 +233,7 @@ where
         return column.is_in(values);
     }
     let array: Vec<Json> = values
-        .iter()
+        .into_iter()
         .map(|value| json_of(value).unwrap_or(Json::Null))
         .collect();
     let cast = match elements {
@@ -268,7 +255,8 @@ where
 /// A value as `jsonb_populate_recordset` reads it back into its column's type: timestamps as
 /// RFC 3339 with microseconds (what PostgreSQL keeps, truncated as sqlx's binary encoding does),
 /// UUIDs as text, JSON as itself.
-fn json_of(value: &Value) -> Result<Json, DbErr> {
+/// Takes the value: the row's copy of a KCI's body moves into the JSON, not copied again.
+fn json_of(value: Value) -> Result<Json, DbErr> {
     Ok(match value {
         Value::Bool(v) => v.map_or(Json::Null, Json::Bool),
         Value::TinyInt(v) => v.map_or(Json::Null, Json::from),
@@ -279,8 +267,8 @@ fn json_of(value: &Value) -> Result<Json, DbErr> {
         Value::SmallUnsigned(v) => v.map_or(Json::Null, Json::from),
         Value::Unsigned(v) => v.map_or(Json::Null, Json::from),
         Value::BigUnsigned(v) => v.map_or(Json::Null, Json::from),
-        Value::String(v) => v.clone().map_or(Json::Null, Json::String),
-        Value::Json(v) => v.as_deref().cloned().unwrap_or(Json::Null),
+        Value::String(v) => v.map_or(Json::Null, Json::String),
+        Value::Json(v) => v.map_or(Json::Null, |json| *json),
         Value::Uuid(v) => v.map_or(Json::Null, |uuid| Json::String(uuid.to_string())),
         Value::ChronoDateTimeUtc(v) => v.map_or(Json::Null, |at| {
             Json::String(at.to_rfc3339_opts(SecondsFormat::Micros, true))
@@ -310,16 +298,16 @@ mod tests {
             .unwrap()
             .with_timezone(&chrono::Utc);
         assert_eq!(
-            json_of(&Value::from(at)).unwrap(),
+            json_of(Value::from(at)).unwrap(),
             Json::String("2026-11-25T01:02:03.123456Z".to_owned())
         );
     }
 
     #[test]
     fn nulls_stay_null_and_json_stays_itself() {
-        assert_eq!(json_of(&Value::String(None)).unwrap(), Json::Null);
+        assert_eq!(json_of(Value::String(None)).unwrap(), Json::Null);
         let document = serde_json::json!({"a": [1, "\u{1F600}"]});
-        assert_eq!(json_of(&Value::from(document.clone())).unwrap(), document);
+        assert_eq!(json_of(Value::from(document.clone())).unwrap(), document);
     }
 
     #[test]
