@@ -224,6 +224,10 @@ pub struct BenchArgs {
     /// Skip the SQLite run.
     #[arg(long)]
     pub postgres_only: bool,
+    /// Only the backlog drain and the broker's own rate (no ceilings, no load phases): for
+    /// working on the relay.
+    #[arg(long)]
+    pub drain_only: bool,
     /// kci-receiver instances on the PostgreSQL database, the load over all of them (one relay,
     /// in the first). SQLite always has one.
     #[arg(long, default_value_t = 1)]

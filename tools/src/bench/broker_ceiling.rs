@@ -1,8 +1,10 @@
 //! The broker's own confirmed-publish rate: what a plain lapin publisher gets from the same
-//! RabbitMQ, for messages of the relay's size and shape, in rounds of the relay's window
-//! (publish a round, await every confirm, publish the next), into a queue set up like the
-//! benchmark consumer's and drained by a consumer like it. The relay's backlog drain is measured
-//! against this, in the same run.
+//! RabbitMQ, for messages of the relay's size and shape, into a queue set up like the benchmark
+//! consumer's and drained by a consumer like it. Two shapes ([`Shape`]): in rounds (publish a
+//! round, await every confirm, publish the next: the yardstick), and in per-entity chains
+//! like the backlog's (each entity's messages one after the other, each once the one before is
+//! confirmed, the entities side by side: what per-entity order allows at best). The relay's
+//! backlog drain is measured against both, in the same run.
 
 use std::time::{Duration, Instant};
 
@@ -15,14 +17,21 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties, ExchangeKind};
 
-/// Confirmed publishes per second: `messages` messages of `message_bytes` bytes each, in rounds
-/// of `window`.
+/// How the messages are published.
+pub enum Shape {
+    /// `messages` in rounds of `window`, each round's confirms awaited before the next.
+    Rounds { window: usize, messages: usize },
+    /// One chain per entity, of the given lengths: each message sent once the one before it in
+    /// its chain is confirmed, all chains at once.
+    Chains(Vec<usize>),
+}
+
+/// Confirmed publishes per second, for messages of `message_bytes` bytes each, in `shape`.
 pub async fn confirmed_publishes_per_second(
     amqp_url: &str,
     exchange: &str,
     message_bytes: usize,
-    window: usize,
-    messages: usize,
+    shape: Shape,
 ) -> anyhow::Result<f64> {
     let connection = Connection::connect(amqp_url, ConnectionProperties::default()).await?;
     let channel = connection.create_channel().await?;
@@ -76,48 +85,69 @@ pub async fn confirmed_publishes_per_second(
         AMQPValue::LongLongInt(3),
     );
 
-    let started = Instant::now();
-    let mut sent = 0usize;
-    while sent < messages {
-        let round = window.min(messages - sent);
-        let publishes = (0..round).map(|i| {
-            let properties = BasicProperties::default()
-                .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
-                .with_correlation_id(ShortString::from("conv-ceiling"))
-                .with_content_type(ShortString::from("application/json"))
-                .with_delivery_mode(2)
-                .with_timestamp(0)
-                .with_type(ShortString::from("PROVIDE_ORDER"))
-                .with_app_id(ShortString::from("kci-tools"))
-                .with_headers(headers.clone());
-            let channel = &channel;
-            let payload = payload.as_bytes();
-            async move {
-                let confirm = channel
-                    .basic_publish(
-                        exchange.into(),
-                        format!("kci.provide_order.informational.n{}", i % 8)
-                            .as_str()
-                            .into(),
-                        BasicPublishOptions {
-                            mandatory: true,
-                            ..Default::default()
-                        },
-                        payload,
-                        properties,
-                    )
-                    .await?;
-                confirm.await
-            }
-        });
-        for confirmation in join_all(publishes).await {
-            match confirmation? {
-                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+    // One confirmed publish, with the relay's properties and a routing key like its own.
+    let publish = |n: usize| {
+        let properties = BasicProperties::default()
+            .with_message_id(ShortString::from(uuid::Uuid::new_v4().to_string()))
+            .with_correlation_id(ShortString::from("conv-ceiling"))
+            .with_content_type(ShortString::from("application/json"))
+            .with_delivery_mode(2)
+            .with_timestamp(0)
+            .with_type(ShortString::from("PROVIDE_ORDER"))
+            .with_app_id(ShortString::from("kci-tools"))
+            .with_headers(headers.clone());
+        let channel = &channel;
+        let payload = payload.as_bytes();
+        async move {
+            let confirm = channel
+                .basic_publish(
+                    exchange.into(),
+                    format!("kci.provide_order.informational.n{}", n % 8)
+                        .as_str()
+                        .into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    payload,
+                    properties,
+                )
+                .await?;
+            match confirm.await? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
                 other => anyhow::bail!("the broker did not confirm a plain publish: {other:?}"),
             }
         }
-        sent += round;
-    }
+    };
+    let started = Instant::now();
+    let messages = match shape {
+        Shape::Rounds { window, messages } => {
+            let mut sent = 0usize;
+            while sent < messages {
+                let round = window.min(messages - sent);
+                for confirmed in join_all((0..round).map(publish)).await {
+                    confirmed?;
+                }
+                sent += round;
+            }
+            messages
+        }
+        Shape::Chains(lengths) => {
+            let chains = lengths
+                .iter()
+                .enumerate()
+                .map(|(entity, length)| async move {
+                    for _ in 0..*length {
+                        publish(entity).await?;
+                    }
+                    Ok::<_, anyhow::Error>(())
+                });
+            for chain in join_all(chains).await {
+                chain?;
+            }
+            lengths.iter().sum()
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
 
     // Let the consumer empty the queue before it goes.

@@ -47,6 +47,12 @@ struct Figures {
     /// size used (the average outbox payload of the run).
     broker_rate: f64,
     message_bytes: usize,
+    /// The same broker's rate for the backlog's own shape: one chain per entity, each message
+    /// once the one before it is confirmed (what per-entity order allows at best); the backlog's
+    /// entities, and its longest chain.
+    chained_broker_rate: f64,
+    backlog_entities: usize,
+    longest_chain: usize,
     /// Intake's stages during the half-rate phase (from `/metrics`, before and after it).
     half_stages: Vec<StageFigure>,
     peak_rss_kib: u64,
@@ -171,20 +177,22 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
 
     // The ceilings first, in the same database: kci-receiver's tables (emptied afterwards),
     // then minimal tables of their own.
-    figures.ceiling = ceiling::durable_commits_per_second(
-        database_url,
-        ceiling::Rows::Schema,
-        args.concurrency,
-        phase / 2,
-    )
-    .await?;
-    figures.minimal_ceiling = ceiling::durable_commits_per_second(
-        database_url,
-        ceiling::Rows::Minimal,
-        args.concurrency,
-        phase / 2,
-    )
-    .await?;
+    if !args.drain_only {
+        figures.ceiling = ceiling::durable_commits_per_second(
+            database_url,
+            ceiling::Rows::Schema,
+            args.concurrency,
+            phase / 2,
+        )
+        .await?;
+        figures.minimal_ceiling = ceiling::durable_commits_per_second(
+            database_url,
+            ceiling::Rows::Minimal,
+            args.concurrency,
+            phase / 2,
+        )
+        .await?;
+    }
 
     let prefix = format!("kci-bench-{}", uuid::Uuid::new_v4().simple());
     let amqp = delivery::amqp_settings(&args.amqp_url, &prefix);
@@ -238,56 +246,25 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     }
 
     let outcome = async {
-        // Saturation.
-        let service_pids: Vec<u32> = std::iter::once(&service)
-            .chain(&others)
-            .filter_map(Service::pid)
-            .collect();
-        let cpu_before = cpu::sample(&service_pids);
-        let saturation =
-            simulator::run(options(&base_urls, args.concurrency, 11, 10_000_000).duration(phase))
-                .await?;
-        let cpu_per_kci = cpu::per_kci(
-            &cpu_before,
-            &cpu::sample(&service_pids),
-            saturation.accepted.len(),
-        );
-        // Half of it, at a fixed rate.
-        let rate = (saturation.throughput() / 2.0).max(1.0);
-        let mut half_options =
-            options(&base_urls, args.concurrency, 12, 20_000_000).duration(phase);
-        half_options.rate = Some(rate);
-        let before_half = stage_snapshot(&service.base_url).await;
-        let half = simulator::run(half_options).await?;
-        let half_stages = stage_figures(&before_half, &stage_snapshot(&service.base_url).await);
-        // Other fixed rates, for the shape of latency against load.
-        let mut fixed = Vec::new();
-        for (n, percent) in args.fixed_rates.iter().enumerate() {
-            let mut rate_options = options(
-                &base_urls,
-                args.concurrency,
-                14 + n as u64,
-                40_000_000 + 10_000_000 * n as u64,
-            )
-            .duration(phase);
-            rate_options.rate =
-                Some((saturation.throughput() * f64::from(*percent) / 100.0).max(1.0));
-            fixed.push((*percent, simulator::run(rate_options).await?));
-        }
-
         let mut accepted: HashMap<String, Instant> = HashMap::new();
-        for a in saturation
-            .accepted
-            .iter()
-            .chain(half.accepted.iter())
-            .chain(fixed.iter().flat_map(|(_, report)| report.accepted.iter()))
-        {
-            accepted.entry(a.kci_id.clone()).or_insert(a.at);
-        }
-        consumer.wait_for(&accepted, Duration::from_secs(120)).await;
-        let lag = consumer.with_arrivals(|arrivals| publish_lag(arrivals, &half.accepted))?;
+        let load = if args.drain_only {
+            None
+        } else {
+            Some(
+                load_phases(
+                    args,
+                    &service,
+                    &others,
+                    &base_urls,
+                    &consumer,
+                    &mut accepted,
+                )
+                .await?,
+            )
+        };
 
         // Backlog drain: the broker goes away, KCIs keep coming, the broker comes back.
+        let before_backlog = last_outbox_id(database_url).await?;
         proxy.cut();
         service.wait_ready(Some(false)).await?;
         let backlog_entities = (args.backlog / 4).max(1);
@@ -313,17 +290,15 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         });
         let (first, last) = (first.unwrap_or(restored), last.unwrap_or(restored));
         let drain_events = consumer.distinct().saturating_sub(before);
+        let backlog_chains = chain_lengths(database_url, before_backlog).await?;
         if !drained {
             eprintln!(
                 "warning: not every accepted KCI arrived within 300 s of the broker's return"
             );
         }
         Ok::<_, anyhow::Error>((
-            (saturation, cpu_per_kci),
-            (half, half_stages),
-            fixed,
-            lag,
-            drain_events,
+            load,
+            (drain_events, backlog_chains),
             (
                 (first - restored).as_secs_f64(),
                 (last - first).as_secs_f64(),
@@ -344,31 +319,32 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         .and_then(|row| row.try_get::<i64>("", "n").ok());
     database.close().await?;
     figures.message_bytes = average.unwrap_or(1500).max(64) as usize;
-    if outcome.is_ok() {
+    if let Ok((_, (_, chains), ..)) = &outcome {
         figures.broker_rate = broker_ceiling::confirmed_publishes_per_second(
             &args.amqp_url,
             &format!("{prefix}.ceiling"),
             figures.message_bytes,
-            1000,
-            args.backlog.max(5000) as usize,
+            broker_ceiling::Shape::Rounds {
+                window: 1000,
+                messages: args.backlog.max(5000) as usize,
+            },
         )
         .await?;
+        figures.chained_broker_rate = broker_ceiling::confirmed_publishes_per_second(
+            &args.amqp_url,
+            &format!("{prefix}.chains"),
+            figures.message_bytes,
+            broker_ceiling::Shape::Chains(chains.clone()),
+        )
+        .await?;
+        figures.backlog_entities = chains.len();
+        figures.longest_chain = chains.iter().copied().max().unwrap_or(0);
     }
     figures.peak_rss_kib = service.peak_rss_kib();
     // Give the relay a moment, then stop the service gracefully.
     tokio::time::sleep(Duration::from_millis(500)).await;
     tokio::task::spawn_blocking(move || service.stop()).await?;
-    let (
-        (saturation, cpu_per_kci),
-        (half, half_stages),
-        fixed,
-        lag,
-        drain_events,
-        (reconnect_seconds, drain_seconds),
-        accepted,
-    ) = outcome?;
-    figures.half_stages = half_stages;
-    figures.cpu_per_kci = cpu_per_kci;
+    let (load, (drain_events, _), (reconnect_seconds, drain_seconds), accepted) = outcome?;
 
     // Loss, duplicates, order.
     let check = consumer.with_arrivals(|arrivals| delivery::check(arrivals, &accepted));
@@ -376,15 +352,134 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     figures.arrived_distinct = check.arrived;
     figures.duplicates = check.duplicates;
     figures.order_violations = check.order_violations;
-    figures.saturation = Some(saturation);
-    figures.half = Some(half);
-    figures.fixed = fixed;
-    figures.lag = Some(lag);
+    if let Some(load) = load {
+        figures.half_stages = load.half_stages;
+        figures.cpu_per_kci = load.cpu_per_kci;
+        figures.saturation = Some(load.saturation);
+        figures.half = Some(load.half);
+        figures.fixed = load.fixed;
+        figures.lag = Some(load.lag);
+    }
     figures.drain_events = drain_events;
     figures.drain_seconds = drain_seconds;
     figures.reconnect_seconds = reconnect_seconds;
     consumer.close().await;
     Ok(figures)
+}
+
+/// The measured load phases: saturation, half of it, the other fixed rates.
+struct LoadFigures {
+    saturation: Report,
+    cpu_per_kci: Vec<(&'static str, f64)>,
+    half: Report,
+    half_stages: Vec<StageFigure>,
+    fixed: Vec<(u32, Report)>,
+    lag: Histogram<u64>,
+}
+
+/// Saturation (with CPU per KCI), half of it (with intake's stages), the other fixed rates, then
+/// waits for their KCIs to arrive; adds what was accepted to `accepted`.
+async fn load_phases(
+    args: &BenchArgs,
+    service: &Service,
+    others: &[Service],
+    base_urls: &[String],
+    consumer: &Consumer,
+    accepted: &mut HashMap<String, Instant>,
+) -> anyhow::Result<LoadFigures> {
+    let phase = Duration::from_secs(args.seconds);
+    let service_pids: Vec<u32> = std::iter::once(service)
+        .chain(others)
+        .filter_map(Service::pid)
+        .collect();
+    let cpu_before = cpu::sample(&service_pids);
+    let saturation =
+        simulator::run(options(base_urls, args.concurrency, 11, 10_000_000).duration(phase))
+            .await?;
+    let cpu_per_kci = cpu::per_kci(
+        &cpu_before,
+        &cpu::sample(&service_pids),
+        saturation.accepted.len(),
+    );
+    // Half of it, at a fixed rate.
+    let rate = (saturation.throughput() / 2.0).max(1.0);
+    let mut half_options = options(base_urls, args.concurrency, 12, 20_000_000).duration(phase);
+    half_options.rate = Some(rate);
+    let before_half = stage_snapshot(&service.base_url).await;
+    let half = simulator::run(half_options).await?;
+    let half_stages = stage_figures(&before_half, &stage_snapshot(&service.base_url).await);
+    // Other fixed rates, for the shape of latency against load.
+    let mut fixed = Vec::new();
+    for (n, percent) in args.fixed_rates.iter().enumerate() {
+        let mut rate_options = options(
+            base_urls,
+            args.concurrency,
+            14 + n as u64,
+            40_000_000 + 10_000_000 * n as u64,
+        )
+        .duration(phase);
+        rate_options.rate = Some((saturation.throughput() * f64::from(*percent) / 100.0).max(1.0));
+        fixed.push((*percent, simulator::run(rate_options).await?));
+    }
+
+    for a in saturation
+        .accepted
+        .iter()
+        .chain(half.accepted.iter())
+        .chain(fixed.iter().flat_map(|(_, report)| report.accepted.iter()))
+    {
+        accepted.entry(a.kci_id.clone()).or_insert(a.at);
+    }
+    consumer.wait_for(accepted, Duration::from_secs(120)).await;
+    let lag = consumer.with_arrivals(|arrivals| publish_lag(arrivals, &half.accepted))?;
+    Ok(LoadFigures {
+        saturation,
+        cpu_per_kci,
+        half,
+        half_stages,
+        fixed,
+        lag,
+    })
+}
+
+/// The newest outbox event's id (0 when there is none).
+async fn last_outbox_id(database_url: &str) -> anyhow::Result<i64> {
+    let database = Database::connect(database_url).await?;
+    let last = database
+        .query_one_raw(sea_orm::Statement::from_string(
+            database.get_database_backend(),
+            "SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) AS n FROM outbox_event",
+        ))
+        .await?
+        .and_then(|row| row.try_get::<i64>("", "n").ok())
+        .unwrap_or(0);
+    database.close().await?;
+    Ok(last)
+}
+
+/// How many outbox events each entity has after `after_id`: the backlog's per-entity chains.
+async fn chain_lengths(database_url: &str, after_id: i64) -> anyhow::Result<Vec<usize>> {
+    let database = Database::connect(database_url).await?;
+    let rows = database
+        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+            database.get_database_backend(),
+            match database.get_database_backend() {
+                sea_orm::DbBackend::Postgres => {
+                    "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox_event WHERE id > $1 GROUP BY tracked_entity_id"
+                }
+                _ => {
+                    "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox_event WHERE id > ? GROUP BY tracked_entity_id"
+                }
+            },
+            [after_id.into()],
+        ))
+        .await?;
+    database.close().await?;
+    Ok(rows
+        .iter()
+        .filter_map(|row| row.try_get::<i64>("", "n").ok())
+        .map(|n| n as usize)
+        .collect())
 }
 
 /// One intake stage over a phase: mean, and the histogram bucket bound the 99th percentile is
@@ -601,6 +696,13 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
         figures.message_bytes,
         figures.broker_rate,
         drain_rate / figures.broker_rate.max(1e-9)
+    );
+    println!(
+        "| the broker's own rate in the backlog's per-entity chains ({} entities, the longest {} messages; each sent once the one before is confirmed) | {:.0} messages/s; backlog drain = {:.2}x |",
+        figures.backlog_entities,
+        figures.longest_chain,
+        figures.chained_broker_rate,
+        drain_rate / figures.chained_broker_rate.max(1e-9)
     );
     println!(
         "| peak RSS of kci-receiver | {:.1} MB |",
