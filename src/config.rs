@@ -200,6 +200,9 @@ pub struct RelaySettings {
     /// the broker confirmed the one before (a refusal withholds the rest), so per-entity order
     /// holds; more per round means fewer rounds (and database statements) per event.
     pub events_per_entity: u32,
+    /// Rounds publishing at once: the next round is read and claimed while earlier ones wait for
+    /// their confirms (never two rounds with the same entity). 1: one round after the other.
+    pub rounds_in_flight: u32,
     /// Safety-net poll when no wake-up arrives.
     pub poll_interval_ms: u64,
     /// Pause after a round that was not full, so that events gather into fewer, larger rounds.
@@ -223,6 +226,13 @@ pub struct RelaySettings {
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
 }
+
+/// Most relay rounds at once: beyond a few, more rounds only add memory (the broker's confirms,
+/// not the rounds, are then the limit).
+pub const MAX_ROUNDS_IN_FLIGHT: u32 = 16;
+
+/// Most event ids in one relay round, and most entities in the rounds in flight.
+pub const MAX_RELAY_IDS: u64 = 32_000;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ServerSettings {
@@ -587,12 +597,28 @@ impl Settings {
         }
         if self.relay.batch_size == 0
             || self.relay.events_per_entity == 0
+            || self.relay.rounds_in_flight == 0
             || self.relay.max_attempts < 1
         {
             problems.push(
-                "relay.batch_size, relay.events_per_entity and relay.max_attempts must be at least 1"
+                "relay.batch_size, relay.events_per_entity, relay.rounds_in_flight and relay.max_attempts must be at least 1"
                     .to_owned(),
             );
+        }
+        if self.relay.rounds_in_flight > MAX_ROUNDS_IN_FLIGHT {
+            problems.push(format!(
+                "relay.rounds_in_flight must be at most {MAX_ROUNDS_IN_FLIGHT} (each round holds up to relay.max_round_bytes of payloads)"
+            ));
+        }
+        // A round binds its event ids, and the entities of the rounds in flight, one parameter
+        // each on SQLite, which takes at most 32,766 in a statement.
+        let relay = &self.relay;
+        let round_ids = u64::from(relay.batch_size) * u64::from(relay.events_per_entity);
+        let busy_entities = u64::from(relay.batch_size) * u64::from(relay.rounds_in_flight);
+        if round_ids.max(busy_entities) > MAX_RELAY_IDS {
+            problems.push(format!(
+                "relay.batch_size x relay.events_per_entity and relay.batch_size x relay.rounds_in_flight must each be at most {MAX_RELAY_IDS} (now {round_ids} and {busy_entities})"
+            ));
         }
         if self.relay.confirm_timeout_ms == 0 || self.amqp.connect_timeout_ms == 0 {
             problems.push(
@@ -699,7 +725,35 @@ fn redact_query(query: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{Settings, redact_url};
+
+    #[test]
+    fn relay_rounds_are_bounded() {
+        let valid = |change: &dyn Fn(&mut Settings)| {
+            let mut settings = Settings::defaults().expect("config/default.toml");
+            change(&mut settings);
+            settings
+                .problems()
+                .into_iter()
+                .find(|p| p.contains("relay."))
+        };
+        assert_eq!(valid(&|_| {}), None, "the defaults");
+        assert_eq!(valid(&|s| s.relay.rounds_in_flight = 16), None);
+        for change in [
+            &|s: &mut Settings| s.relay.rounds_in_flight = 0,
+            &|s: &mut Settings| s.relay.rounds_in_flight = 17,
+            &|s: &mut Settings| s.relay.batch_size = 2_001,
+            &|s: &mut Settings| s.relay.events_per_entity = u32::MAX,
+            &|s: &mut Settings| {
+                s.relay.batch_size = 4_000;
+                s.relay.events_per_entity = 1;
+                s.relay.rounds_in_flight = 9;
+            },
+        ] as [&dyn Fn(&mut Settings); 5]
+        {
+            assert!(valid(change).is_some());
+        }
+    }
 
     #[test]
     fn passwords_in_urls_are_redacted() {

@@ -4,8 +4,12 @@
 //! One round: take the first events (up to `events_per_entity` each) of up to `batch_size`
 //! entities (see [`super::store`]), publish them on a confirming channel (`mandatory`,
 //! persistent), the entities side by side and each entity's events one after the other, each
-//! once the previous one is confirmed, and record each outcome. A nack, a `basic.return`, a broker channel error, or an event that cannot
-//! be encoded as an AMQP message is a refusal: the event is retried with exponential backoff and
+//! once the previous one is confirmed, and record each outcome. Up to `rounds_in_flight` rounds
+//! run at once, each a task, never two with the same entity: the next round is read and claimed
+//! while the one before waits for its confirms.
+//!
+//! A nack, a `basic.return`, a broker channel error, or an event that cannot be encoded as an
+//! AMQP message is a refusal: the event is retried with exponential backoff and
 //! is dead after `max_attempts` (its entity's later events then wait behind it). A lost
 //! connection is not the event's fault: it stays pending, unchanged, while the relay reconnects
 //! with backoff.
@@ -21,6 +25,7 @@
 //! restarts it with backoff, logged, counted (`kci_receiver_relay_restarts_total`) and visible in
 //! `/readyz`.
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,7 +38,9 @@ use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::protocol::AMQPErrorKind;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ConnectionStatus,
+};
 use sea_orm::DbBackend;
 use secrecy::ExposeSecret;
 use serde::Serialize;
@@ -96,6 +103,8 @@ struct HealthInner {
     publish_lag: prometheus::Histogram,
     /// One round: read, publish, confirms, record.
     round_duration: prometheus::Histogram,
+    /// Rounds publishing at this moment (up to `relay.rounds_in_flight`).
+    rounds_in_flight: prometheus::IntGauge,
     /// The same lags per minute, for the dashboard's chart (the last few hours).
     lag_per_minute: Mutex<std::collections::BTreeMap<DateTime<Utc>, LagTally>>,
 }
@@ -123,6 +132,11 @@ impl Default for RelayHealth {
                     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                 ],
             ),
+            rounds_in_flight: prometheus::IntGauge::new(
+                "relay_rounds_in_flight",
+                "Relay rounds publishing at this moment (up to relay.rounds_in_flight)",
+            )
+            .expect("valid metric"),
             lag_per_minute: Mutex::default(),
         }))
     }
@@ -183,6 +197,7 @@ impl RelayHealth {
         vec![
             Box::new(self.0.publish_lag.clone()),
             Box::new(self.0.round_duration.clone()),
+            Box::new(self.0.rounds_in_flight.clone()),
         ]
     }
 
@@ -224,6 +239,11 @@ impl RelayHealth {
         self.0.refused.load(Ordering::Relaxed)
     }
 
+    /// Rounds publishing at this moment.
+    pub fn rounds_in_flight(&self) -> i64 {
+        self.0.rounds_in_flight.get()
+    }
+
     /// Times the publishing loop failed and was restarted.
     pub fn restarts(&self) -> u64 {
         self.0.restarts.load(Ordering::Relaxed)
@@ -252,6 +272,115 @@ enum RoundError {
 impl From<sea_orm::DbErr> for RoundError {
     fn from(error: sea_orm::DbErr) -> Self {
         RoundError::Store(error.into())
+    }
+}
+
+/// What the publishing loop waits for before it claims the next round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// As many rounds are in flight as allowed: one of them to finish.
+    RoundFinished,
+    /// The last round was not full: `relay.linger_ms` (or a round finishing).
+    Linger,
+    /// Nothing was due: a wake-up from intake, the poll interval, or a round finishing.
+    Work,
+}
+
+/// A round read and claimed, ready to publish.
+struct ClaimedRound {
+    events: Vec<outbox_event::Model>,
+    /// The entities it holds: no other round of this relay reads them until it is recorded (and
+    /// on PostgreSQL no other relay, by their advisory locks).
+    entities: Vec<i64>,
+    started: std::time::Instant,
+}
+
+/// How a round in flight ended: its entities, and what it handled; an error when its task
+/// panicked (or was cancelled).
+type FinishedRound = Result<(Vec<i64>, Result<usize, RoundError>), tokio::task::JoinError>;
+
+/// The rounds publishing at this moment, each a task, and the entities they hold. Dropping it
+/// (a restart of the publishing loop) aborts them: a round cut short records nothing, and its
+/// events are still pending.
+struct RoundsInFlight {
+    tasks: tokio::task::JoinSet<(Vec<i64>, Result<usize, RoundError>)>,
+    busy: HashSet<i64>,
+    gauge: prometheus::IntGauge,
+}
+
+impl RoundsInFlight {
+    fn new(gauge: prometheus::IntGauge) -> RoundsInFlight {
+        gauge.set(0);
+        RoundsInFlight {
+            tasks: tokio::task::JoinSet::new(),
+            busy: HashSet::new(),
+            gauge,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    fn start(
+        &mut self,
+        entities: Vec<i64>,
+        round: impl Future<Output = Result<usize, RoundError>> + Send + 'static,
+    ) {
+        self.busy.extend(entities.iter().copied());
+        self.tasks.spawn(async move { (entities, round.await) });
+        self.gauge.set(self.tasks.len() as i64);
+    }
+
+    /// The next round to finish (none while none is in flight); its entities are free again for
+    /// this relay's next rounds. Cancel-safe.
+    async fn next_finished(&mut self) -> Option<FinishedRound> {
+        let finished = self.tasks.join_next().await?;
+        if let Ok((entities, _)) = &finished {
+            for entity in entities {
+                self.busy.remove(entity);
+            }
+        }
+        self.gauge.set(self.tasks.len() as i64);
+        Some(finished)
+    }
+}
+
+impl Drop for RoundsInFlight {
+    fn drop(&mut self) {
+        self.gauge.set(0);
+    }
+}
+
+/// After a round: releases its entities (PostgreSQL) and says whether the broker was lost. A
+/// round whose task panicked takes the publishing loop down with it (the supervisor restarts it;
+/// the lock connection is closed, so the server releases that round's entities).
+async fn finish_round(
+    finished: FinishedRound,
+    locks: Option<&mut EntityLocks>,
+) -> Result<(), String> {
+    let (entities, result) = match finished {
+        Ok(finished) => finished,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        Err(error) => return Err(format!("a relay round was cancelled: {error}")),
+    };
+    if let Some(locks) = locks
+        && let Err(error) = locks.unlock(&entities).await
+    {
+        // The lock connection is closed on failure: the server released the entities.
+        tracing::warn!(error = %error, "relay could not release its entities; its lock connection was closed");
+    }
+    match result {
+        Ok(_) => Ok(()),
+        Err(RoundError::Broker(error)) => Err(error),
+        Err(RoundError::Store(error)) => {
+            tracing::warn!(error = %error, "relay could not record a round; its events stay pending");
+            Ok(())
+        }
     }
 }
 
@@ -402,6 +531,12 @@ impl Relay {
     }
 
     /// Runs rounds while the channel works; returns why it stopped (none: shutdown).
+    ///
+    /// Up to `relay.rounds_in_flight` rounds at once, each a task of its own: the next round is
+    /// read and claimed while the earlier ones wait for their confirms, so that the database's
+    /// part of a round overlaps the broker's. Rounds in flight never share an entity (`busy`), so
+    /// an entity's events stay in order. Before it returns, it lets the rounds in flight finish
+    /// (each bounded by `relay.confirm_timeout_ms`) and releases their entities.
     async fn publish_until_lost(
         &self,
         connection: &Connection,
@@ -412,107 +547,146 @@ impl Relay {
         let relay = &self.0;
         let poll = Duration::from_millis(relay.settings.poll_interval_ms);
         let linger = Duration::from_millis(relay.settings.linger_ms);
-        loop {
+        let depth = relay.settings.rounds_in_flight.max(1) as usize;
+        let mut rounds = RoundsInFlight::new(relay.health.0.rounds_in_flight.clone());
+        let stopped = loop {
             if shutdown.is_cancelled() {
-                return None;
+                break None;
             }
             if !channel.status().connected() {
-                return Some("the channel closed".to_owned());
+                break Some("the channel closed".to_owned());
             }
             if connection.status().blocked() {
                 // The broker does not read what we send: wait, without holding anything (the
                 // watcher of the connection's events keeps /readyz and the log up to date).
+                // Rounds in flight wait for their confirms on their own.
                 while connection.status().blocked() && connection.status().connected() {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                        _ = shutdown.cancelled() => return None,
+                        _ = shutdown.cancelled() => break,
                     }
+                }
+                if shutdown.is_cancelled() {
+                    break None;
                 }
                 if !connection.status().connected() {
-                    return Some("connection closed while blocked".to_owned());
+                    break Some("connection closed while blocked".to_owned());
                 }
             }
-            match self.round(connection, channel, locks.as_deref_mut()).await {
-                Ok(handled) if handled >= relay.settings.batch_size as usize => continue,
-                Ok(handled) if handled > 0 => {
-                    // A round that was not full: let events gather for a moment, so that a
-                    // steady trickle is published in rounds of many rather than many rounds
-                    // of one (each round costs the database several statements).
-                    tokio::select! {
-                        _ = tokio::time::sleep(linger) => continue,
-                        _ = shutdown.cancelled() => return None,
+            // What to wait for before claiming the next round.
+            let wait = if rounds.len() >= depth {
+                Wait::RoundFinished
+            } else {
+                match self.claim_round(locks.as_deref_mut(), &rounds.busy).await {
+                    Ok(Some(round)) => {
+                        let full = round.events.len() >= relay.settings.batch_size as usize;
+                        let (status, channel) = (connection.status().clone(), channel.clone());
+                        let publishing = self.clone();
+                        rounds.start(round.entities, async move {
+                            publishing
+                                .publish_and_record(&status, &channel, round.events, round.started)
+                                .await
+                        });
+                        if full {
+                            continue;
+                        }
+                        // A round that was not full: let events gather for a moment, so that
+                        // a steady trickle is published in rounds of many rather than many
+                        // rounds of one (each round costs the database several statements).
+                        Wait::Linger
+                    }
+                    Ok(None) => Wait::Work,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "relay could not reach the database; retrying");
+                        Wait::Work
                     }
                 }
-                Ok(_) => {}
-                Err(RoundError::Broker(error)) => return Some(error),
-                Err(RoundError::Store(error)) => {
-                    tracing::warn!(error = %error, "relay could not reach the database; retrying");
-                }
+            };
+            let finished = tokio::select! {
+                finished = rounds.next_finished(), if !rounds.is_empty() => finished,
+                _ = tokio::time::sleep(linger), if wait == Wait::Linger => None,
+                _ = relay.signal.notified(), if wait == Wait::Work => None,
+                _ = tokio::time::sleep(poll), if wait == Wait::Work => None,
+                _ = shutdown.cancelled() => None,
+            };
+            if let Some(finished) = finished
+                && let Err(lost) = finish_round(finished, locks.as_deref_mut()).await
+            {
+                break Some(lost);
             }
-            tokio::select! {
-                _ = relay.signal.notified() => {}
-                _ = tokio::time::sleep(poll) => {}
-                _ = shutdown.cancelled() => return None,
-            }
+        };
+        while let Some(finished) = rounds.next_finished().await {
+            let _ = finish_round(finished, locks.as_deref_mut()).await;
         }
+        stopped
     }
 
-    /// One round; returns how many events were handled.
-    async fn round(
+    /// Reads the next round and claims its entities (PostgreSQL: advisory locks), passing over
+    /// the entities of the rounds in flight (`busy`). None: nothing to publish now.
+    async fn claim_round(
         &self,
-        connection: &Connection,
-        channel: &Channel,
         locks: Option<&mut EntityLocks>,
-    ) -> Result<usize, RoundError> {
+        busy: &HashSet<i64>,
+    ) -> Result<Option<ClaimedRound>, StoreError> {
         let relay = &self.0;
-        let now = Utc::now();
-        let head_ids = store::due_event_ids(
+        let started = std::time::Instant::now();
+        let due = store::due_events(
             relay.db.connection(),
-            now,
+            Utc::now(),
             relay.settings.batch_size,
             relay.settings.events_per_entity,
             relay.settings.max_round_bytes,
+            busy,
         )
         .await?;
-        if head_ids.is_empty() {
-            return Ok(0);
-        }
-        match locks {
-            // PostgreSQL: claim the entities, publish, record, release. The claim is released
-            // whatever happened; unconfirmed events are still pending.
-            Some(locks) => {
-                let locked = locks.lock_heads(&head_ids).await?;
-                let result = self.publish_and_record(connection, channel, &locked).await;
-                let released = locks.unlock_all().await;
-                let handled = result?;
-                released?;
-                Ok(handled)
+        let mut entities: Vec<i64> = due.iter().map(|event| event.entity).collect();
+        entities.sort_unstable();
+        entities.dedup();
+        let mut ids: Vec<i64> = due.iter().map(|event| event.id).collect();
+        let Some(locks) = locks else {
+            let events = store::pending_by_id(relay.db.connection(), &ids).await?;
+            return Ok((!events.is_empty()).then_some(ClaimedRound {
+                events,
+                entities,
+                started,
+            }));
+        };
+        // PostgreSQL: another relay may hold some of the entities; the rest are ours until the
+        // round is recorded. The events are read after the claim: another relay may have
+        // published them a moment ago.
+        let locked: HashSet<i64> = locks.lock(&entities).await?.into_iter().collect();
+        ids.retain(|id| {
+            due.iter()
+                .any(|event| event.id == *id && locked.contains(&event.entity))
+        });
+        let entities: Vec<i64> = locked.into_iter().collect();
+        let events = match store::pending_by_id(relay.db.connection(), &ids).await {
+            Ok(events) if !events.is_empty() => events,
+            read => {
+                let _ = locks.unlock(&entities).await;
+                return read.map(|_| None);
             }
-            None => {
-                self.publish_and_record(connection, channel, &head_ids)
-                    .await
-            }
-        }
+        };
+        Ok(Some(ClaimedRound {
+            events,
+            entities,
+            started,
+        }))
     }
 
-    /// Publishes the events with these ids that are still pending (read after claiming them:
-    /// another relay may have published them a moment ago), then records the outcomes.
+    /// Publishes a claimed round's events, then records the outcomes in a short transaction.
     async fn publish_and_record(
         &self,
-        connection: &Connection,
+        connection: &ConnectionStatus,
         channel: &Channel,
-        ids: &[i64],
+        events: Vec<outbox_event::Model>,
+        started: std::time::Instant,
     ) -> Result<usize, RoundError> {
         let relay = &self.0;
-        let started = std::time::Instant::now();
-        let heads = store::pending_by_id(relay.db.connection(), ids).await?;
-        if heads.is_empty() {
-            return Ok(0);
-        }
         let _timer = RoundTimer(&relay.health.0.round_duration, started);
-        let outcomes = self.publish(connection, channel, &heads).await;
+        let outcomes = self.publish(connection, channel, &events).await;
         let txn = relay.db.begin_write().await?;
-        let handled = self.record(&*txn, &heads, &outcomes).await?;
+        let handled = self.record(&*txn, &events, &outcomes).await?;
         txn.commit().await?;
         broken_channel(channel, &outcomes)?;
         Ok(handled)
@@ -524,7 +698,7 @@ impl Relay {
     /// event that cannot be encoded is refused without being sent.
     async fn publish(
         &self,
-        connection: &Connection,
+        connection: &ConnectionStatus,
         channel: &Channel,
         events: &[outbox_event::Model],
     ) -> Vec<Outcome> {
@@ -602,7 +776,7 @@ impl Relay {
         let results = loop {
             match tokio::time::timeout(timeout, &mut publishing).await {
                 Ok(results) => break Some(results),
-                Err(_) if connection.status().blocked() && connection.status().connected() => {}
+                Err(_) if connection.blocked() && connection.connected() => {}
                 Err(_) => break None,
             }
         };

@@ -22,29 +22,40 @@ use crate::store::bulk::{self, Elements};
 /// Advisory lock namespace for "this relay is publishing this entity" (PostgreSQL).
 const ENTITY_LOCK_NAMESPACE: i32 = 0x4b43_4931; // "KCI1"
 
-/// How many pending events a round looks at per head it may publish.
+/// How many pending events a round looks at per head it may publish, at least.
 const WINDOW_PER_HEAD: u32 = 4;
 
-/// The ids of the events to publish in a round: of up to `limit` entities whose head is due,
-/// the head and up to `per_entity - 1` of the entity's next pending events, oldest first, whose
-/// payloads together stay within `max_bytes` (the first head always goes).
+/// An event a round may publish, and its entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DueEvent {
+    pub id: i64,
+    pub entity: i64,
+}
+
+/// The events to publish in a round: of up to `limit` entities whose head is due, the head and
+/// up to `per_entity - 1` of the entity's next pending events, oldest first, whose payloads
+/// together stay within `max_bytes` (the first head always goes). Entities in `busy` (those of
+/// this relay's rounds still in flight) are passed over, with all their events.
 ///
 /// Pending events are read in id order from the oldest (the `(status, id)` index), ids only, at
-/// most `limit * 4` of them: an entity's pending events in that window are its oldest ones (its
-/// head first), since everything older is published, dead or skipped. The cost of a round is
+/// most `limit * max(per_entity, 4)` of them: an entity's pending events in that window are its
+/// oldest ones (its head first), since everything older is published, dead or skipped. (A window
+/// of `limit * 4` left the later events of a backlog's long lifecycles to a round of their own
+/// after this one was recorded: a quarter of a 5,471-event drain.) The cost of a round is
 /// bounded by the window, not by the backlog (a `GROUP BY` over every pending event cost 15 ms a
 /// round at 1,000 KCIs/s and 77 ms in a 11,000-event drain). An entity whose head is waiting for
 /// a retry is skipped with its later events, and so is an entity with a dead event (held, see the
 /// module documentation); a window full of such entities delays the others until those retries
 /// (at most `relay.retry_max_ms`). The relay publishes an entity's events in id order, each after
 /// the previous one is confirmed.
-pub async fn due_event_ids(
+pub async fn due_events(
     db: &impl ConnectionTrait,
     now: DateTime<Utc>,
     limit: u32,
     per_entity: u32,
     max_bytes: u64,
-) -> Result<Vec<i64>, StoreError> {
+    busy: &std::collections::HashSet<i64>,
+) -> Result<Vec<DueEvent>, StoreError> {
     #[derive(FromQueryResult)]
     struct Pending {
         id: i64,
@@ -52,20 +63,37 @@ pub async fn due_event_ids(
         next_attempt_at: DateTime<Utc>,
         size: i64,
     }
+    let backend = db.get_database_backend();
     // The size of a payload, read from its header (PostgreSQL does not detoast to know it).
-    let size = match db.get_database_backend() {
+    let size = match backend {
         DbBackend::Postgres => "octet_length(payload)::bigint",
         _ => "length(payload)",
     };
-    let window = outbox_event::Entity::find()
+    let mut window = outbox_event::Entity::find()
         .select_only()
         .column(outbox_event::Column::Id)
         .column(outbox_event::Column::TrackedEntityId)
         .column(outbox_event::Column::NextAttemptAt)
         .column_as(Expr::cust(size), "size")
-        .filter(outbox_event::Column::Status.eq(OutboxStatus::Pending))
+        .filter(outbox_event::Column::Status.eq(OutboxStatus::Pending));
+    if !busy.is_empty() {
+        // In SQL, not after: the busy entities' events are the oldest pending ones, and would
+        // otherwise fill the window.
+        window = window.filter(
+            bulk::one_of(
+                backend,
+                outbox_event::Column::TrackedEntityId,
+                Elements::BigInt,
+                busy.iter().copied(),
+            )
+            .not(),
+        );
+    }
+    let window = window
         .order_by_asc(outbox_event::Column::Id)
-        .limit(u64::from(limit.saturating_mul(WINDOW_PER_HEAD)))
+        .limit(u64::from(
+            limit.saturating_mul(Ord::max(per_entity, WINDOW_PER_HEAD)),
+        ))
         .into_model::<Pending>()
         .all(db)
         .await?;
@@ -74,7 +102,7 @@ pub async fn due_event_ids(
     // or the round was full when its head came).
     let mut taken: std::collections::HashMap<i64, u32> = std::collections::HashMap::new();
     let mut entities = 0usize;
-    let mut ids = Vec::new();
+    let mut due = Vec::new();
     let mut bytes = 0u64;
     for event in window {
         let wanted = match taken.get(&event.tracked_entity_id) {
@@ -92,7 +120,7 @@ pub async fn due_event_ids(
             continue;
         }
         let size = u64::try_from(event.size).unwrap_or(0);
-        if !ids.is_empty() && bytes.saturating_add(size) > max_bytes {
+        if !due.is_empty() && bytes.saturating_add(size) > max_bytes {
             break;
         }
         bytes = bytes.saturating_add(size);
@@ -100,9 +128,12 @@ pub async fn due_event_ids(
             entities += 1;
         }
         *count += 1;
-        ids.push(event.id);
+        due.push(DueEvent {
+            id: event.id,
+            entity: event.tracked_entity_id,
+        });
     }
-    Ok(ids)
+    Ok(due)
 }
 
 /// Which of these entities are held by a dead event.
@@ -137,11 +168,21 @@ async fn held_among(
         .collect())
 }
 
-/// The heads among `$1` whose entity no other relay holds, each such entity then held by us.
-static LOCK_HEADS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+/// The entities among `$1` that no other relay holds, each then held by us. An entity id maps to
+/// a lock key modulo 2^31-1: two entities that share a key are both claimed by the relay that
+/// holds it (advisory locks count per session, so each is released once: see [`UNLOCK`]).
+static LOCK_ENTITIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
-        "SELECT e.id FROM outbox_event e WHERE e.id = ANY($1) \
-         AND pg_try_advisory_lock({ENTITY_LOCK_NAMESPACE}, (e.tracked_entity_id % 2147483647)::int)"
+        "SELECT k FROM unnest($1::bigint[]) AS k \
+         WHERE pg_try_advisory_lock({ENTITY_LOCK_NAMESPACE}, (k % 2147483647)::int)"
+    )
+});
+
+/// Releases the entities in `$1`, once each.
+static UNLOCK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT count(*) FILTER (WHERE pg_advisory_unlock({ENTITY_LOCK_NAMESPACE}, (k % 2147483647)::int)) \
+         FROM unnest($1::bigint[]) AS k"
     )
 });
 
@@ -163,10 +204,10 @@ pub async fn pending_by_id(
 
 /// PostgreSQL: the relays' claim on entities they are publishing. A session-level advisory lock
 /// per entity, held on a connection of the relay's own outside any transaction, so that waiting
-/// for the broker never holds a transaction open (design.md, "Bounded time"). The locks are
-/// released after the round's outcomes are committed, and by the server if the relay's
-/// connection goes away (even after `kill -9`): another relay then publishes the unconfirmed
-/// events again (at least once).
+/// for the broker never holds a transaction open (design.md, "Bounded time"). A round's locks are
+/// released after its outcomes are committed, and by the server if the relay's connection goes
+/// away (even after `kill -9`, and when the relay is dropped, see [`Drop`]): another relay then
+/// publishes the unconfirmed events again (at least once).
 pub struct EntityLocks {
     connection: Option<sea_orm::sqlx::pool::PoolConnection<sea_orm::sqlx::Postgres>>,
     pool: sea_orm::sqlx::PgPool,
@@ -225,18 +266,34 @@ impl EntityLocks {
         }
     }
 
-    /// Locks the entity of each head that no other relay holds; returns those heads' ids.
-    pub async fn lock_heads(&mut self, head_ids: &[i64]) -> Result<Vec<i64>, StoreError> {
-        if head_ids.is_empty() {
+    /// Locks each of these entities that no other relay holds; returns those.
+    pub async fn lock(&mut self, entities: &[i64]) -> Result<Vec<i64>, StoreError> {
+        if entities.is_empty() {
             return Ok(Vec::new());
         }
-        // One text whatever the number of heads (an array parameter): prepared once.
-        let head_ids = head_ids.to_vec();
+        // One text whatever the number of entities (an array parameter): prepared once.
+        let entities = entities.to_vec();
         self.run(async move |connection| {
-            sea_orm::sqlx::query_scalar::<_, i64>(LOCK_HEADS.as_str())
-                .bind(head_ids.clone())
+            sea_orm::sqlx::query_scalar::<_, i64>(LOCK_ENTITIES.as_str())
+                .bind(entities.clone())
                 .fetch_all(connection)
                 .await
+        })
+        .await
+    }
+
+    /// Releases these entities (locked by [`EntityLocks::lock`]), each once.
+    pub async fn unlock(&mut self, entities: &[i64]) -> Result<(), StoreError> {
+        if entities.is_empty() || self.connection.is_none() {
+            return Ok(());
+        }
+        let entities = entities.to_vec();
+        self.run(async move |connection| {
+            sea_orm::sqlx::query_scalar::<_, i64>(UNLOCK.as_str())
+                .bind(entities.clone())
+                .fetch_one(connection)
+                .await
+                .map(|_| ())
         })
         .await
     }
@@ -253,6 +310,17 @@ impl EntityLocks {
                 .map(|_| ())
         })
         .await
+    }
+}
+
+impl Drop for EntityLocks {
+    /// A relay that is dropped (a supervised restart after a panic, a shutdown) closes its lock
+    /// connection instead of returning it to the pool with its entities still locked: the server
+    /// then releases them, and no entity waits for that pooled connection to be closed.
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.as_mut() {
+            connection.close_on_drop();
+        }
     }
 }
 

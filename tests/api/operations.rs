@@ -732,6 +732,7 @@ async fn metrics_count_kcis_latency_entities_outbox_and_the_pool() {
         r#"kci_receiver_intake_stage_duration_seconds_count{stage="commit"}"#,
         "kci_receiver_outbox_publish_lag_seconds_count 0",
         "kci_receiver_relay_round_duration_seconds_count 0",
+        "kci_receiver_relay_rounds_in_flight 0",
         "process_resident_memory_bytes ",
         "process_open_fds ",
     ] {

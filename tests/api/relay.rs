@@ -388,6 +388,12 @@ async fn two_relays_on_one_postgres_share_the_work_and_keep_per_entity_order() {
     let messages = capture
         .wait_for_distinct(1000, Duration::from_secs(60))
         .await;
+    // A relay counts an event once its outcome is committed, a moment after the consumer may
+    // have it.
+    eventually(Duration::from_secs(10), || async {
+        first.published() + second.published() >= 1000
+    })
+    .await;
     shutdown.cancel();
     assert_eq!(first_arrivals(&messages).len(), 1000, "every event arrived");
     assert_per_entity_order(&messages);
@@ -690,6 +696,112 @@ async fn a_refused_event_withholds_the_later_events_of_its_entity_in_the_same_ro
     shutdown.cancel();
 }
 
+/// `relay.rounds_in_flight`: the next round is read, claimed and published while the one before
+/// waits for its confirms. Here the broker hangs (its connection frozen) with a round in flight:
+/// a second round, of other entities, is published too, and no third (the limit is two). Once
+/// the broker answers, every event arrives once and in order per entity: no two rounds shared an
+/// entity. Both stores (on PostgreSQL the rounds also hold their entities' advisory locks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_round_is_published_while_the_one_before_waits_for_its_confirms() {
+    for backend in crate::helpers::BACKENDS {
+        let broker = TestBroker::new(true).await;
+        let capture = broker.capture("kci.#").await;
+        let proxy = TcpProxy::start("127.0.0.1:5672".parse().unwrap()).await;
+        let database = TestDatabase::create(backend).await;
+        let mut settings = test_settings(&database.url);
+        broker.apply(&mut settings);
+        settings.amqp.url = secrecy::SecretString::from(
+            crate::helpers::amqp_url()
+                .replace("127.0.0.1:5672", &format!("127.0.0.1:{}", proxy.port)),
+        );
+        settings.relay.enabled = false;
+        settings.relay.batch_size = 5;
+        settings.relay.rounds_in_flight = 2;
+        settings.relay.confirm_timeout_ms = 60_000;
+        let app = spawn_on(database, settings.clone()).await;
+        let shutdown = CancellationToken::new();
+        let health = start_relay(&settings, &shutdown).await;
+        let post = |gateway_id: u64, sequence: i64| {
+            let body = kci(
+                "SERVICE_PROBLEM",
+                gateway_id,
+                sequence,
+                "IN_PROGRESS",
+                "UPDATE",
+            );
+            let app = &app;
+            async move {
+                assert_eq!(
+                    app.post_kci(&body, "conv-rounds").await.status().as_u16(),
+                    204
+                );
+            }
+        };
+        for gateway_id in 1..=5 {
+            post(gateway_id, 1).await;
+        }
+        assert_eq!(
+            capture
+                .wait_for_distinct(5, Duration::from_secs(15))
+                .await
+                .len(),
+            5,
+            "{backend:?}: the relay publishes"
+        );
+
+        proxy.freeze();
+        for gateway_id in 1..=15 {
+            for sequence in 1..=2 {
+                post(
+                    gateway_id,
+                    if gateway_id <= 5 {
+                        sequence + 1
+                    } else {
+                        sequence
+                    },
+                )
+                .await;
+            }
+        }
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                health.rounds_in_flight() == 2
+            })
+            .await,
+            "{backend:?}: a second round while the first waits for its confirms"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(health.rounds_in_flight(), 2, "{backend:?}: no third");
+        assert_eq!(
+            app.count("FROM outbox_event WHERE status = 'PUBLISHED'")
+                .await,
+            5,
+            "{backend:?}: nothing is recorded without its confirm"
+        );
+
+        proxy.thaw();
+        let messages = capture.wait_for_distinct(35, Duration::from_secs(30)).await;
+        assert_eq!(first_arrivals(&messages).len(), 35, "{backend:?}");
+        assert_per_entity_order(&messages);
+        assert_eq!(
+            duplicates(&messages),
+            0,
+            "{backend:?}: no event published twice"
+        );
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                app.count("FROM outbox_event WHERE status = 'PUBLISHED'")
+                    .await
+                    == 35
+            })
+            .await,
+            "{backend:?}: every event recorded as published"
+        );
+        assert_eq!(health.published(), 35, "{backend:?}");
+        shutdown.cancel();
+    }
+}
+
 #[tokio::test]
 async fn replaying_an_entity_publishes_its_events_again_with_the_same_message_ids_in_order() {
     let broker = TestBroker::new(true).await;
@@ -773,7 +885,7 @@ async fn replaying_an_entity_publishes_its_events_again_with_the_same_message_id
 /// entity whose head waits for a retry are held back, and the other entities go ahead.
 #[tokio::test]
 async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
-    use kci_receiver::outbox::store::due_event_ids;
+    use kci_receiver::outbox::store::due_events;
     use sea_orm::ConnectionTrait;
     for backend in crate::helpers::BACKENDS {
         let app = crate::helpers::spawn_app(backend).await;
@@ -791,25 +903,46 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
             .rows("SELECT id, tracked_entity_id FROM outbox_event ORDER BY id")
             .await;
         let id = |n: usize| events[n]["id"].as_i64().unwrap();
+        let entity = |n: usize| events[n]["tracked_entity_id"].as_i64().unwrap();
         let now = chrono::Utc::now();
+        let due = |limit: u32, per_entity: u32, busy: &[i64]| {
+            let busy: HashSet<i64> = busy.iter().copied().collect();
+            let db = &app.db;
+            async move {
+                due_events(db, now, limit, per_entity, u64::MAX, &busy)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|event| event.id)
+                    .collect::<Vec<_>>()
+            }
+        };
         assert_eq!(
-            due_event_ids(&app.db, now, 10, 1, u64::MAX).await.unwrap(),
+            due(10, 1, &[]).await,
             [id(0), id(1), id(3)],
             "{backend:?}: one head per entity, oldest first"
         );
+        assert_eq!(due(2, 1, &[]).await, [id(0), id(1)]);
         assert_eq!(
-            due_event_ids(&app.db, now, 2, 1, u64::MAX).await.unwrap(),
-            [id(0), id(1)]
-        );
-        assert_eq!(
-            due_event_ids(&app.db, now, 10, 8, u64::MAX).await.unwrap(),
+            due(10, 8, &[]).await,
             [id(0), id(1), id(2), id(3), id(4)],
             "{backend:?}: heads with their followers, in id order"
         );
         assert_eq!(
-            due_event_ids(&app.db, now, 2, 8, u64::MAX).await.unwrap(),
+            due(2, 8, &[]).await,
             [id(0), id(1), id(2), id(4)],
             "{backend:?}: two entities, each with its followers"
+        );
+        // The entities of rounds in flight are passed over, with all their events.
+        assert_eq!(
+            due(10, 8, &[entity(0)]).await,
+            [id(1), id(3), id(4)],
+            "{backend:?}: nothing of a busy entity"
+        );
+        assert_eq!(
+            due(1, 8, &[entity(0), entity(1)]).await,
+            [id(3)],
+            "{backend:?}: the next entity that is not busy"
         );
 
         // Entity 1's head is refused and waits for its retry: its second event waits too.
@@ -821,13 +954,9 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
             ))
             .await
             .unwrap();
+        assert_eq!(due(10, 1, &[]).await, [id(1), id(3)], "{backend:?}");
         assert_eq!(
-            due_event_ids(&app.db, now, 10, 1, u64::MAX).await.unwrap(),
-            [id(1), id(3)],
-            "{backend:?}"
-        );
-        assert_eq!(
-            due_event_ids(&app.db, now, 10, 8, u64::MAX).await.unwrap(),
+            due(10, 8, &[]).await,
             [id(1), id(3), id(4)],
             "{backend:?}: nothing of entity 1 while its head waits"
         );
@@ -840,11 +969,7 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
             ))
             .await
             .unwrap();
-        assert_eq!(
-            due_event_ids(&app.db, now, 10, 1, u64::MAX).await.unwrap(),
-            [id(4)],
-            "{backend:?}"
-        );
+        assert_eq!(due(10, 1, &[]).await, [id(4)], "{backend:?}");
     }
 }
 
