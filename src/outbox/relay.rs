@@ -655,10 +655,11 @@ impl Relay {
         // round is recorded. The events are read after the claim: another relay may have
         // published them a moment ago.
         let locked: HashSet<i64> = locks.lock(&entities).await?.into_iter().collect();
-        ids.retain(|id| {
-            due.iter()
-                .any(|event| event.id == *id && locked.contains(&event.entity))
-        });
+        ids = due
+            .iter()
+            .filter(|event| locked.contains(&event.entity))
+            .map(|event| event.id)
+            .collect();
         let entities: Vec<i64> = locked.into_iter().collect();
         let events = match store::pending_by_id(relay.db.connection(), &ids).await {
             Ok(events) if !events.is_empty() => events,
