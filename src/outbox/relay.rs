@@ -639,40 +639,38 @@ impl Relay {
             busy,
         )
         .await?;
+        if due.is_empty() {
+            return Ok(None);
+        }
         let mut entities: Vec<i64> = due.iter().map(|event| event.entity).collect();
         entities.sort_unstable();
         entities.dedup();
-        let mut ids: Vec<i64> = due.iter().map(|event| event.id).collect();
-        let Some(locks) = locks else {
-            let events = store::pending_by_id(relay.db.connection(), &ids).await?;
-            return Ok((!events.is_empty()).then_some(ClaimedRound {
+        let mut locks = locks;
+        if let Some(locks) = locks.as_deref_mut() {
+            // PostgreSQL: another relay may hold some of the entities; the rest are ours until
+            // the round is recorded. The events are read after the claim: another relay may have
+            // published them a moment ago.
+            let locked: HashSet<i64> = locks.lock(&entities).await?.into_iter().collect();
+            entities.retain(|entity| locked.contains(entity));
+        }
+        let ids: Vec<i64> = due
+            .iter()
+            .filter(|event| entities.binary_search(&event.entity).is_ok())
+            .map(|event| event.id)
+            .collect();
+        match store::pending_by_id(relay.db.connection(), &ids).await {
+            Ok(events) if !events.is_empty() => Ok(Some(ClaimedRound {
                 events,
                 entities,
                 started,
-            }));
-        };
-        // PostgreSQL: another relay may hold some of the entities; the rest are ours until the
-        // round is recorded. The events are read after the claim: another relay may have
-        // published them a moment ago.
-        let locked: HashSet<i64> = locks.lock(&entities).await?.into_iter().collect();
-        ids = due
-            .iter()
-            .filter(|event| locked.contains(&event.entity))
-            .map(|event| event.id)
-            .collect();
-        let entities: Vec<i64> = locked.into_iter().collect();
-        let events = match store::pending_by_id(relay.db.connection(), &ids).await {
-            Ok(events) if !events.is_empty() => events,
+            })),
             read => {
-                let _ = locks.unlock(&entities).await;
-                return read.map(|_| None);
+                if let Some(locks) = locks {
+                    let _ = locks.unlock(&entities).await;
+                }
+                read.map(|_| None)
             }
-        };
-        Ok(Some(ClaimedRound {
-            events,
-            entities,
-            started,
-        }))
+        }
     }
 
     /// Publishes a claimed round's events, then records the outcomes in a short transaction.

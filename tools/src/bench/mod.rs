@@ -309,15 +309,13 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     .await;
     // The broker's own confirmed-publish rate, for messages of the size the relay published in
     // this run, in rounds of the relay's window: what the drain is compared with.
-    let database = Database::connect(database_url).await?;
-    let average: Option<i64> = database
-        .query_one_raw(sea_orm::Statement::from_string(
-            database.get_database_backend(),
-            "SELECT CAST(COALESCE(AVG(LENGTH(payload)), 0) AS BIGINT) AS n FROM outbox_event",
-        ))
-        .await?
-        .and_then(|row| row.try_get::<i64>("", "n").ok());
-    database.close().await?;
+    let average = bigints(
+        database_url,
+        "SELECT CAST(COALESCE(AVG(LENGTH(payload)), 0) AS BIGINT) AS n FROM outbox_event",
+    )
+    .await?
+    .first()
+    .copied();
     figures.message_bytes = average.unwrap_or(1500).max(64) as usize;
     if let Ok((_, (_, chains), ..)) = &outcome {
         figures.broker_rate = broker_ceiling::confirmed_publishes_per_second(
@@ -444,41 +442,39 @@ async fn load_phases(
 
 /// The newest outbox event's id (0 when there is none).
 async fn last_outbox_id(database_url: &str) -> anyhow::Result<i64> {
-    let database = Database::connect(database_url).await?;
-    let last = database
-        .query_one_raw(sea_orm::Statement::from_string(
-            database.get_database_backend(),
-            "SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) AS n FROM outbox_event",
-        ))
-        .await?
-        .and_then(|row| row.try_get::<i64>("", "n").ok())
-        .unwrap_or(0);
-    database.close().await?;
-    Ok(last)
+    let last = bigints(
+        database_url,
+        "SELECT CAST(COALESCE(MAX(id), 0) AS BIGINT) AS n FROM outbox_event",
+    )
+    .await?;
+    Ok(last.first().copied().unwrap_or(0))
 }
 
 /// How many outbox events each entity has after `after_id`: the backlog's per-entity chains.
 async fn chain_lengths(database_url: &str, after_id: i64) -> anyhow::Result<Vec<usize>> {
+    let counts = bigints(
+        database_url,
+        &format!(
+            "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox_event WHERE id > {after_id} GROUP BY tracked_entity_id"
+        ),
+    )
+    .await?;
+    Ok(counts.into_iter().map(|n| n as usize).collect())
+}
+
+/// The `n` column of every row `sql` returns, on a connection of its own.
+async fn bigints(database_url: &str, sql: &str) -> anyhow::Result<Vec<i64>> {
     let database = Database::connect(database_url).await?;
     let rows = database
-        .query_all_raw(sea_orm::Statement::from_sql_and_values(
+        .query_all_raw(sea_orm::Statement::from_string(
             database.get_database_backend(),
-            match database.get_database_backend() {
-                sea_orm::DbBackend::Postgres => {
-                    "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox_event WHERE id > $1 GROUP BY tracked_entity_id"
-                }
-                _ => {
-                    "SELECT CAST(COUNT(*) AS BIGINT) AS n FROM outbox_event WHERE id > ? GROUP BY tracked_entity_id"
-                }
-            },
-            [after_id.into()],
+            sql,
         ))
         .await?;
     database.close().await?;
     Ok(rows
         .iter()
         .filter_map(|row| row.try_get::<i64>("", "n").ok())
-        .map(|n| n as usize)
         .collect())
 }
 
