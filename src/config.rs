@@ -280,6 +280,9 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     /// SQLite only: how long a writer waits for the lock before the request gets 503.
     pub sqlite_busy_timeout_ms: u64,
+    /// SQLite only: each connection's page cache, in KiB (`PRAGMA cache_size`). The process holds
+    /// up to `max_connections` of them.
+    pub sqlite_cache_kib: u32,
     /// PostgreSQL: `statement_timeout` of every connection (a statement that runs longer is
     /// cancelled by the server). 0: none.
     pub statement_timeout_ms: u64,

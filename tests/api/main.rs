@@ -33,3 +33,4 @@ mod retention;
 mod secrets;
 mod semantics;
 mod simulator;
+mod store;

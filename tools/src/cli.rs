@@ -222,8 +222,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10_000)]
     pub backlog: u64,
     /// Skip the SQLite run.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "sqlite_only")]
     pub postgres_only: bool,
+    /// Skip the PostgreSQL run.
+    #[arg(long)]
+    pub sqlite_only: bool,
     /// Only the backlog drain and the broker's own rate (no ceilings, no load phases): for
     /// working on the relay.
     #[arg(long)]

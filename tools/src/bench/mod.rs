@@ -80,7 +80,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<StoreFigures>> {
     println!("# kci-receiver benchmark");
     let binary = crate::service::binary(args.service_binary.as_deref())?;
     println!("{}", machine());
-    let mut stores = vec![Store::Postgres];
+    let mut stores = Vec::new();
+    if !args.sqlite_only {
+        stores.push(Store::Postgres);
+    }
     if !args.postgres_only {
         stores.push(Store::Sqlite);
     }
