@@ -22,6 +22,14 @@ const { chromium } = createRequire(join(tools, 'package.json'))('playwright-core
 const plan = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const seen = {};
 const shot = (page, name) => page.screenshot({ path: join(plan.outDir, `${name}.png`), fullPage: true });
+// A list answers after its address changes: the region is busy while it shows "Loading…", and
+// the region drawn before the change is still in the page for a moment. So mark the old region,
+// navigate, and wait for a new region that holds its answer.
+const nextList = async (page, navigate) => {
+  await page.evaluate(() => document.querySelector('#list-result')?.setAttribute('data-stale', ''));
+  await navigate();
+  await page.waitForSelector('#list-result:not([aria-busy]):not([data-stale])');
+};
 const texts = (page, selector, attribute) =>
   page.$$eval(selector, (elements, attribute) =>
     elements.map((e) => [e.getAttribute(attribute), e.textContent.trim()]), attribute);
@@ -92,8 +100,7 @@ try {
   };
 
   // ---- A filtered list, reached from a number of the overview --------------------------------
-  await page.click(`[data-count="${plan.funnelCount}"]`);
-  await page.waitForSelector('#list-result table, #list-result p');
+  await nextList(page, () => page.click(`[data-count="${plan.funnelCount}"]`));
   seen.list = {
     hash: await page.evaluate(() => location.hash),
     rows: await page.$$eval('#list-result tbody tr', (rows) => rows.map((r) => r.cells[0].textContent.trim())),
@@ -101,12 +108,9 @@ try {
   };
   await shot(page, 'list');
   // The filter controls: unmatched only, applied through the form; the state is in the address.
-  await page.goto(`${plan.base}/dashboard#/list/service-orders`);
-  await page.waitForSelector('#filters');
+  await nextList(page, () => page.goto(`${plan.base}/dashboard#/list/service-orders`));
   await page.selectOption('#filters select[name="correlation"]', 'unmatched');
-  await page.click('#filters button[type="submit"]');
-  await page.waitForFunction(() => location.hash.includes('correlation=unmatched'));
-  await page.waitForSelector('#list-result table');
+  await nextList(page, () => page.click('#filters button[type="submit"]'));
   seen.filtered = {
     hash: await page.evaluate(() => location.hash),
     rows: await page.$$eval('#list-result tbody tr', (rows) => rows.map((r) => r.cells[0].textContent.trim())),
@@ -114,22 +118,18 @@ try {
   // A shared link opens the same view.
   const shared = await admin.newPage();
   await shared.goto(`${plan.base}/dashboard${seen.filtered.hash}`);
-  await shared.waitForSelector('#list-result table');
+  await shared.waitForSelector('#list-result:not([aria-busy])');
   seen.filtered.sharedRows = await shared.$$eval('#list-result tbody tr', (rows) => rows.map((r) => r.cells[0].textContent.trim()));
   seen.filtered.sharedSelect = await shared.$eval('#filters select[name="correlation"]', (s) => s.value);
   await shared.close();
 
   // Cursor paging: two per page, next page, back to the first.
   const rowsOf = (p) => p.$$eval('#list-result tbody tr', (rows) => rows.map((r) => r.cells[0].textContent.trim()));
-  await page.goto(`${plan.base}/dashboard#/list/entities?limit=2`);
-  await page.waitForSelector('#list-result table');
+  await nextList(page, () => page.goto(`${plan.base}/dashboard#/list/entities?limit=2`));
   const firstPage = await rowsOf(page);
-  await page.click('#list-result a[rel="next"]');
-  await page.waitForFunction(() => location.hash.includes('cursor='));
-  await page.waitForSelector('#list-result table');
+  await nextList(page, () => page.click('#list-result a[rel="next"]'));
   seen.paging = { firstPage, secondPage: await rowsOf(page), hash: await page.evaluate(() => location.hash) };
-  await page.goto(`${plan.base}/dashboard${seen.filtered.hash}`);
-  await page.waitForSelector('#list-result table');
+  await nextList(page, () => page.goto(`${plan.base}/dashboard${seen.filtered.hash}`));
 
   // ---- One entity: timeline, raw KCI, outbox event, deliveries, support text -----------------
   const { entityType, gatewayId } = plan.unmatched;
