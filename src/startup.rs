@@ -97,6 +97,7 @@ impl Application {
         let metrics = crate::http::metrics::Metrics::new();
         metrics.register(relay_health.collectors());
         metrics.register(intake.collectors());
+        metrics.register(db.collectors());
         metrics.start_refreshing(
             db.connection().clone(),
             Duration::from_millis(settings.metrics.refresh_interval_ms),
@@ -273,6 +274,7 @@ pub async fn run_relay(settings: Settings) -> anyhow::Result<()> {
         Some(port) => {
             let metrics = Metrics::new();
             metrics.register(health.collectors());
+            metrics.register(db.collectors());
             metrics.start_refreshing(
                 db.connection().clone(),
                 Duration::from_millis(settings.metrics.refresh_interval_ms),

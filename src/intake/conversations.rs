@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::kci::EntityType;
-use crate::store::{Database, StoreError, retry_on_race};
+use crate::store::{Database, StoreError, Writer, retry_on_race};
 
 /// An original request to register. What each field accepts is what the OpenAPI document says
 /// (checked by the test suite with schemathesis).
@@ -342,7 +342,7 @@ async fn register_batch(
     db: &Database,
     registrations: &[(&NewConversation, ConversationSource)],
 ) -> Result<Vec<Registration>, StoreError> {
-    let write = db.begin_write().await?;
+    let write = db.begin_write(Writer::Registrations).await?;
     let txn: &sea_orm::DatabaseTransaction = &write;
     lock_conversations(
         txn,

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::kci::Kci;
 use crate::store::audit::{AuditOutcome, AuditRecord};
-use crate::store::{Database, StoreError, retry_on_race};
+use crate::store::{Database, StoreError, Writer, retry_on_race};
 
 /// Why a KCI was not recorded. The gateway is answered 503 for all but a fault of ours. Cheap
 /// to clone: every KCI of a failed batch gets the batch's error, with its whole cause chain.
@@ -185,7 +185,7 @@ async fn record_batch_once(
         }
     };
     let started = std::time::Instant::now();
-    let txn = db.begin_write().await?;
+    let txn = db.begin_write(Writer::Intake).await?;
     add(|t| &mut t.begin, started);
     let recorded = batch::record(&txn, deliveries, &add).await?;
     let committing = std::time::Instant::now();

@@ -52,7 +52,7 @@ use super::store::{self, EntityLocks};
 use super::topology::Topology;
 use crate::config::{AmqpSettings, RelaySettings, redact_url};
 use crate::operations::overview::{LagMinute, LagTally, WINDOW_MINUTES};
-use crate::store::{Database, StoreError};
+use crate::store::{Database, StoreError, Writer};
 
 /// What the relay knows of the broker, for `/readyz`.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -684,7 +684,7 @@ impl Relay {
         let relay = &self.0;
         let _timer = RoundTimer(&relay.health.0.round_duration, started);
         let outcomes = self.publish(connection, channel, &events).await;
-        let txn = relay.db.begin_write().await?;
+        let txn = relay.db.begin_write(Writer::Relay).await?;
         let handled = self.record(&*txn, &events, &outcomes).await?;
         txn.commit().await?;
         broken_channel(channel, &outcomes)?;

@@ -19,7 +19,7 @@ use crate::kci::EntityType;
 use crate::operations::queries::{Family, not_terminal};
 use crate::reconcile::Target;
 use crate::store::text::{NOTE_MAX, bounded};
-use crate::store::{Database, StoreError};
+use crate::store::{Database, StoreError, Writer};
 
 /// Takes the lease on `(resource, gateway_id)`: `None` when another instance holds it. A lease
 /// whose holder died (past `lease_until`) is closed as abandoned and taken over.
@@ -30,7 +30,7 @@ pub async fn claim(
     gateway_id: &str,
     now: DateTime<Utc>,
 ) -> Result<Option<reconciliation::Model>, StoreError> {
-    let txn = db.begin_write().await?;
+    let txn = db.begin_write(Writer::Reconcile).await?;
     reconciliation::Entity::update_many()
         .set(reconciliation::ActiveModel {
             outcome: Set(ReconcileOutcome::Failed),
@@ -96,7 +96,7 @@ pub async fn finish(
     finished: &Finished,
     now: DateTime<Utc>,
 ) -> Result<reconciliation::Model, StoreError> {
-    let txn = db.begin_write().await?;
+    let txn = db.begin_write(Writer::Reconcile).await?;
     let entities = tracked_entity::Entity::find()
         .filter(tracked_entity::Column::EntityType.is_in(family.type_names()))
         .filter(tracked_entity::Column::GatewayId.eq(running.gateway_id.as_str()))

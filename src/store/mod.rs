@@ -8,7 +8,7 @@ pub mod retention;
 pub mod text;
 pub mod write;
 
-pub use write::{Database, WriteTransaction, retry_on_race};
+pub use write::{Database, WriteTransaction, Writer, retry_on_race};
 
 use std::time::Duration;
 

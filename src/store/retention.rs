@@ -24,7 +24,7 @@ use sea_orm::{
 };
 use serde::Serialize;
 
-use super::{Database, StoreError};
+use super::{Database, StoreError, Writer};
 use crate::config::RetentionSettings;
 use crate::kci::EntityType;
 use crate::operations::queries::not_terminal;
@@ -237,7 +237,7 @@ async fn prune_batch(
     batch: u64,
     now: DateTime<Utc>,
 ) -> Result<Option<u64>, StoreError> {
-    let txn = db.begin_write().await?;
+    let txn = db.begin_write(Writer::Retention).await?;
     if txn.get_database_backend() == DbBackend::Postgres {
         let locked = txn
             .query_one_raw(sea_orm::Statement::from_string(

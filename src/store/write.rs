@@ -2,6 +2,7 @@
 //! [`retry_on_race`] for work that lost a race with a concurrent transaction.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use sea_orm::{
     DatabaseConnection, DatabaseTransaction, SqliteTransactionMode, TransactionOptions,
@@ -19,6 +20,66 @@ use super::StoreError;
 pub struct Database {
     connection: DatabaseConnection,
     writer_turn: Arc<tokio::sync::Mutex<()>>,
+    writes: WriteStats,
+}
+
+/// Who takes a write transaction: the `writer` label of
+/// `kci_receiver_write_transaction_seconds`. On SQLite it says who holds the one writer's turn
+/// while intake waits for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// Group commit's batches of KCIs.
+    Intake,
+    /// Original requests registered (the registrar's batches and the direct path).
+    Registrations,
+    /// The outbox relay recording a round's outcomes.
+    Relay,
+    /// Retention's pruning batches.
+    Retention,
+    /// Gap repair claiming and finishing a reconciliation.
+    Reconcile,
+}
+
+impl Writer {
+    fn label(self) -> &'static str {
+        match self {
+            Writer::Intake => "intake",
+            Writer::Registrations => "registrations",
+            Writer::Relay => "relay",
+            Writer::Retention => "retention",
+            Writer::Reconcile => "reconcile",
+        }
+    }
+}
+
+/// Each write transaction's wait to begin (on SQLite: this process's writer queue, then
+/// `BEGIN IMMEDIATE`; on PostgreSQL: a pooled connection and `BEGIN`) and how long it was held
+/// (begin to commit or rollback), by writer.
+#[derive(Clone, Debug)]
+struct WriteStats(prometheus::HistogramVec);
+
+impl WriteStats {
+    fn new() -> WriteStats {
+        WriteStats(
+            prometheus::HistogramVec::new(
+                prometheus::HistogramOpts::new(
+                    "write_transaction_seconds",
+                    "Write transactions by writer: the wait to begin one (phase=wait: on SQLite the turn of its one writer) and how long it was held (phase=held, begin to commit or rollback)",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+                &["writer", "phase"],
+            )
+            .expect("valid metric"),
+        )
+    }
+
+    fn observe(&self, writer: Writer, phase: &str, seconds: f64) {
+        self.0
+            .with_label_values(&[writer.label(), phase])
+            .observe(seconds);
+    }
 }
 
 impl Database {
@@ -26,7 +87,13 @@ impl Database {
         Database {
             connection,
             writer_turn: Arc::new(tokio::sync::Mutex::new(())),
+            writes: WriteStats::new(),
         }
+    }
+
+    /// The write transactions' histogram, for `/metrics`.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![Box::new(self.writes.0.clone())]
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
@@ -35,8 +102,9 @@ impl Database {
 
     /// Starts a write transaction: `BEGIN IMMEDIATE` on SQLite so that the write lock is taken
     /// up front (a deferred transaction that upgrades later fails with BUSY instead of waiting),
-    /// after waiting for this handle's turn to write.
-    pub async fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
+    /// after waiting for this handle's turn to write. `writer` labels its timings.
+    pub async fn begin_write(&self, writer: Writer) -> Result<WriteTransaction, StoreError> {
+        let asked = Instant::now();
         let turn = match self.connection.get_database_backend() {
             sea_orm::DbBackend::Sqlite => Some(self.writer_turn.clone().lock_owned().await),
             _ => None,
@@ -48,7 +116,18 @@ impl Database {
                 ..Default::default()
             })
             .await?;
-        Ok(WriteTransaction { txn, _turn: turn })
+        let began = Instant::now();
+        self.writes
+            .observe(writer, "wait", (began - asked).as_secs_f64());
+        Ok(WriteTransaction {
+            txn,
+            _held: HeldTimer {
+                stats: self.writes.clone(),
+                writer,
+                began,
+            },
+            _turn: turn,
+        })
     }
 }
 
@@ -122,9 +201,26 @@ impl sea_orm::ConnectionTrait for Database {
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// A write transaction; on SQLite it also holds its handle's turn to write until it ends.
+/// (Fields drop in order: the time held is taken before the turn passes on.)
 pub struct WriteTransaction {
     txn: DatabaseTransaction,
+    _held: HeldTimer,
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// Observes how long a write transaction was held when it ends: committed, rolled back, or
+/// dropped by a task that was cancelled or panicked.
+struct HeldTimer {
+    stats: WriteStats,
+    writer: Writer,
+    began: Instant,
+}
+
+impl Drop for HeldTimer {
+    fn drop(&mut self) {
+        self.stats
+            .observe(self.writer, "held", self.began.elapsed().as_secs_f64());
+    }
 }
 
 impl std::ops::Deref for WriteTransaction {

@@ -730,6 +730,10 @@ async fn metrics_count_kcis_latency_entities_outbox_and_the_pool() {
         r#"kci_receiver_intake_stage_duration_seconds_count{stage="load"}"#,
         r#"kci_receiver_intake_stage_duration_seconds_count{stage="write"}"#,
         r#"kci_receiver_intake_stage_duration_seconds_count{stage="commit"}"#,
+        // Who took the write transactions, and how long each waited and held them.
+        r#"kci_receiver_write_transaction_seconds_count{phase="wait",writer="intake"}"#,
+        r#"kci_receiver_write_transaction_seconds_count{phase="held",writer="intake"}"#,
+        r#"kci_receiver_write_transaction_seconds_count{phase="held",writer="registrations"}"#,
         "kci_receiver_outbox_publish_lag_seconds_count 0",
         "kci_receiver_relay_round_duration_seconds_count 0",
         "kci_receiver_relay_rounds_in_flight 0",

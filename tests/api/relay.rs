@@ -241,6 +241,15 @@ async fn a_message_no_binding_wants_lands_in_the_alternate_exchanges_queue() {
             .await,
         2
     );
+    // The relay's recording transactions are timed under their own writer (on SQLite: who held
+    // the one writer's turn).
+    let timed = crate::helpers::eventually(Duration::from_secs(5), || async {
+        app.get("/metrics").await.text().await.unwrap().contains(
+            r#"kci_receiver_write_transaction_seconds_count{phase="held",writer="relay"}"#,
+        )
+    })
+    .await;
+    assert!(timed, "the relay's write transactions in /metrics");
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@
 pub mod broker_ceiling;
 pub mod ceiling;
 pub mod cpu;
+mod histograms;
 pub mod reads;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use sea_orm::{ConnectionTrait, Database};
 
+use self::histograms::{Series, Snapshot};
 use crate::cli::BenchArgs;
 use crate::delivery::{self, Arrival, Consumer};
 use crate::service::{
@@ -54,7 +56,10 @@ struct Figures {
     backlog_entities: usize,
     longest_chain: usize,
     /// Intake's stages during the half-rate phase (from `/metrics`, before and after it).
-    half_stages: Vec<StageFigure>,
+    half_stages: Vec<Series>,
+    /// Write transactions by writer and phase (wait, held) during saturation, and its seconds.
+    saturation_writes: Vec<Series>,
+    saturation_seconds: f64,
     peak_rss_kib: u64,
     /// Milliseconds of CPU per KCI at saturation, by part of the system.
     cpu_per_kci: Vec<(&'static str, f64)>,
@@ -355,6 +360,8 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     figures.order_violations = check.order_violations;
     if let Some(load) = load {
         figures.half_stages = load.half_stages;
+        figures.saturation_writes = load.saturation_writes;
+        figures.saturation_seconds = load.saturation.elapsed.as_secs_f64();
         figures.cpu_per_kci = load.cpu_per_kci;
         figures.saturation = Some(load.saturation);
         figures.half = Some(load.half);
@@ -373,7 +380,8 @@ struct LoadFigures {
     saturation: Report,
     cpu_per_kci: Vec<(&'static str, f64)>,
     half: Report,
-    half_stages: Vec<StageFigure>,
+    half_stages: Vec<Series>,
+    saturation_writes: Vec<Series>,
     fixed: Vec<(u32, Report)>,
     lag: Histogram<u64>,
 }
@@ -394,9 +402,12 @@ async fn load_phases(
         .filter_map(Service::pid)
         .collect();
     let cpu_before = cpu::sample(&service_pids);
+    let writes_before = write_snapshot(&service.base_url).await;
     let saturation =
         simulator::run(options(base_urls, args.concurrency, 11, 10_000_000).duration(phase))
             .await?;
+    let saturation_writes =
+        histograms::between(&writes_before, &write_snapshot(&service.base_url).await);
     let cpu_per_kci = cpu::per_kci(
         &cpu_before,
         &cpu::sample(&service_pids),
@@ -438,6 +449,7 @@ async fn load_phases(
         cpu_per_kci,
         half,
         half_stages,
+        saturation_writes,
         fixed,
         lag,
     })
@@ -481,83 +493,53 @@ async fn bigints(database_url: &str, sql: &str) -> anyhow::Result<Vec<i64>> {
         .collect())
 }
 
-/// One intake stage over a phase: mean, and the histogram bucket bound the 99th percentile is
-/// under.
-struct StageFigure {
-    stage: String,
-    mean_seconds: f64,
-    p99_bound: Option<f64>,
+/// Intake's stages over a phase, in the order a KCI meets them.
+fn stage_figures(before: &Snapshot, after: &Snapshot) -> Vec<Series> {
+    let mut series = histograms::between(before, after);
+    let order = ["queue_wait", "begin", "load", "write", "commit"];
+    series.sort_by_key(|s| order.iter().position(|stage| *stage == s.key));
+    series
 }
 
-/// `stage -> (sum, count, [(le, cumulative count)])` of the intake stage histogram, as the
-/// service's `/metrics` says now (empty when it cannot be read).
-type StageSnapshot = HashMap<String, (f64, f64, Vec<(f64, f64)>)>;
+const STAGES: &str = "kci_receiver_intake_stage_duration_seconds";
+const WRITES: &str = "kci_receiver_write_transaction_seconds";
 
-async fn stage_snapshot(base_url: &str) -> StageSnapshot {
-    const NAME: &str = "kci_receiver_intake_stage_duration_seconds";
-    let Ok(response) = reqwest::get(format!("{base_url}/metrics")).await else {
-        return HashMap::new();
-    };
-    let text = response.text().await.unwrap_or_default();
-    let mut snapshot: StageSnapshot = HashMap::new();
-    for line in text.lines().filter(|l| l.starts_with(NAME)) {
-        let Some((series, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(value) = value.parse::<f64>() else {
-            continue;
-        };
-        let label = |name: &str| {
-            series
-                .split_once(&format!("{name}=\""))
-                .and_then(|(_, rest)| rest.split_once('"'))
-                .map(|(v, _)| v.to_owned())
-        };
-        let Some(stage) = label("stage") else {
-            continue;
-        };
-        let entry = snapshot.entry(stage).or_default();
-        if series.starts_with(&format!("{NAME}_sum")) {
-            entry.0 = value;
-        } else if series.starts_with(&format!("{NAME}_count")) {
-            entry.1 = value;
-        } else if let Some(le) = label("le").and_then(|le| le.parse::<f64>().ok()) {
-            entry.2.push((le, value));
-        }
+async fn stage_snapshot(base_url: &str) -> Snapshot {
+    histograms::snapshot(base_url, STAGES, &["stage"]).await
+}
+
+async fn write_snapshot(base_url: &str) -> Snapshot {
+    histograms::snapshot(base_url, WRITES, &["writer", "phase"]).await
+}
+
+/// Who held write transactions during a phase of `seconds`, most held first. Held seconds per
+/// second is how many were open on average: on SQLite, whose turn its one writer was.
+fn writers_line(writes: &[Series], seconds: f64) -> Option<String> {
+    let mut held: Vec<&Series> = writes.iter().filter(|s| s.key.ends_with("/held")).collect();
+    if held.is_empty() || seconds <= 0.0 {
+        return None;
     }
-    snapshot
-}
-
-/// What happened between two snapshots, per stage, in the order a KCI meets them.
-fn stage_figures(before: &StageSnapshot, after: &StageSnapshot) -> Vec<StageFigure> {
-    ["queue_wait", "begin", "load", "write", "commit"]
+    held.sort_by(|a, b| b.sum.total_cmp(&a.sum));
+    let parts: Vec<String> = held
         .iter()
-        .filter_map(|stage| {
-            let (sum, count, buckets) = after.get(*stage)?;
-            let empty = (0.0, 0.0, Vec::new());
-            let (sum0, count0, buckets0) = before.get(*stage).unwrap_or(&empty);
-            let n = count - count0;
-            if n <= 0.0 {
-                return None;
-            }
-            let p99_bound = buckets
+        .map(|h| {
+            let writer = h.key.trim_end_matches("/held");
+            let wait = writes
                 .iter()
-                .map(|(le, c)| {
-                    let earlier = buckets0
-                        .iter()
-                        .find(|(le0, _)| le0 == le)
-                        .map_or(0.0, |(_, c0)| *c0);
-                    (*le, c - earlier)
-                })
-                .find(|(_, c)| *c >= 0.99 * n)
-                .map(|(le, _)| le);
-            Some(StageFigure {
-                stage: (*stage).to_owned(),
-                mean_seconds: (sum - sum0) / n,
-                p99_bound,
-            })
+                .find(|w| w.key == format!("{writer}/wait"))
+                .map_or(0.0, Series::mean);
+            format!(
+                "{writer} {:.2} open on average, {:.0} tx, {:.1} ms (p99 <= {}), wait {:.1} ms",
+                h.sum / seconds,
+                h.count,
+                h.mean() * 1e3,
+                h.p99_bound
+                    .map_or("-".to_owned(), |b| format!("{:.1} ms", b * 1e3)),
+                wait * 1e3
+            )
         })
-        .collect()
+        .collect();
+    Some(parts.join("; "))
 }
 
 /// From 204 to the consumer, for the KCIs of the fixed-rate phase (microseconds).
@@ -645,16 +627,21 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
                 .map(|s| {
                     format!(
                         "{} {:.1} ms (p99 <= {})",
-                        s.stage,
-                        s.mean_seconds * 1e3,
+                        s.key,
+                        s.mean() * 1e3,
                         s.p99_bound
                             .map_or("-".to_owned(), |b| format!("{:.1} ms", b * 1e3))
                     )
                 })
                 .collect();
             println!(
-                "| intake's stages at half of saturation, mean per KCI wait or per batch (kci_receiver_intake_stage_duration_seconds) | {} |",
+                "| intake's stages at half of saturation, mean per KCI wait or per batch ({STAGES}) | {} |",
                 stages.join("; ")
+            );
+        }
+        if let Some(line) = writers_line(&figures.saturation_writes, figures.saturation_seconds) {
+            println!(
+                "| write transactions at saturation by writer: how many were open on average (on SQLite, the share of its one writer), how many, mean and p99 held, mean wait to begin ({WRITES}) | {line} |"
             );
         }
     }
