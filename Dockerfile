@@ -24,6 +24,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY entity/Cargo.toml entity/
 COPY migration/Cargo.toml migration/
 COPY tools/Cargo.toml tools/
+COPY vendor vendor
 RUN mkdir -p src entity/src migration/src tools/src tests/api \
     && echo 'fn main() {}' > src/main.rs && echo 'fn main() {}' > tools/src/main.rs \
     && touch src/lib.rs entity/src/lib.rs migration/src/lib.rs tools/src/lib.rs tests/api/main.rs \
