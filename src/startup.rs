@@ -172,6 +172,9 @@ impl Application {
                 .app_data(state.clone())
                 .configure(|cfg| routes(cfg, egress_prefix.as_deref()))
         })
+        // A response written in more than one piece (headers and body, TLS records) must not
+        // wait for the client's delayed ACK: actix leaves Nagle's algorithm on unless told.
+        .tcp_nodelay(true)
         // actix binds with SO_REUSEADDR: a restarted instance gets its port back at once, also
         // after a kill -9 that left connections in TIME_WAIT.
         .on_connect(crate::tls::on_connect)
@@ -295,6 +298,7 @@ pub async fn run_relay(settings: Settings) -> anyhow::Result<()> {
                     .route("/metrics", web::get().to(relay_metrics))
             })
             .workers(1)
+            .tcp_nodelay(true)
             .bind((settings.server.host.as_str(), port))?
             .disable_signals()
             .shutdown_timeout(1);

@@ -549,3 +549,60 @@ impl Drop for ChildProcess {
         let _ = self.0.wait();
     }
 }
+
+/// `TCP_NODELAY` of this process's TCP socket whose local port is `local_port` and whose peer
+/// port is `peer_port` (`None` when there is none).
+#[cfg(target_os = "linux")]
+pub fn nodelay_of(local_port: u16, peer_port: u16) -> Option<bool> {
+    fn port_of(address: &libc::sockaddr_storage) -> Option<u16> {
+        // SAFETY: the family says which of the two layouts the storage holds.
+        unsafe {
+            match i32::from(address.ss_family) {
+                libc::AF_INET => Some(u16::from_be(
+                    (*(address as *const _ as *const libc::sockaddr_in)).sin_port,
+                )),
+                libc::AF_INET6 => Some(u16::from_be(
+                    (*(address as *const _ as *const libc::sockaddr_in6)).sin6_port,
+                )),
+                _ => None,
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: plain socket queries into buffers of the sizes given; a descriptor that is not
+        // a socket (or was closed meanwhile) answers with an error.
+        unsafe {
+            let mut local: libc::sockaddr_storage = std::mem::zeroed();
+            let mut peer: libc::sockaddr_storage = std::mem::zeroed();
+            let size = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let (mut local_size, mut peer_size) = (size, size);
+            if libc::getsockname(fd, &mut local as *mut _ as *mut _, &mut local_size) != 0
+                || libc::getpeername(fd, &mut peer as *mut _ as *mut _, &mut peer_size) != 0
+                || port_of(&local) != Some(local_port)
+                || port_of(&peer) != Some(peer_port)
+            {
+                continue;
+            }
+            let mut nodelay: libc::c_int = 0;
+            let mut nodelay_size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                &mut nodelay as *mut _ as *mut _,
+                &mut nodelay_size,
+            ) == 0
+            {
+                return Some(nodelay != 0);
+            }
+        }
+    }
+    None
+}

@@ -1,6 +1,7 @@
 //! How kci-receiver's connections to the embedded store are set up: durability first (WAL,
 //! `synchronous=FULL`: a commit is on disk before the 204), and the page cache each connection
-//! holds (`database.sqlite_cache_kib`); and PostgreSQL connections with Nagle's algorithm off.
+//! holds (`database.sqlite_cache_kib`); and TCP connections with Nagle's algorithm off, to
+//! PostgreSQL and from the gateway.
 
 use sea_orm::{ConnectionTrait, Statement};
 
@@ -47,63 +48,6 @@ async fn every_sqlite_connection_is_durable_and_holds_the_configured_page_cache(
     }
 }
 
-/// `TCP_NODELAY` of this process's TCP socket whose local port is `local_port` and whose peer
-/// port is `peer_port` (`None` when there is none).
-#[cfg(target_os = "linux")]
-fn nodelay_of(local_port: u16, peer_port: u16) -> Option<bool> {
-    fn port_of(address: &libc::sockaddr_storage) -> Option<u16> {
-        // SAFETY: the family says which of the two layouts the storage holds.
-        unsafe {
-            match i32::from(address.ss_family) {
-                libc::AF_INET => Some(u16::from_be(
-                    (*(address as *const _ as *const libc::sockaddr_in)).sin_port,
-                )),
-                libc::AF_INET6 => Some(u16::from_be(
-                    (*(address as *const _ as *const libc::sockaddr_in6)).sin6_port,
-                )),
-                _ => None,
-            }
-        }
-    }
-    for entry in std::fs::read_dir("/proc/self/fd").ok()?.flatten() {
-        let Some(fd) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: plain socket queries into buffers of the sizes given; a descriptor that is not
-        // a socket (or was closed meanwhile) answers with an error.
-        unsafe {
-            let mut local: libc::sockaddr_storage = std::mem::zeroed();
-            let mut peer: libc::sockaddr_storage = std::mem::zeroed();
-            let size = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-            let (mut local_size, mut peer_size) = (size, size);
-            if libc::getsockname(fd, &mut local as *mut _ as *mut _, &mut local_size) != 0
-                || libc::getpeername(fd, &mut peer as *mut _ as *mut _, &mut peer_size) != 0
-                || port_of(&local) != Some(local_port)
-                || port_of(&peer) != Some(peer_port)
-            {
-                continue;
-            }
-            let mut nodelay: libc::c_int = 0;
-            let mut nodelay_size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            if libc::getsockopt(
-                fd,
-                libc::IPPROTO_TCP,
-                libc::TCP_NODELAY,
-                &mut nodelay as *mut _ as *mut _,
-                &mut nodelay_size,
-            ) == 0
-            {
-                return Some(nodelay != 0);
-            }
-        }
-    }
-    None
-}
-
 /// sqlx 0.9.0 left Nagle's algorithm on (vendor/README.md): a statement written in more than one
 /// piece (TLS records) waited 40 ms for PostgreSQL's delayed ACK, and intake's batches spent
 /// most of their time in those waits. Every pooled connection must have `TCP_NODELAY`.
@@ -138,10 +82,39 @@ async fn every_postgres_connection_has_nagle_off() {
         let port = u16::try_from(row.try_get::<i32>("", "port").unwrap()).unwrap();
         ports.insert(port);
         assert_eq!(
-            nodelay_of(port, server_port),
+            crate::helpers::nodelay_of(port, server_port),
             Some(true),
             "the connection from local port {port} has TCP_NODELAY"
         );
     }
     assert_eq!(ports.len(), 3, "three connections were checked");
+}
+
+/// The service's own listener: actix leaves Nagle's algorithm on unless told, and a response
+/// written in more than one piece (headers and body, TLS records) must not wait for the client's
+/// delayed ACK either.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn accepted_connections_have_nagle_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = crate::helpers::spawn_app(Backend::Sqlite).await;
+    let port: u16 = app.address.rsplit(':').next().unwrap().parse().unwrap();
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let client_port = client.local_addr().unwrap().port();
+    client
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: kci-receiver\r\n\r\n")
+        .await
+        .unwrap();
+    // Once it answers, the service has accepted and set up the connection.
+    let mut status_line = [0u8; 12];
+    client.read_exact(&mut status_line).await.unwrap();
+    assert_eq!(&status_line, b"HTTP/1.1 200");
+    assert_eq!(
+        crate::helpers::nodelay_of(port, client_port),
+        Some(true),
+        "the service's end of the connection has TCP_NODELAY"
+    );
 }
