@@ -22,8 +22,8 @@ use entity::kci as kci_row;
 use entity::tracked_entity;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
-    ExprTrait, QueryFilter, QueryOrder, QuerySelect, Set, Statement,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityName,
+    EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -259,14 +259,96 @@ async fn write(
     deliveries: &[&Delivery],
     plan: plan::Plan,
 ) -> Result<Vec<Recorded>, StoreError> {
-    let kci_ids = bulk::insert(txn, plan.kcis, true).await?;
-    let audit_rows = deliveries.iter().zip(&plan.recorded).map(|(d, recorded)| {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        write_in_one_statement(txn, deliveries, plan).await
+    } else {
+        write_statement_by_statement(txn, deliveries, plan).await
+    }
+}
+
+/// Each delivery's audit record, with what recording it did.
+fn audit_rows<'a>(
+    deliveries: &'a [&Delivery],
+    recorded: &'a [Recorded],
+) -> impl Iterator<Item = entity::audit_log::ActiveModel> + 'a {
+    deliveries.iter().zip(recorded).map(|(d, recorded)| {
         let mut row = d.audit.to_active_model();
         row.outcome = Set(recorded.outcome.audit_outcome().as_str().to_owned());
         row.kci_id = Set(Some(d.kci.id));
         row
+    })
+}
+
+/// PostgreSQL: every table in one statement, one round trip ([`bulk::Combined`]); the
+/// history and the outbox refer to the batch's new KCIs and audit records by their position.
+async fn write_in_one_statement(
+    txn: &DatabaseTransaction,
+    deliveries: &[&Delivery],
+    plan: plan::Plan,
+) -> Result<Vec<Recorded>, StoreError> {
+    use entity::{audit_log, outbox_event, state_transition};
+    let new_row = bulk::Combined::new_row;
+    let mut statement = bulk::Combined::default();
+    statement.insert(plan.kcis, &[])?;
+    statement.insert(audit_rows(deliveries, &plan.recorded).collect(), &[])?;
+    if !plan.counters.is_empty() {
+        statement.statement(
+            vec![redelivery_counters(&plan.counters), Utc::now().into()],
+            |p| count_redeliveries_sql(&p[0], &p[1]),
+        );
+    }
+    let transitions = plan
+        .transitions
+        .into_iter()
+        .map(|(reference, delivery, mut row)| {
+            row.kci_ref = Set(match reference {
+                KciRef::Existing(id) => id,
+                KciRef::New(n) => new_row(n),
+            });
+            row.audit_log_id = Set(Some(new_row(delivery)));
+            row
+        });
+    statement.insert(
+        transitions.collect(),
+        &[
+            (
+                state_transition::Column::KciRef,
+                kci_row::Entity.table_name(),
+            ),
+            (
+                state_transition::Column::AuditLogId,
+                audit_log::Entity.table_name(),
+            ),
+        ],
+    )?;
+    statement.update_by_id(
+        plan.entities
+            .into_iter()
+            .map(tracked_entity::ActiveModel::from)
+            .collect(),
+    )?;
+    let events = plan.events.into_iter().map(|(kci, mut row)| {
+        row.kci_ref = Set(new_row(kci));
+        row
     });
-    let audit_ids = bulk::insert(txn, audit_rows.collect(), true).await?;
+    statement.insert(
+        events.collect(),
+        &[(outbox_event::Column::KciRef, kci_row::Entity.table_name())],
+    )?;
+    statement.execute(txn).await?;
+    Ok(plan.recorded)
+}
+
+/// SQLite: one statement per table, each new row's id read back for the rows that refer to it
+/// (statements cost next to nothing in-process).
+async fn write_statement_by_statement(
+    txn: &DatabaseTransaction,
+    deliveries: &[&Delivery],
+    plan: plan::Plan,
+) -> Result<Vec<Recorded>, StoreError> {
+    let kci_ids = bulk::insert(txn, plan.kcis, true).await?;
+    let audit_ids =
+        bulk::insert(txn, audit_rows(deliveries, &plan.recorded).collect(), true).await?;
     let kci_ref = |reference: KciRef| match reference {
         KciRef::Existing(id) => id,
         KciRef::New(n) => kci_ids[n],
@@ -299,33 +381,35 @@ async fn write(
     Ok(plan.recorded)
 }
 
+/// Redeliveries of KCIs recorded before the batch, on PostgreSQL: `[row id, redeliveries,
+/// anomalies]` each, one JSON array, for [`count_redeliveries_sql`].
+fn redelivery_counters(counters: &[(i64, i32, i32)]) -> sea_orm::Value {
+    let rows: Vec<Value> = counters
+        .iter()
+        .map(|(id, redeliveries, anomalies)| serde_json::json!([id, redeliveries, anomalies]))
+        .collect();
+    sea_orm::Value::from(Value::Array(rows))
+}
+
+/// Adds the counters of `counters` (JSON, [`redelivery_counters`]) to their KCIs and sets the
+/// time of the last redelivery to `now`: one text whatever their number (`store::bulk`).
+fn count_redeliveries_sql(counters: &str, now: &str) -> String {
+    format!(
+        r#"UPDATE "kci" SET "redelivery_count" = "kci"."redelivery_count" + (c->>1)::integer,
+            "anomaly_count" = "kci"."anomaly_count" + (c->>2)::integer, "last_redelivered_at" = {now}
+           FROM jsonb_array_elements({counters}) AS c WHERE "kci"."id" = (c->>0)::bigint
+           AND "kci"."id" = ANY(ARRAY(SELECT (c->>0)::bigint FROM jsonb_array_elements({counters}) AS c))"#
+    )
+}
+
 /// Redeliveries of KCIs recorded before the batch: their counters and the time of the last one.
-/// One statement on PostgreSQL (`store::bulk`); SQLite, where statements cost next to nothing to
-/// prepare, one per KCI (redeliveries are rare).
+/// SQLite, where statements cost next to nothing to prepare: one per KCI (redeliveries are
+/// rare). PostgreSQL counts them in the batch's one statement ([`count_redeliveries_sql`]).
 async fn count_redeliveries(
     txn: &DatabaseTransaction,
     counters: &[(i64, i32, i32)],
 ) -> Result<(), StoreError> {
-    if counters.is_empty() {
-        return Ok(());
-    }
     let now = Utc::now();
-    if txn.get_database_backend() == DbBackend::Postgres {
-        let rows: Vec<Value> = counters
-            .iter()
-            .map(|(id, redeliveries, anomalies)| serde_json::json!([id, redeliveries, anomalies]))
-            .collect();
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            r#"UPDATE "kci" SET "redelivery_count" = "kci"."redelivery_count" + (c->>1)::integer,
-                "anomaly_count" = "kci"."anomaly_count" + (c->>2)::integer, "last_redelivered_at" = $2
-               FROM jsonb_array_elements($1) AS c WHERE "kci"."id" = (c->>0)::bigint
-               AND "kci"."id" = ANY(ARRAY(SELECT (c->>0)::bigint FROM jsonb_array_elements($1) AS c))"#,
-            [sea_orm::Value::from(Value::Array(rows)), now.into()],
-        ))
-        .await?;
-        return Ok(());
-    }
     for (id, redeliveries, anomalies) in counters {
         kci_row::Entity::update_many()
             .col_expr(

@@ -150,32 +150,186 @@ where
         return Ok(());
     }
     let (columns, parameter) = as_json_rows(&rows)?;
-    let changed: Vec<_> = columns
-        .into_iter()
-        .filter(|c| c.unquoted() != "id")
-        .collect();
-    let table = quoted(A::Entity::default().table_name());
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        format!(
-            "UPDATE {table} SET ({}) = ROW({}) FROM jsonb_populate_recordset(NULL::{table}, $1) AS row_ \
-             WHERE {table}.\"id\" = row_.\"id\" AND {table}.\"id\" = ANY({IDS_OF_ROWS})",
-            column_list(&changed, ""),
-            column_list(&changed, "row_."),
-        ),
+        update_by_id_sql::<A>(&columns, "$1"),
         [parameter],
     ))
     .await?;
     Ok(())
 }
 
-/// The ids of the rows of the parameter, as an array computed before the rest of the statement.
-/// Joined with a set-returning function alone, a table is read whole: the planner assumes the
-/// function returns 100 rows and prefers a hash join over a sequential scan (3.8 ms for two rows
-/// of a 20,000-row table, `EXPLAIN ANALYZE`); with `id = ANY(array)` it looks the rows up by their
-/// primary key (0.3 ms), however the plan is cached.
-const IDS_OF_ROWS: &str =
-    "ARRAY(SELECT (row_->>'id')::bigint FROM jsonb_array_elements($1) AS row_)";
+/// `UPDATE` of the rows of the JSON parameter `parameter` (`$n`), matched on `id`: every column
+/// of `columns` but `id` written.
+fn update_by_id_sql<A: ActiveModelTrait>(columns: &Columns<A>, parameter: &str) -> String {
+    let changed: Vec<_> = columns
+        .iter()
+        .copied()
+        .filter(|c| c.unquoted() != "id")
+        .collect();
+    let table = quoted(A::Entity::default().table_name());
+    // `id = ANY(array)`, the array of the parameter's ids computed before the rest of the
+    // statement: joined with a set-returning function alone, a table is read whole (the planner
+    // assumes the function returns 100 rows and prefers a hash join over a sequential scan: 3.8
+    // ms for two rows of a 20,000-row table, `EXPLAIN ANALYZE`); with the array it looks the rows
+    // up by their primary key (0.3 ms), however the plan is cached.
+    format!(
+        "UPDATE {table} SET ({}) = ROW({}) FROM jsonb_populate_recordset(NULL::{table}, {parameter}) AS row_ \
+         WHERE {table}.\"id\" = row_.\"id\" AND {table}.\"id\" = \
+         ANY(ARRAY(SELECT (row_->>'id')::bigint FROM jsonb_array_elements({parameter}) AS row_))",
+        column_list(&changed, ""),
+        column_list(&changed, "row_."),
+    )
+}
+
+/// PostgreSQL: several writes to several tables as one statement, one round trip, each write a
+/// data-modifying part of its `WITH` (intake's batch: six statements became one; see
+/// docs/benchmarks.md, "Sixth round").
+///
+/// Rows inserted here get their ids before the statement writes them: each table's ids are
+/// drawn from its own sequence, in the order of its rows, into an array computed once. So the
+/// ids follow the order of the rows by construction (the order of a history, and of an entity's
+/// outbox events, is the order of their ids), and a row can refer to a row inserted by an
+/// earlier part of the same statement through [`Combined::new_row`] instead of waiting for its
+/// id to come back. Foreign keys are checked at the end of the statement, when every part has
+/// written. Each table may be inserted into once per statement; parts without rows are left out.
+#[derive(Default)]
+pub struct Combined {
+    parts: Vec<String>,
+    parameters: Vec<Value>,
+    /// Tables inserted into so far: what a later part may refer to.
+    inserted: Vec<String>,
+}
+
+impl Combined {
+    /// The value that stands, in a reference column listed in [`Combined::insert`]'s
+    /// `references`, for the `n`th row (from 0) of the table inserted earlier in this statement.
+    /// Negative: no row of ours has a negative id.
+    pub fn new_row(n: usize) -> i64 {
+        -i64::try_from(n).unwrap_or(i64::MAX - 1) - 1
+    }
+
+    fn parameter(&mut self, value: Value) -> String {
+        self.parameters.push(value);
+        format!("${}", self.parameters.len())
+    }
+
+    /// Inserts `rows`, with ids drawn from the table's sequence in their order. In each column of
+    /// `references`, a value made by [`Combined::new_row`] becomes the id of that row of the
+    /// table named beside it, which an earlier part of this statement inserts; other values
+    /// stay as they are.
+    pub fn insert<A>(
+        &mut self,
+        rows: Vec<A>,
+        references: &[(<A::Entity as EntityTrait>::Column, &str)],
+    ) -> Result<(), DbErr>
+    where
+        A: ActiveModelTrait,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let table_name = A::Entity::default().table_name().to_owned();
+        if self.inserted.contains(&table_name) {
+            return Err(DbErr::Custom(format!(
+                "combined statement: {table_name} inserted into twice"
+            )));
+        }
+        let (columns, parameter) = as_json_rows(&rows)?;
+        let parameter = self.parameter(parameter);
+        let table = quoted(&table_name);
+        let columns: Vec<_> = columns
+            .into_iter()
+            .filter(|c| c.unquoted() != "id")
+            .collect();
+        let mut values = Vec::with_capacity(columns.len());
+        for column in &columns {
+            let value = format!("row_.{}", quoted(column.unquoted()));
+            let target = references
+                .iter()
+                .find(|(c, _)| c.unquoted() == column.unquoted())
+                .map(|(_, target)| *target)
+                .filter(|target| self.inserted.iter().any(|t| t == target));
+            match target {
+                Some(target) => values.push(format!(
+                    "CASE WHEN {value} < 0 THEN (SELECT ids[(-{value})::int] FROM {}) ELSE {value} END",
+                    ids_of(target)
+                )),
+                // No new rows of the target in this statement: every value is an existing row's
+                // id (a stray `new_row` fails the foreign key, loudly).
+                None => values.push(value),
+            }
+        }
+        self.parts.push(format!(
+            "{ids} AS MATERIALIZED (SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('{table}', 'id')::regclass) \
+             FROM generate_series(1, jsonb_array_length({parameter}))) AS ids)",
+            ids = ids_of(&table_name),
+        ));
+        self.parts.push(format!(
+            "{} AS (INSERT INTO {table} (\"id\", {}) SELECT (SELECT ids[row_.ordinality::int] FROM {}), {} \
+             FROM jsonb_populate_recordset(NULL::{table}, {parameter}) WITH ORDINALITY AS row_)",
+            quoted(&format!("insert_{table_name}")),
+            column_list(&columns, ""),
+            ids_of(&table_name),
+            values.join(", "),
+        ));
+        self.inserted.push(table_name);
+        Ok(())
+    }
+
+    /// Existing rows replaced by `rows`, as [`update_by_id`].
+    pub fn update_by_id<A>(&mut self, rows: Vec<A>) -> Result<(), DbErr>
+    where
+        A: ActiveModelTrait,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let (columns, parameter) = as_json_rows(&rows)?;
+        let parameter = self.parameter(parameter);
+        let name = quoted(&format!(
+            "update_{}_{}",
+            A::Entity::default().table_name(),
+            self.parts.len()
+        ));
+        self.parts.push(format!(
+            "{name} AS ({})",
+            update_by_id_sql::<A>(&columns, &parameter)
+        ));
+        Ok(())
+    }
+
+    /// A data-modifying statement of the caller's: `sql` is given the placeholders of
+    /// `parameters`, in their order.
+    pub fn statement(&mut self, parameters: Vec<Value>, sql: impl FnOnce(&[String]) -> String) {
+        let placeholders: Vec<String> = parameters
+            .into_iter()
+            .map(|value| self.parameter(value))
+            .collect();
+        let name = format!("\"statement_{}\"", self.parts.len());
+        self.parts
+            .push(format!("{name} AS ({})", sql(&placeholders)));
+    }
+
+    /// Runs every part, in one statement (nothing when there is none).
+    pub async fn execute(self, db: &impl ConnectionTrait) -> Result<(), DbErr> {
+        if self.parts.is_empty() {
+            return Ok(());
+        }
+        db.execute_raw(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!("WITH {} SELECT 1", self.parts.join(",\n")),
+            self.parameters,
+        ))
+        .await?;
+        Ok(())
+    }
+}
+
+/// The name of the part that holds the new ids of `table`'s rows.
+fn ids_of(table: &str) -> String {
+    quoted(&format!("ids_{table}"))
+}
 
 /// The columns the first row sets, and every row as a JSON object keyed by those columns' names,
 /// all in one JSONB array: the single parameter of the statements above.
@@ -308,6 +462,67 @@ mod tests {
         assert_eq!(json_of(Value::String(None)).unwrap(), Json::Null);
         let document = serde_json::json!({"a": [1, "\u{1F600}"]});
         assert_eq!(json_of(Value::from(document.clone())).unwrap(), document);
+    }
+
+    fn kci_row(kci_id: uuid::Uuid) -> entity::kci::ActiveModel {
+        entity::kci::ActiveModel {
+            kci_id: sea_orm::Set(kci_id),
+            tracked_entity_id: sea_orm::Set(7),
+            ..Default::default()
+        }
+    }
+
+    fn event_row(kci_ref: i64) -> entity::outbox_event::ActiveModel {
+        entity::outbox_event::ActiveModel {
+            kci_ref: sea_orm::Set(kci_ref),
+            tracked_entity_id: sea_orm::Set(7),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_combined_statement_numbers_its_parameters_in_order_and_resolves_references_to_new_rows() {
+        let mut statement = Combined::default();
+        statement
+            .insert(vec![kci_row(uuid::Uuid::nil())], &[])
+            .unwrap();
+        statement
+            .insert(
+                vec![event_row(Combined::new_row(0)), event_row(41)],
+                &[(entity::outbox_event::Column::KciRef, "kci")],
+            )
+            .unwrap();
+        let sql = statement.parts.join("\n");
+        assert_eq!(statement.parameters.len(), 2);
+        assert!(
+            sql.contains("jsonb_populate_recordset(NULL::\"kci\", $1)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("jsonb_populate_recordset(NULL::\"outbox_event\", $2)"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("CASE WHEN row_.\"kci_ref\" < 0 THEN (SELECT ids[(-row_.\"kci_ref\")::int] FROM \"ids_kci\")"),
+            "{sql}"
+        );
+        assert_eq!(Combined::new_row(0), -1);
+        assert_eq!(Combined::new_row(9), -10);
+    }
+
+    #[test]
+    fn a_combined_statement_refuses_a_table_twice_and_leaves_references_to_tables_it_does_not_insert()
+     {
+        let mut statement = Combined::default();
+        statement
+            .insert(
+                vec![event_row(41)],
+                &[(entity::outbox_event::Column::KciRef, "kci")],
+            )
+            .unwrap();
+        assert!(!statement.parts.join("\n").contains("CASE WHEN"));
+        let twice = statement.insert(vec![event_row(42)], &[]);
+        assert!(matches!(twice, Err(DbErr::Custom(message)) if message.contains("twice")));
     }
 
     #[test]
