@@ -235,6 +235,11 @@ pub struct BenchArgs {
     /// in the first). SQLite always has one.
     #[arg(long, default_value_t = 1)]
     pub instances: usize,
+    /// PostgreSQL as if on another host: the service's connections go through a proxy that
+    /// delays every byte by this many milliseconds each way (a round trip costs twice that).
+    /// The ceilings are measured without it.
+    #[arg(long, default_value_t = 0)]
+    pub database_delay_ms: u64,
     /// Fixed rates measured besides half of saturation, in percent of saturation
     /// (`--fixed-rates` alone: none).
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "25,75")]

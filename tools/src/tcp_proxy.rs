@@ -5,11 +5,15 @@
 //! - **freeze**: the dependency hangs (a frozen host, a dropped route): connections stay open and
 //!   new ones are accepted, but not a byte goes through either way until it thaws.
 //!
+//! It can also put a distance between the two ends ([`TcpProxy::start_with_delay`]): every byte
+//! arrives a fixed time after it was sent, each way, as from a dependency on another host.
+//!
 //! Used by the benchmark, the drills and the integration tests.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +29,13 @@ pub struct TcpProxy {
 
 impl TcpProxy {
     pub async fn start(upstream: SocketAddr) -> TcpProxy {
+        TcpProxy::start_with_delay(upstream, Duration::ZERO).await
+    }
+
+    /// A proxy whose every byte arrives `one_way` after it was sent, each way (a round trip
+    /// costs twice that), however many are in flight: a distance, not a bandwidth limit. Tokio's
+    /// timers have a resolution of 1 ms.
+    pub async fn start_with_delay(upstream: SocketAddr, one_way: Duration) -> TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the proxy");
@@ -45,7 +56,7 @@ impl TcpProxy {
                 let frozen = accept_frozen.subscribe();
                 tokio::spawn(async move {
                     tokio::select! {
-                        _ = relay(inbound, upstream, frozen) => {}
+                        _ = relay(inbound, upstream, frozen, one_way) => {}
                         _ = cut.changed() => {}
                     }
                 });
@@ -82,19 +93,67 @@ impl TcpProxy {
 }
 
 /// One connection: waits while frozen before even connecting upstream, then copies both ways.
-async fn relay(inbound: TcpStream, upstream: SocketAddr, mut frozen: watch::Receiver<bool>) {
+async fn relay(
+    inbound: TcpStream,
+    upstream: SocketAddr,
+    mut frozen: watch::Receiver<bool>,
+    one_way: Duration,
+) {
     if wait_thawed(&mut frozen).await.is_err() {
         return;
     }
     let Ok(outbound) = TcpStream::connect(upstream).await else {
         return;
     };
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
     let (inbound_read, inbound_write) = inbound.into_split();
     let (outbound_read, outbound_write) = outbound.into_split();
-    tokio::select! {
-        _ = copy(inbound_read, outbound_write, frozen.clone()) => {}
-        _ = copy(outbound_read, inbound_write, frozen) => {}
+    if one_way.is_zero() {
+        tokio::select! {
+            _ = copy(inbound_read, outbound_write, frozen.clone()) => {}
+            _ = copy(outbound_read, inbound_write, frozen) => {}
+        }
+    } else {
+        tokio::select! {
+            _ = copy_delayed(inbound_read, outbound_write, one_way) => {}
+            _ = copy_delayed(outbound_read, inbound_write, one_way) => {}
+        }
     }
+}
+
+/// Copies one way, each chunk written `one_way` after it was read; reading goes on meanwhile,
+/// so the delay does not limit the throughput.
+async fn copy_delayed(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin + Send + 'static,
+    one_way: Duration,
+) -> std::io::Result<()> {
+    let (chunks, mut delayed) =
+        tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((due, chunk)) = delayed.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        to.shutdown().await.ok();
+    });
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = from.read(&mut buffer).await?;
+        if read == 0 {
+            break;
+        }
+        let due = tokio::time::Instant::now() + one_way;
+        if chunks.send((due, buffer[..read].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(chunks);
+    writer.await.ok();
+    Ok(())
 }
 
 async fn wait_thawed(frozen: &mut watch::Receiver<bool>) -> Result<(), watch::error::RecvError> {

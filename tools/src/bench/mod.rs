@@ -57,6 +57,8 @@ struct Figures {
     longest_chain: usize,
     /// Intake's stages during the half-rate phase (from `/metrics`, before and after it).
     half_stages: Vec<Series>,
+    /// `POST /kcis` answered 204 at half of saturation, as the service measured it.
+    half_served: Option<Series>,
     /// Write transactions by writer and phase (wait, held) during saturation, and its seconds.
     saturation_writes: Vec<Series>,
     saturation_seconds: f64,
@@ -208,11 +210,26 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     let broker = host_port(&args.amqp_url, 5672)?;
     let proxy = TcpProxy::start(broker).await;
     let service_amqp = with_authority(&args.amqp_url, &format!("127.0.0.1:{}", proxy.port), None);
+    // `--database-delay-ms`: the service's PostgreSQL as if on another host.
+    let distant_database = if args.database_delay_ms > 0 && database_url.starts_with("postgres") {
+        let delay = Duration::from_millis(args.database_delay_ms);
+        println!(
+            "kci-receiver reaches PostgreSQL through a proxy that delays each way by {} ms",
+            args.database_delay_ms
+        );
+        Some(TcpProxy::start_with_delay(host_port(database_url, 5432)?, delay).await)
+    } else {
+        None
+    };
+    let service_database_url = match &distant_database {
+        Some(distant) => with_authority(database_url, &format!("127.0.0.1:{}", distant.port), None),
+        None => database_url.to_owned(),
+    };
     let service = Service::start(
         binary,
         &prefix,
         &[
-            ("KCI__DATABASE__URL", database_url.to_owned()),
+            ("KCI__DATABASE__URL", service_database_url.clone()),
             ("KCI__DATABASE__MAX_CONNECTIONS", "32".to_owned()),
             ("KCI__AMQP__URL", service_amqp),
             ("KCI__AMQP__EXCHANGE", amqp.exchange.clone()),
@@ -235,7 +252,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
                 binary,
                 &format!("{prefix}-{n}"),
                 &[
-                    ("KCI__DATABASE__URL", database_url.to_owned()),
+                    ("KCI__DATABASE__URL", service_database_url.clone()),
                     ("KCI__DATABASE__MAX_CONNECTIONS", "32".to_owned()),
                     ("KCI__RELAY__ENABLED", "false".to_owned()),
                     ("KCI__RELAY__NOTIFY_OTHER_PROCESSES", "true".to_owned()),
@@ -360,6 +377,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     figures.order_violations = check.order_violations;
     if let Some(load) = load {
         figures.half_stages = load.half_stages;
+        figures.half_served = load.half_served;
         figures.saturation_writes = load.saturation_writes;
         figures.saturation_seconds = load.saturation.elapsed.as_secs_f64();
         figures.cpu_per_kci = load.cpu_per_kci;
@@ -381,6 +399,8 @@ struct LoadFigures {
     cpu_per_kci: Vec<(&'static str, f64)>,
     half: Report,
     half_stages: Vec<Series>,
+    /// `POST /kcis` answered 204 at half of saturation, as the service measured it.
+    half_served: Option<Series>,
     saturation_writes: Vec<Series>,
     fixed: Vec<(u32, Report)>,
     lag: Histogram<u64>,
@@ -418,8 +438,15 @@ async fn load_phases(
     let mut half_options = options(base_urls, args.concurrency, 12, 20_000_000).duration(phase);
     half_options.rate = Some(rate);
     let before_half = stage_snapshot(&service.base_url).await;
+    let served_before_half = served_snapshot(&service.base_url).await;
     let half = simulator::run(half_options).await?;
     let half_stages = stage_figures(&before_half, &stage_snapshot(&service.base_url).await);
+    let half_served = histograms::between(
+        &served_before_half,
+        &served_snapshot(&service.base_url).await,
+    )
+    .into_iter()
+    .find(|series| series.key == "/kcis/POST/204");
     // Other fixed rates, for the shape of latency against load.
     let mut fixed = Vec::new();
     for (n, percent) in args.fixed_rates.iter().enumerate() {
@@ -449,6 +476,7 @@ async fn load_phases(
         cpu_per_kci,
         half,
         half_stages,
+        half_served,
         saturation_writes,
         fixed,
         lag,
@@ -506,6 +534,16 @@ const WRITES: &str = "kci_receiver_write_transaction_seconds";
 
 async fn stage_snapshot(base_url: &str) -> Snapshot {
     histograms::snapshot(base_url, STAGES, &["stage"]).await
+}
+
+/// The service's own latency histogram of its answers, by route, method and status.
+async fn served_snapshot(base_url: &str) -> Snapshot {
+    histograms::snapshot(
+        base_url,
+        "kci_receiver_http_request_duration_seconds",
+        &["route", "method", "status"],
+    )
+    .await
 }
 
 async fn write_snapshot(base_url: &str) -> Snapshot {
@@ -620,6 +658,16 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
             ms(h, 0.99),
             h.max() as f64 / 1000.0
         );
+        if let Some(served) = &figures.half_served {
+            // What the load generator sees beyond this is the network and the wait for a core.
+            println!(
+                "| the same, as kci-receiver measured it (request to 204, kci_receiver_http_request_duration_seconds) | mean {:.1} ms, p99 <= {} |",
+                served.mean() * 1e3,
+                served
+                    .p99_bound
+                    .map_or("-".to_owned(), |b| format!("{:.1} ms", b * 1e3))
+            );
+        }
         if !figures.half_stages.is_empty() {
             let stages: Vec<String> = figures
                 .half_stages
