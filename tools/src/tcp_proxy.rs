@@ -189,3 +189,39 @@ async fn copy(
         to.write_all(&buffer[..read]).await?;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An echo server behind a proxy that delays each way by 20 ms: a round trip takes at least
+    /// 40 ms, and bytes sent back to back are not held up behind each other's delay.
+    #[tokio::test]
+    async fn a_delayed_proxy_delays_each_way_without_queueing_the_bytes() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut socket, _) = echo.accept().await.unwrap();
+            let mut buffer = [0u8; 64];
+            loop {
+                let n = socket.read(&mut buffer).await.unwrap_or(0);
+                if n == 0 || socket.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let proxy = TcpProxy::start_with_delay(upstream, Duration::from_millis(20)).await;
+        let mut client = TcpStream::connect(("127.0.0.1", proxy.port)).await.unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..5 {
+            client.write_all(b"ping").await.unwrap();
+        }
+        let mut answer = [0u8; 20];
+        client.read_exact(&mut answer).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!(&answer, b"pingpingpingpingping");
+        assert!(took >= Duration::from_millis(40), "{took:?}");
+        // Five pieces in flight at once: about one round trip, not five.
+        assert!(took < Duration::from_millis(150), "{took:?}");
+    }
+}
