@@ -194,6 +194,47 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
     Ok(loaded)
 }
 
+/// Entities whose key (entity type, gateway id) is one of `keys` or whose id is one of `ids`.
+pub(super) fn entities_by_key_or_id(
+    backend: DbBackend,
+    keys: &[EntityKey],
+    ids: &[i64],
+) -> Condition {
+    if backend == DbBackend::Postgres {
+        // One text whatever the numbers of keys and ids (`store::bulk`): the ids of the keys'
+        // entities and the ids asked for, computed first. Each key is looked up by its own
+        // subquery on the unique index: a join of the keys with the table would be planned as a
+        // scan of every entity (see `store::bulk`).
+        let keys: Vec<Value> = keys
+            .iter()
+            .map(|(entity_type, gateway_id)| serde_json::json!([entity_type, gateway_id]))
+            .collect();
+        return Condition::all().add(Expr::cust_with_values(
+            r#""tracked_entity"."id" = ANY(ARRAY(
+                SELECT (SELECT e."id" FROM "tracked_entity" AS e
+                        WHERE e."entity_type" = k->>0 AND e."gateway_id" = k->>1)
+                FROM jsonb_array_elements($1) AS k
+                UNION ALL SELECT jsonb_array_elements_text($2)::bigint))"#,
+            [
+                sea_orm::Value::from(Value::Array(keys)),
+                sea_orm::Value::from(serde_json::json!(ids)),
+            ],
+        ));
+    }
+    let mut wanted = Condition::any();
+    if !ids.is_empty() {
+        wanted = wanted.add(tracked_entity::Column::Id.is_in(ids.iter().copied()));
+    }
+    for (entity_type, gateway_id) in keys {
+        wanted = wanted.add(
+            Condition::all()
+                .add(tracked_entity::Column::EntityType.eq(entity_type.as_str()))
+                .add(tracked_entity::Column::GatewayId.eq(gateway_id.as_str())),
+        );
+    }
+    wanted
+}
+
 /// Locks (PostgreSQL `FOR UPDATE`, in id order) and loads entities by key and by id.
 async fn lock_entities(
     txn: &DatabaseTransaction,
@@ -204,42 +245,8 @@ async fn lock_entities(
     if keys.is_empty() && ids.is_empty() {
         return Ok(());
     }
-    let wanted = if txn.get_database_backend() == DbBackend::Postgres {
-        // One text whatever the numbers of keys and ids (`store::bulk`): the ids of the keys'
-        // entities and the ids asked for, computed first, then every row locked in id order.
-        // Each key is looked up by its own subquery on the unique index: a join of the keys
-        // with the table would be planned as a scan of every entity (see `store::bulk`).
-        let keys: Vec<Value> = keys
-            .iter()
-            .map(|(entity_type, gateway_id)| serde_json::json!([entity_type, gateway_id]))
-            .collect();
-        Condition::all().add(Expr::cust_with_values(
-            r#""tracked_entity"."id" = ANY(ARRAY(
-                SELECT (SELECT e."id" FROM "tracked_entity" AS e
-                        WHERE e."entity_type" = k->>0 AND e."gateway_id" = k->>1)
-                FROM jsonb_array_elements($1) AS k
-                UNION ALL SELECT jsonb_array_elements_text($2)::bigint))"#,
-            [
-                sea_orm::Value::from(Value::Array(keys)),
-                sea_orm::Value::from(serde_json::json!(ids)),
-            ],
-        ))
-    } else {
-        let mut wanted = Condition::any();
-        if !ids.is_empty() {
-            wanted = wanted.add(tracked_entity::Column::Id.is_in(ids.iter().copied()));
-        }
-        for (entity_type, gateway_id) in keys {
-            wanted = wanted.add(
-                Condition::all()
-                    .add(tracked_entity::Column::EntityType.eq(entity_type.as_str()))
-                    .add(tracked_entity::Column::GatewayId.eq(gateway_id.as_str())),
-            );
-        }
-        wanted
-    };
     for entity in tracked_entity::Entity::find()
-        .filter(wanted)
+        .filter(entities_by_key_or_id(txn.get_database_backend(), keys, ids))
         .order_by_asc(tracked_entity::Column::Id)
         .lock_exclusive()
         .all(txn)

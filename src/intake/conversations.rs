@@ -7,7 +7,10 @@ use chrono::Utc;
 use entity::conversation::{self, ConversationSource};
 use entity::tracked_entity::{self, Correlation};
 use sea_orm::sea_query::Expr;
-use sea_orm::{ActiveModelTrait, ColumnTrait, Condition, EntityTrait, QueryFilter, Set};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -160,7 +163,7 @@ pub async fn register(
     source: ConversationSource,
 ) -> Result<Registration, StoreError> {
     let alone = [(new, source)];
-    retry_on_race("registration", || register_batch(db, &alone))
+    register_together(db, &alone)
         .await
         .map(|mut registrations| registrations.remove(0))
 }
@@ -178,6 +181,15 @@ pub async fn register(
 pub struct Registrar {
     db: Database,
     queue: tokio::sync::mpsc::Sender<Queued>,
+}
+
+/// Registers several original requests in one transaction, in their order; the same outcome as
+/// [`register`] for each in turn. [`Registrar`] does this for registrations that arrive together.
+pub async fn register_together(
+    db: &Database,
+    registrations: &[(&NewConversation, ConversationSource)],
+) -> Result<Vec<Registration>, StoreError> {
+    retry_on_race("registration", || register_batch(db, registrations)).await
 }
 
 struct Queued {
@@ -352,10 +364,20 @@ async fn register_batch(
         true,
     )
     .await?;
-    let mut recorded = Vec::with_capacity(registrations.len());
-    for (new, source) in registrations {
-        recorded.push(register_in(txn, new, *source).await?);
-    }
+    let ids: std::collections::HashSet<&str> = registrations
+        .iter()
+        .map(|(new, _)| trimmed(&new.conversation_id))
+        .collect();
+    let recorded = if ids.len() == registrations.len() {
+        register_all_in(txn, registrations).await?
+    } else {
+        // The same conversation twice: each registration sees what the one before it did.
+        let mut recorded = Vec::with_capacity(registrations.len());
+        for (new, source) in registrations {
+            recorded.push(register_in(txn, new, *source).await?);
+        }
+        recorded
+    };
     write.commit().await?;
     for registration in &recorded {
         if registration.matched_entities > 0 {
@@ -369,6 +391,189 @@ async fn register_batch(
     Ok(recorded)
 }
 
+/// Registrations of distinct conversations inside `txn`, whose conversation locks are held, with
+/// a fixed number of statements whatever their number: the conversations already recorded read
+/// at once, the new ones inserted at once, the waiting entities of all of them found and locked
+/// at once (round trips, not rows, are what a distant database charges for: docs/benchmarks.md,
+/// sixth round). The same outcome as [`register_in`] one after the other: an entity waiting for
+/// two of them is matched to the first.
+async fn register_all_in(
+    txn: &sea_orm::DatabaseTransaction,
+    registrations: &[(&NewConversation, ConversationSource)],
+) -> Result<Vec<Registration>, StoreError> {
+    use crate::store::bulk::{self, Elements};
+    let backend = txn.get_database_backend();
+    let mut recorded: std::collections::HashMap<String, conversation::Model> =
+        conversation::Entity::find()
+            .filter(bulk::one_of(
+                backend,
+                conversation::Column::ConversationId,
+                Elements::Text,
+                registrations
+                    .iter()
+                    .map(|(new, _)| trimmed(&new.conversation_id).to_owned()),
+            ))
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|c| (c.conversation_id.clone(), c))
+            .collect();
+    let mut conversations: Vec<Option<conversation::Model>> = Vec::new();
+    let mut new_rows = Vec::new();
+    for (new, source) in registrations {
+        match recorded.remove(trimmed(&new.conversation_id)) {
+            Some(existing) => conversations.push(Some(fill_in(txn, existing, new).await?)),
+            None => {
+                new_rows.push(new_row(new, *source));
+                conversations.push(None);
+            }
+        }
+    }
+    let mut inserted =
+        bulk::insert_returning(txn, new_rows, |c: &conversation::Model| c.id).await?;
+    inserted.reverse();
+    let mut registered = Vec::with_capacity(conversations.len());
+    for conversation in conversations {
+        let (conversation, created) = match conversation {
+            Some(existing) => (existing, false),
+            None => (
+                inserted.pop().ok_or_else(|| StoreError {
+                    kind: crate::store::StoreErrorKind::Fault,
+                    source: sea_orm::DbErr::Custom(
+                        "fewer conversations inserted than registered".to_owned(),
+                    ),
+                })?,
+                true,
+            ),
+        };
+        registered.push(Registration {
+            conversation,
+            created,
+            matched_entities: 0,
+        });
+    }
+
+    // The entities waiting for any of them, locked; each goes to the first that it waits for.
+    let keys: Vec<crate::intake::plan::EntityKey> = registered
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.conversation.entity_type.clone()?,
+                r.conversation.gateway_id.clone()?,
+            ))
+        })
+        .collect();
+    let waiting = tracked_entity::Entity::find()
+        .filter(tracked_entity::Column::Correlation.eq(Correlation::Unmatched))
+        .filter(
+            Condition::any()
+                .add(bulk::one_of(
+                    backend,
+                    tracked_entity::Column::ConversationId,
+                    Elements::Text,
+                    registered
+                        .iter()
+                        .map(|r| r.conversation.conversation_id.clone()),
+                ))
+                .add(super::batch::entities_by_key_or_id(backend, &keys, &[])),
+        )
+        .order_by_asc(tracked_entity::Column::Id)
+        .lock_exclusive()
+        .all(txn)
+        .await?;
+    let mut matched: Vec<Vec<i64>> = vec![Vec::new(); registered.len()];
+    for entity in &waiting {
+        let first = registered.iter().position(|r| {
+            let c = &r.conversation;
+            entity.conversation_id == c.conversation_id
+                || (c.entity_type.as_deref() == Some(entity.entity_type.as_str())
+                    && c.gateway_id.as_deref() == Some(entity.gateway_id.as_str()))
+        });
+        if let Some(first) = first {
+            matched[first].push(entity.id);
+        }
+    }
+    for (registration, entities) in registered.iter_mut().zip(matched) {
+        if entities.is_empty() {
+            continue;
+        }
+        let these = Condition::all().add(bulk::one_of(
+            backend,
+            tracked_entity::Column::Id,
+            Elements::BigInt,
+            entities,
+        ));
+        registration.matched_entities =
+            match_entities(txn, registration.conversation.id, these).await?;
+    }
+    Ok(registered)
+}
+
+/// Matches the entities of `which` that are still unmatched to the conversation `conversation_ref`;
+/// how many it matched.
+async fn match_entities(
+    txn: &sea_orm::DatabaseTransaction,
+    conversation_ref: i64,
+    which: Condition,
+) -> Result<u64, StoreError> {
+    Ok(tracked_entity::Entity::update_many()
+        .col_expr(
+            tracked_entity::Column::Correlation,
+            Expr::value(Correlation::Matched),
+        )
+        .col_expr(
+            tracked_entity::Column::ConversationRef,
+            Expr::value(conversation_ref),
+        )
+        .filter(tracked_entity::Column::Correlation.eq(Correlation::Unmatched))
+        .filter(which)
+        .exec(txn)
+        .await?
+        .rows_affected)
+}
+
+/// A conversation recorded before, with what a repeat registration adds that the first did not
+/// know yet (the gateway id once the Tenant API answered); never overwriting what is recorded.
+async fn fill_in(
+    txn: &sea_orm::DatabaseTransaction,
+    existing: conversation::Model,
+    new: &NewConversation,
+) -> Result<conversation::Model, StoreError> {
+    let gateway_id = new.gateway_id().ok().flatten();
+    let response_status = new.response_status().ok().flatten().map(i32::from);
+    let mut update: conversation::ActiveModel = existing.clone().into();
+    let mut changed = false;
+    if existing.gateway_id.is_none() && gateway_id.is_some() {
+        update.gateway_id = Set(gateway_id);
+        changed = true;
+    }
+    if existing.response_status.is_none() && response_status.is_some() {
+        update.response_status = Set(response_status);
+        changed = true;
+    }
+    Ok(if changed {
+        update.update(txn).await?
+    } else {
+        existing
+    })
+}
+
+/// The row of a conversation registered for the first time.
+fn new_row(new: &NewConversation, source: ConversationSource) -> conversation::ActiveModel {
+    conversation::ActiveModel {
+        conversation_id: Set(trimmed(&new.conversation_id).to_owned()),
+        request_id: Set(new.request_id.clone()),
+        operation: Set(new.operation.clone()),
+        entity_type: Set(new.created_entity_type().map(|t| t.as_str().to_owned())),
+        gateway_id: Set(new.gateway_id().ok().flatten()),
+        request_body: Set(new.request_body.clone()),
+        response_status: Set(new.response_status().ok().flatten().map(i32::from)),
+        source: Set(source),
+        registered_at: Set(Utc::now()),
+        ..Default::default()
+    }
+}
+
 /// One registration inside `txn`, whose conversation lock is held.
 async fn register_in(
     txn: &sea_orm::DatabaseTransaction,
@@ -376,51 +581,13 @@ async fn register_in(
     source: ConversationSource,
 ) -> Result<Registration, StoreError> {
     let conversation_id = trimmed(&new.conversation_id);
-    let gateway_id = new.gateway_id().ok().flatten();
-    let entity_type = new.created_entity_type();
     let existing = conversation::Entity::find()
         .filter(conversation::Column::ConversationId.eq(conversation_id))
         .one(txn)
         .await?;
     let (conversation, created) = match existing {
-        // A repeat registration may add what the first did not know yet (the gateway id once
-        // the Tenant API answered); it never overwrites what is recorded.
-        Some(existing) => {
-            let mut update: conversation::ActiveModel = existing.clone().into();
-            let mut changed = false;
-            if existing.gateway_id.is_none() && gateway_id.is_some() {
-                update.gateway_id = Set(gateway_id.clone());
-                changed = true;
-            }
-            if existing.response_status.is_none() && new.response_status().ok().flatten().is_some()
-            {
-                update.response_status = Set(new.response_status().ok().flatten().map(i32::from));
-                changed = true;
-            }
-            let model = if changed {
-                update.update(txn).await?
-            } else {
-                existing
-            };
-            (model, false)
-        }
-        None => {
-            let model = conversation::ActiveModel {
-                conversation_id: Set(conversation_id.to_owned()),
-                request_id: Set(new.request_id.clone()),
-                operation: Set(new.operation.clone()),
-                entity_type: Set(entity_type.map(|t| t.as_str().to_owned())),
-                gateway_id: Set(gateway_id.clone()),
-                request_body: Set(new.request_body.clone()),
-                response_status: Set(new.response_status().ok().flatten().map(i32::from)),
-                source: Set(source),
-                registered_at: Set(Utc::now()),
-                ..Default::default()
-            }
-            .insert(txn)
-            .await?;
-            (model, true)
-        }
+        Some(existing) => (fill_in(txn, existing, new).await?, false),
+        None => (new_row(new, source).insert(txn).await?, true),
     };
 
     // Unmatched entities that carried this conversation id, or (when the response told us the
@@ -437,20 +604,7 @@ async fn register_in(
                 .add(tracked_entity::Column::GatewayId.eq(gateway_id)),
         );
     }
-    let matched = tracked_entity::Entity::update_many()
-        .col_expr(
-            tracked_entity::Column::Correlation,
-            Expr::value(Correlation::Matched),
-        )
-        .col_expr(
-            tracked_entity::Column::ConversationRef,
-            Expr::value(conversation.id),
-        )
-        .filter(tracked_entity::Column::Correlation.eq(Correlation::Unmatched))
-        .filter(waiting)
-        .exec(txn)
-        .await?
-        .rows_affected;
+    let matched = match_entities(txn, conversation.id, waiting).await?;
     Ok(Registration {
         conversation,
         created,

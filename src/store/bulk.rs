@@ -86,6 +86,48 @@ where
     Ok(ids)
 }
 
+/// The rows `rows` inserted in one statement, and read back as stored (defaults applied, JSON
+/// as the database keeps it), in the order of the rows (`id_of`: a row's id, which both
+/// databases hand out in row order). Every row must set the same columns.
+pub async fn insert_returning<A>(
+    db: &impl ConnectionTrait,
+    rows: Vec<A>,
+    id_of: impl Fn(&<A::Entity as EntityTrait>::Model) -> i64,
+) -> Result<Vec<<A::Entity as EntityTrait>::Model>, DbErr>
+where
+    A: ActiveModelTrait + Send,
+    <A::Entity as EntityTrait>::Model: sea_orm::IntoActiveModel<A> + sea_orm::FromQueryResult,
+{
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut stored = if db.get_database_backend() != DbBackend::Postgres {
+        A::Entity::insert_many(rows).exec_with_returning(db).await?
+    } else {
+        let (columns, parameter) = as_json_rows(&rows)?;
+        let table = quoted(A::Entity::default().table_name());
+        let names = column_list(&columns, "");
+        let statement = Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            format!(
+                "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, $1) RETURNING *"
+            ),
+            [parameter],
+        );
+        let mut stored = Vec::with_capacity(rows.len());
+        for row in db.query_all_raw(statement).await? {
+            stored.push(
+                <<A::Entity as EntityTrait>::Model as sea_orm::FromQueryResult>::from_query_result(
+                    &row, "",
+                )?,
+            );
+        }
+        stored
+    };
+    stored.sort_by_key(|model| id_of(model));
+    Ok(stored)
+}
+
 /// The rows `rows` inserted in one statement, those that would duplicate a row already there on
 /// `conflict_columns` (a unique key) left out.
 pub async fn insert_unless_present<A>(

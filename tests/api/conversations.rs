@@ -152,3 +152,117 @@ async fn many_registrations_at_once_are_each_recorded_and_answered_on_sqlite() {
 async fn many_registrations_at_once_are_each_recorded_and_answered_on_postgres() {
     many_registrations_at_once(Backend::Postgres).await;
 }
+
+/// Registrations recorded together (one transaction, a fixed number of statements) do exactly
+/// what they do one after the other: which conversations are created or filled in, which waiting
+/// entities each matches (by conversation id, or by the entity the response names), an entity
+/// waiting for two of them matched to the first.
+#[tokio::test]
+async fn registrations_recorded_together_match_exactly_as_one_by_one() {
+    use kci_receiver::intake::conversations::{
+        NewConversation, Registration, register, register_together,
+    };
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let alone = spawn_app(backend).await;
+        let together = spawn_app(backend).await;
+        let registrations: Vec<NewConversation> = [
+            json!({"conversationId": "conv-a", "operation": "POST /service-orders",
+                   "requestBody": {"orderType": "PROVIDE"}}),
+            // Its response names entity 8003, which also waits for conv-c by its conversation
+            // id: conv-b comes first, so 8003 is conv-b's.
+            json!({"conversationId": "conv-b", "operation": "POST /service-orders",
+                   "requestBody": {"orderType": "PROVIDE"}, "gatewayId": 8003}),
+            json!({"conversationId": "conv-c", "operation": "POST /service-orders",
+                   "requestBody": {"orderType": "PROVIDE"}}),
+            // Registered before without its gateway id: filled in, and matches 8004 by it.
+            json!({"conversationId": "conv-d", "operation": "POST /service-orders",
+                   "requestBody": {"orderType": "PROVIDE"}, "gatewayId": "8004",
+                   "responseStatus": 201}),
+            json!({"conversationId": "  conv-e  ", "operation": "POST /service-tests"}),
+        ]
+        .into_iter()
+        .map(|body| serde_json::from_value(body).unwrap())
+        .collect();
+        for app in [&alone, &together] {
+            for (gateway_id, conversation) in [
+                (8001, "conv-a"),
+                (8002, "conv-other"),
+                (8003, "conv-c"),
+                (8004, "conv-d-kci"),
+                (8005, "conv-nobody"),
+            ] {
+                let body = kci("PROVIDE_ORDER", gateway_id, 1, "ACKNOWLEDGED", "UPDATE");
+                assert_eq!(
+                    app.post_kci(&body, conversation).await.status().as_u16(),
+                    204
+                );
+            }
+            let response = app
+                .register_conversation(&json!({"conversationId": "conv-d",
+                    "operation": "POST /service-orders", "requestBody": {"orderType": "PROVIDE"}}))
+                .await;
+            assert_eq!(response.status().as_u16(), 201);
+        }
+        let source = entity::conversation::ConversationSource::Api;
+
+        let mut one_by_one = Vec::new();
+        for new in &registrations {
+            one_by_one.push(register(&alone.db, new, source).await.expect("registered"));
+        }
+        let pairs: Vec<_> = registrations.iter().map(|new| (new, source)).collect();
+        let at_once = register_together(&together.db, &pairs)
+            .await
+            .expect("registered");
+
+        let outcome = |registrations: &[Registration]| -> Vec<Value> {
+            registrations
+                .iter()
+                .map(|r| {
+                    let c = &r.conversation;
+                    json!([
+                        c.conversation_id,
+                        c.entity_type,
+                        c.gateway_id,
+                        c.response_status,
+                        c.request_body,
+                        r.created,
+                        r.matched_entities
+                    ])
+                })
+                .collect()
+        };
+        assert_eq!(outcome(&at_once), outcome(&one_by_one), "{backend:?}");
+        let entities = "SELECT e.gateway_id, e.correlation, c.conversation_id FROM tracked_entity e \
+                        LEFT JOIN conversation c ON c.id = e.conversation_ref ORDER BY e.gateway_id";
+        let stored = together.rows(entities).await;
+        assert_eq!(stored, alone.rows(entities).await, "{backend:?}");
+        // Not vacuous: what the rules say happened.
+        assert_eq!(
+            outcome(&at_once)
+                .iter()
+                .map(|o| (o[5].clone(), o[6].clone()))
+                .collect::<Vec<_>>(),
+            [
+                (json!(true), json!(1)),  // conv-a: 8001 by conversation id
+                (json!(true), json!(1)),  // conv-b: 8003 by the key its response names
+                (json!(true), json!(0)),  // conv-c: 8003 was conv-b's
+                (json!(false), json!(1)), // conv-d: filled in, 8004 by key
+                (json!(true), json!(0)),
+            ],
+            "{backend:?}"
+        );
+        let matched_to = |gateway_id: &str| {
+            stored
+                .iter()
+                .find(|row| row["gateway_id"] == gateway_id)
+                .map(|row| row["conversation_id"].clone())
+                .unwrap()
+        };
+        assert_eq!(matched_to("8003"), "conv-b", "{backend:?}");
+        assert_eq!(matched_to("8004"), "conv-d", "{backend:?}");
+        // Waiting under conversation ids nobody registered.
+        assert_eq!(matched_to("8002"), Value::Null, "{backend:?}");
+        assert_eq!(matched_to("8005"), Value::Null, "{backend:?}");
+        assert_eq!(at_once[4].conversation.conversation_id, "conv-e");
+    }
+}
