@@ -304,19 +304,8 @@ async fn write_in_one_statement(
             |p| count_redeliveries_sql(&p[0], &p[1]),
         );
     }
-    let transitions = plan
-        .transitions
-        .into_iter()
-        .map(|(reference, delivery, mut row)| {
-            row.kci_ref = Set(match reference {
-                KciRef::Existing(id) => id,
-                KciRef::New(n) => new_row(n),
-            });
-            row.audit_log_id = Set(Some(new_row(delivery)));
-            row
-        });
     statement.insert(
-        transitions.collect(),
+        history_rows(plan.transitions, new_row, new_row),
         &[
             (
                 state_transition::Column::KciRef,
@@ -334,12 +323,8 @@ async fn write_in_one_statement(
             .map(tracked_entity::ActiveModel::from)
             .collect(),
     )?;
-    let events = plan.events.into_iter().map(|(kci, mut row)| {
-        row.kci_ref = Set(new_row(kci));
-        row
-    });
     statement.insert(
-        events.collect(),
+        outbox_rows(plan.events, new_row),
         &[(outbox_event::Column::KciRef, kci_row::Entity.table_name())],
     )?;
     statement.execute(txn).await?;
@@ -356,22 +341,13 @@ async fn write_statement_by_statement(
     let kci_ids = bulk::insert(txn, plan.kcis, true).await?;
     let audit_ids =
         bulk::insert(txn, audit_rows(deliveries, &plan.recorded).collect(), true).await?;
-    let kci_ref = |reference: KciRef| match reference {
-        KciRef::Existing(id) => id,
-        KciRef::New(n) => kci_ids[n],
-    };
-
     count_redeliveries(txn, &plan.counters).await?;
-
-    let transitions = plan
-        .transitions
-        .into_iter()
-        .map(|(reference, delivery, mut row)| {
-            row.kci_ref = Set(kci_ref(reference));
-            row.audit_log_id = Set(Some(audit_ids[delivery]));
-            row
-        });
-    bulk::insert(txn, transitions.collect(), false).await?;
+    bulk::insert(
+        txn,
+        history_rows(plan.transitions, |n| kci_ids[n], |d| audit_ids[d]),
+        false,
+    )
+    .await?;
     bulk::update_by_id(
         txn,
         plan.entities
@@ -380,12 +356,42 @@ async fn write_statement_by_statement(
             .collect(),
     )
     .await?;
-    let events = plan.events.into_iter().map(|(kci, mut row)| {
-        row.kci_ref = Set(kci_ids[kci]);
-        row
-    });
-    bulk::insert(txn, events.collect(), false).await?;
+    bulk::insert(txn, outbox_rows(plan.events, |n| kci_ids[n]), false).await?;
     Ok(plan.recorded)
+}
+
+/// The history rows with their two references: the KCI each records (`new_kci`: the id of the
+/// batch's nth new KCI) and the audit record of the delivery it cites (`audit`).
+fn history_rows(
+    transitions: Vec<(KciRef, usize, entity::state_transition::ActiveModel)>,
+    new_kci: impl Fn(usize) -> i64,
+    audit: impl Fn(usize) -> i64,
+) -> Vec<entity::state_transition::ActiveModel> {
+    transitions
+        .into_iter()
+        .map(|(reference, delivery, mut row)| {
+            row.kci_ref = Set(match reference {
+                KciRef::Existing(id) => id,
+                KciRef::New(n) => new_kci(n),
+            });
+            row.audit_log_id = Set(Some(audit(delivery)));
+            row
+        })
+        .collect()
+}
+
+/// The outbox events with the (new) KCI each publishes (`new_kci`, as for [`history_rows`]).
+fn outbox_rows(
+    events: Vec<(usize, entity::outbox_event::ActiveModel)>,
+    new_kci: impl Fn(usize) -> i64,
+) -> Vec<entity::outbox_event::ActiveModel> {
+    events
+        .into_iter()
+        .map(|(kci, mut row)| {
+            row.kci_ref = Set(new_kci(kci));
+            row
+        })
+        .collect()
 }
 
 /// Redeliveries of KCIs recorded before the batch, on PostgreSQL: `[row id, redeliveries,

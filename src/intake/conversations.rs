@@ -429,15 +429,15 @@ async fn register_all_in(
             }
         }
     }
-    let mut inserted =
-        bulk::insert_returning(txn, new_rows, |c: &conversation::Model| c.id).await?;
-    inserted.reverse();
+    let mut inserted = bulk::insert_returning(txn, new_rows, |c: &conversation::Model| c.id)
+        .await?
+        .into_iter();
     let mut registered = Vec::with_capacity(conversations.len());
     for conversation in conversations {
         let (conversation, created) = match conversation {
             Some(existing) => (existing, false),
             None => (
-                inserted.pop().ok_or_else(|| StoreError {
+                inserted.next().ok_or_else(|| StoreError {
                     kind: crate::store::StoreErrorKind::Fault,
                     source: sea_orm::DbErr::Custom(
                         "fewer conversations inserted than registered".to_owned(),
