@@ -702,44 +702,36 @@ impl Relay {
         events: &[outbox_event::Model],
     ) -> Vec<Outcome> {
         let relay = &self.0;
-        let mut outcomes: Vec<Outcome> = events.iter().map(|_| Outcome::NotSent).collect();
-        let mut sendable = Vec::with_capacity(events.len());
-        // Entities with an event that cannot be sent: their later events stay pending behind it.
-        let mut stopped = std::collections::HashSet::new();
-        for (index, event) in events.iter().enumerate() {
-            if stopped.contains(&event.tracked_entity_id) {
-                continue;
-            }
-            let cloudevents = relay
-                .amqp
-                .cloudevents
-                .then_some(relay.amqp.cloudevents_source.as_str());
-            match encode(event, cloudevents) {
-                Ok(message) => sendable.push((index, event, message)),
-                Err(reason) => {
-                    stopped.insert(event.tracked_entity_id);
-                    outcomes[index] = Outcome::Refused(reason);
-                }
-            }
-        }
+        let cloudevents = relay
+            .amqp
+            .cloudevents
+            .then_some(relay.amqp.cloudevents_source.as_str());
         let exchange = relay.amqp.exchange.as_str();
         // One chain per entity, its events in id order, each sent only once the broker confirmed
-        // the one before: a refused event withholds the rest of its entity's (they stay pending,
-        // behind its retry). The chains run side by side: entities have no order among them.
-        let mut chains: Vec<Vec<_>> = Vec::new();
+        // the one before: a refused event, or one that cannot be encoded, withholds the rest of
+        // its entity's (they stay pending, behind its retry). The chains run side by side:
+        // entities have no order among them. Each message is encoded just before it is sent, so
+        // a round holds the AMQP properties of its chains' current messages, not of all of them.
+        let mut chains: Vec<Vec<(usize, &outbox_event::Model)>> = Vec::new();
         let mut chain_of: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
-        for sendable in sendable {
-            let entity = sendable.1.tracked_entity_id;
-            let chain = *chain_of.entry(entity).or_insert_with(|| {
+        for (index, event) in events.iter().enumerate() {
+            let chain = *chain_of.entry(event.tracked_entity_id).or_insert_with(|| {
                 chains.push(Vec::new());
                 chains.len() - 1
             });
-            chains[chain].push(sendable);
+            chains[chain].push((index, event));
         }
         let publishing = async {
             let sends = chains.into_iter().map(|chain| async move {
                 let mut results = Vec::with_capacity(chain.len());
-                for (index, event, (routing_key, properties)) in chain {
+                for (index, event) in chain {
+                    let (routing_key, properties) = match encode(event, cloudevents) {
+                        Ok(message) => message,
+                        Err(reason) => {
+                            results.push((index, Outcome::Refused(reason)));
+                            break;
+                        }
+                    };
                     let published = channel
                         .basic_publish(
                             exchange.into(),
@@ -752,12 +744,12 @@ impl Relay {
                             properties,
                         )
                         .await;
-                    let confirmation = match published {
+                    let outcome = outcome_of(match published {
                         Ok(confirm) => confirm.await,
                         Err(error) => Err(error),
-                    };
-                    let confirmed = matches!(confirmation, Ok(Confirmation::Ack(None)));
-                    results.push((index, confirmation));
+                    });
+                    let confirmed = matches!(outcome, Outcome::Confirmed);
+                    results.push((index, outcome));
                     if !confirmed {
                         break;
                     }
@@ -779,25 +771,11 @@ impl Relay {
                 Err(_) => break None,
             }
         };
+        let mut outcomes: Vec<Outcome> = events.iter().map(|_| Outcome::NotSent).collect();
         match results {
             Some(results) => {
-                for (index, result) in results {
-                    outcomes[index] = match result {
-                        Ok(Confirmation::Ack(None)) => Outcome::Confirmed,
-                        Ok(
-                            Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned)),
-                        ) => Outcome::Refused(format!(
-                            "returned by the broker: {} {}",
-                            returned.reply_code, returned.reply_text
-                        )),
-                        Ok(Confirmation::Nack(None)) => {
-                            Outcome::Refused("nacked by the broker".to_owned())
-                        }
-                        Ok(Confirmation::NotRequested) => {
-                            Outcome::Refused("publisher confirms are not enabled".to_owned())
-                        }
-                        Err(error) => classify(&error),
-                    };
+                for (index, outcome) in results {
+                    outcomes[index] = outcome;
                 }
             }
             None => tracing::warn!(
@@ -955,6 +933,24 @@ fn broken_channel(channel: &Channel, outcomes: &[Outcome]) -> Result<(), RoundEr
             "channel no longer usable (connected: {}, every event sent: {all_sent})",
             channel.status().connected()
         )))
+    }
+}
+
+/// What the broker's answer to one published message means for its event.
+fn outcome_of(confirmation: Result<Confirmation, lapin::Error>) -> Outcome {
+    match confirmation {
+        Ok(Confirmation::Ack(None)) => Outcome::Confirmed,
+        Ok(Confirmation::Ack(Some(returned)) | Confirmation::Nack(Some(returned))) => {
+            Outcome::Refused(format!(
+                "returned by the broker: {} {}",
+                returned.reply_code, returned.reply_text
+            ))
+        }
+        Ok(Confirmation::Nack(None)) => Outcome::Refused("nacked by the broker".to_owned()),
+        Ok(Confirmation::NotRequested) => {
+            Outcome::Refused("publisher confirms are not enabled".to_owned())
+        }
+        Err(error) => classify(&error),
     }
 }
 

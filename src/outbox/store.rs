@@ -186,21 +186,33 @@ static UNLOCK: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// The events with these ids that are still pending, in id order (SQLite, where one relay runs).
+/// The events with these ids that are still pending, in id order, each once.
 pub async fn pending_by_id(
     db: &impl ConnectionTrait,
     ids: &[i64],
 ) -> Result<Vec<outbox_event::Model>, StoreError> {
-    if ids.is_empty() {
-        return Ok(Vec::new());
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut events = Vec::with_capacity(ids.len());
+    // In chunks: the driver holds a whole result's rows (SQLite: a copy of every value) until
+    // they become models, so a round of thousands of events read at once held its payloads
+    // twice. Chunk by chunk, only one chunk's rows are held beside the models.
+    for chunk in ids.chunks(PENDING_READ_CHUNK) {
+        events.extend(
+            outbox_event::Entity::find()
+                .filter(outbox_event::Column::Id.is_in(chunk.iter().copied()))
+                .filter(outbox_event::Column::Status.eq(OutboxStatus::Pending))
+                .order_by_asc(outbox_event::Column::Id)
+                .all(db)
+                .await?,
+        );
     }
-    Ok(outbox_event::Entity::find()
-        .filter(outbox_event::Column::Id.is_in(ids.iter().copied()))
-        .filter(outbox_event::Column::Status.eq(OutboxStatus::Pending))
-        .order_by_asc(outbox_event::Column::Id)
-        .all(db)
-        .await?)
+    Ok(events)
 }
+
+/// Events read per statement by [`pending_by_id`].
+const PENDING_READ_CHUNK: usize = 256;
 
 /// PostgreSQL: the relays' claim on entities they are publishing. A session-level advisory lock
 /// per entity, held on a connection of the relay's own outside any transaction, so that waiting

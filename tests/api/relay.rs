@@ -982,6 +982,65 @@ async fn an_entity_waiting_for_a_retry_holds_back_its_later_events_only() {
     }
 }
 
+/// A round's events are read in chunks (the driver holds a chunk's rows, not a whole round's,
+/// beside the models): what comes back is still exactly the pending ones among the ids asked
+/// for, in id order, once each, across chunk boundaries and whatever order the ids come in.
+#[tokio::test]
+async fn a_rounds_events_are_read_in_id_order_across_chunks() {
+    use futures_util::StreamExt;
+    use kci_receiver::outbox::store::pending_by_id;
+    use sea_orm::ConnectionTrait;
+    for backend in crate::helpers::BACKENDS {
+        let app = crate::helpers::spawn_app(backend).await;
+        let app = &app;
+        let statuses: Vec<u16> = futures_util::stream::iter(1..=600u64)
+            .map(|gateway_id| async move {
+                let body = kci("SERVICE_TEST", gateway_id, 1, "IN_PROGRESS", "TEST_STARTED");
+                app.post_kci(&body, "conv-chunks").await.status().as_u16()
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        assert!(statuses.iter().all(|status| *status == 204), "{backend:?}");
+        let ids: Vec<i64> = app
+            .rows("SELECT id FROM outbox_event ORDER BY id")
+            .await
+            .iter()
+            .map(|row| row["id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 600, "{backend:?}");
+        // Every seventh event is published already; it must not come back.
+        let published: Vec<i64> = ids.iter().copied().step_by(7).collect();
+        app.db
+            .execute_unprepared(&format!(
+                "UPDATE outbox_event SET status = 'PUBLISHED' WHERE id IN ({})",
+                published
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ))
+            .await
+            .unwrap();
+        // Asked for in reverse, some twice, and one that does not exist.
+        let mut asked: Vec<i64> = ids.iter().rev().copied().collect();
+        asked.extend_from_slice(&ids[250..270]);
+        asked.push(ids[599] + 1_000_000);
+        let read: Vec<i64> = pending_by_id(&app.db, &asked)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|event| event.id)
+            .collect();
+        let expected: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| !published.contains(id))
+            .collect();
+        assert_eq!(read, expected, "{backend:?}");
+    }
+}
+
 /// design.md, "Per-entity order": a dead event holds its entity. Here the first event of entity
 /// 901 cannot be made into an AMQP message (a routing key over 255 bytes, as an older version
 /// could write): it is refused without being sent, dies after `max_attempts`, and the entity's
