@@ -1,18 +1,20 @@
 //! Recording a batch of deliveries in one transaction: load what they need under lock, decide in
 //! memory ([`super::plan`]), write every table with one multi-row statement, commit once.
 //!
-//! A batch of n KCIs costs about a dozen statements and one durable commit, whatever n is; one
-//! KCI alone costs the same dozen. That is what makes group commit pay: the database's work per
-//! KCI shrinks as load grows, instead of each KCI paying its own round trips and commit. On
-//! PostgreSQL each of those statements also has one text whatever n is ([`crate::store::bulk`]),
-//! so it is parsed and planned once per connection rather than once per batch size.
+//! A batch of n KCIs costs a handful of statements (on PostgreSQL five to seven, `BEGIN` and
+//! `COMMIT` included) and one durable commit, whatever n is; one KCI alone costs the same. That
+//! is what makes group commit pay: the database's work per KCI shrinks as load grows, instead of
+//! each KCI paying its own round trips and commit. On PostgreSQL each of those statements also
+//! has one text whatever n is ([`crate::store::bulk`]), so it is parsed and planned once per
+//! connection rather than once per batch size.
 //!
 //! Locking (PostgreSQL): the batch's entities are locked with one `SELECT ... ORDER BY id FOR
 //! UPDATE`, so concurrent batches take shared entities in the same order and queue behind each
 //! other rather than deadlock. Entities seen for the first time are inserted (`ON CONFLICT DO
-//! NOTHING`, in key order) with `kci_count` 0 and then locked the same way; a concurrent batch
-//! inserting the same entity waits for ours and then finds it. On SQLite the transaction starts
-//! `IMMEDIATE`: one writer at a time.
+//! NOTHING`, in key order) with `kci_count` 0 and locked the same way, in the same statement; a
+//! concurrent batch inserting the same entity waits for ours, then runs again and finds it. The
+//! batch's shared conversation locks are taken by the statement that reads its known KCIs. On
+//! SQLite the transaction starts `IMMEDIATE`: one writer at a time.
 
 use std::collections::{HashMap, HashSet};
 
@@ -23,7 +25,7 @@ use entity::tracked_entity;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityName,
-    EntityTrait, ExprTrait, QueryFilter, QueryOrder, QuerySelect, Set,
+    EntityTrait, ExprTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -57,19 +59,8 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
         .iter()
         .map(|d| d.conversation_id.as_str())
         .collect();
-    super::conversations::lock_conversations(txn, conversation_ids.iter().copied(), false).await?;
-    let backend = txn.get_database_backend();
     let kci_ids: HashSet<Uuid> = deliveries.iter().map(|d| d.kci.id).collect();
-    for known in kci_row::Entity::find()
-        .filter(bulk::one_of(
-            backend,
-            kci_row::Column::KciId,
-            Elements::Uuid,
-            kci_ids,
-        ))
-        .all(txn)
-        .await?
-    {
+    for known in known_kcis_under_conversation_locks(txn, &conversation_ids, kci_ids).await? {
         let known_kci = KnownKci {
             id: known.id,
             tracked_entity_id: known.tracked_entity_id,
@@ -115,6 +106,7 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
     }
     keys.sort();
     lock_entities(txn, &keys, &anomaly_entities, &mut loaded).await?;
+    let backend = txn.get_database_backend();
 
     // Conversations of the new KCIs: needed now to create entities matched.
     for request in conversation::Entity::find()
@@ -149,18 +141,10 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
             row.id = sea_orm::ActiveValue::NotSet;
             row
         });
-        bulk::insert_unless_present(
-            txn,
-            new_rows.collect(),
-            &[
-                tracked_entity::Column::EntityType,
-                tracked_entity::Column::GatewayId,
-            ],
-        )
-        .await?;
-        lock_entities(txn, &missing, &[], &mut loaded).await?;
+        insert_and_lock_entities(txn, new_rows.collect(), &missing, &mut loaded).await?;
         if let Some(key) = missing.iter().find(|k| !loaded.entity_ids.contains_key(*k)) {
-            // Deleted between our insert and lock: not something intake does; run it again.
+            // Inserted by a batch that committed after our statement began (PostgreSQL), or
+            // deleted between our insert and lock (not something intake does): run it again.
             return Err(StoreError {
                 kind: crate::store::StoreErrorKind::Retryable,
                 source: DbErr::RecordNotFound(format!(
@@ -194,6 +178,92 @@ async fn load(txn: &DatabaseTransaction, deliveries: &[&Delivery]) -> Result<Loa
     Ok(loaded)
 }
 
+/// A KCI recorded before, as a redelivery is compared with it.
+struct StoredKci {
+    id: i64,
+    kci_id: Uuid,
+    tracked_entity_id: i64,
+    raw_body: String,
+    raw_body_pruned_at: Option<chrono::DateTime<Utc>>,
+}
+
+/// The KCIs among `kci_ids` recorded before, after taking the batch's shared conversation locks
+/// ([`super::conversations::lock_conversations`]). On PostgreSQL both in one statement, one round
+/// trip fewer per batch: the locks in a materialized `WITH` that the query reads first, so they
+/// are taken whether or not any KCI is known. The KCIs are then read in a snapshot that may
+/// predate the wait for a lock (only a registration holds one exclusively): a KCI committed
+/// meanwhile by another batch is not seen, and inserting it again fails on the unique key, which
+/// rolls the transaction back to run again ([`crate::store::retry_on_race`]). The conversations
+/// themselves are read later, by a statement of their own, after the locks.
+async fn known_kcis_under_conversation_locks(
+    txn: &DatabaseTransaction,
+    conversation_ids: &std::collections::BTreeSet<&str>,
+    kci_ids: HashSet<Uuid>,
+) -> Result<Vec<StoredKci>, StoreError> {
+    let backend = txn.get_database_backend();
+    if backend != DbBackend::Postgres {
+        // SQLite: one writer at a time, no conversation locks to take.
+        return Ok(kci_row::Entity::find()
+            .filter(bulk::one_of(
+                backend,
+                kci_row::Column::KciId,
+                Elements::Uuid,
+                kci_ids,
+            ))
+            .all(txn)
+            .await?
+            .into_iter()
+            .map(|known| StoredKci {
+                id: known.id,
+                kci_id: known.kci_id,
+                tracked_entity_id: known.tracked_entity_id,
+                raw_body: known.raw_body,
+                raw_body_pruned_at: known.raw_body_pruned_at,
+            })
+            .collect());
+    }
+    /// Its columns as they may come back from the outer join: all NULL when no KCI is known.
+    #[derive(FromQueryResult)]
+    struct MaybeStored {
+        id: Option<i64>,
+        kci_id: Option<Uuid>,
+        tracked_entity_id: Option<i64>,
+        raw_body: Option<String>,
+        raw_body_pruned_at: Option<chrono::DateTime<Utc>>,
+    }
+    let sql = format!(
+        r#"WITH conversation_locks AS MATERIALIZED ({locks})
+        SELECT k."id", k."kci_id", k."tracked_entity_id", k."raw_body", k."raw_body_pruned_at"
+        FROM conversation_locks LEFT JOIN "kci" AS k
+          ON k."kci_id" = ANY(ARRAY(SELECT jsonb_array_elements_text($2)::uuid))"#,
+        locks = super::conversations::shared_locks_sql(),
+    );
+    let rows = MaybeStored::find_by_statement(sea_orm::Statement::from_sql_and_values(
+        backend,
+        sql,
+        [
+            sea_orm::Value::from(serde_json::json!(conversation_ids)),
+            sea_orm::Value::from(serde_json::json!(
+                kci_ids.iter().map(Uuid::to_string).collect::<Vec<_>>()
+            )),
+        ],
+    ))
+    .all(txn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            Some(StoredKci {
+                id: row.id?,
+                kci_id: row.kci_id?,
+                tracked_entity_id: row.tracked_entity_id?,
+                raw_body: row.raw_body?,
+                raw_body_pruned_at: row.raw_body_pruned_at,
+            })
+        })
+        .collect())
+}
+
 /// Entities whose key (entity type, gateway id) is one of `keys` or whose id is one of `ids`.
 pub(super) fn entities_by_key_or_id(
     backend: DbBackend,
@@ -201,24 +271,9 @@ pub(super) fn entities_by_key_or_id(
     ids: &[i64],
 ) -> Condition {
     if backend == DbBackend::Postgres {
-        // One text whatever the numbers of keys and ids (`store::bulk`): the ids of the keys'
-        // entities and the ids asked for, computed first. Each key is looked up by its own
-        // subquery on the unique index: a join of the keys with the table would be planned as a
-        // scan of every entity (see `store::bulk`).
-        let keys: Vec<Value> = keys
-            .iter()
-            .map(|(entity_type, gateway_id)| serde_json::json!([entity_type, gateway_id]))
-            .collect();
         return Condition::all().add(Expr::cust_with_values(
-            r#""tracked_entity"."id" = ANY(ARRAY(
-                SELECT (SELECT e."id" FROM "tracked_entity" AS e
-                        WHERE e."entity_type" = k->>0 AND e."gateway_id" = k->>1)
-                FROM jsonb_array_elements($1) AS k
-                UNION ALL SELECT jsonb_array_elements_text($2)::bigint))"#,
-            [
-                sea_orm::Value::from(Value::Array(keys)),
-                sea_orm::Value::from(serde_json::json!(ids)),
-            ],
+            keys_or_ids_sql("$1", "$2"),
+            keys_or_ids_values(keys, ids),
         ));
     }
     let mut wanted = Condition::any();
@@ -233,6 +288,83 @@ pub(super) fn entities_by_key_or_id(
         );
     }
     wanted
+}
+
+/// PostgreSQL: the condition of [`entities_by_key_or_id`], its keys and ids in the parameters
+/// named. One text whatever the numbers of keys and ids (`store::bulk`): the ids of the keys'
+/// entities and the ids asked for, computed first. Each key is looked up by its own subquery on
+/// the unique index: a join of the keys with the table would be planned as a scan of every
+/// entity (see `store::bulk`).
+fn keys_or_ids_sql(keys_parameter: &str, ids_parameter: &str) -> String {
+    format!(
+        r#""tracked_entity"."id" = ANY(ARRAY(
+            SELECT (SELECT e."id" FROM "tracked_entity" AS e
+                    WHERE e."entity_type" = k->>0 AND e."gateway_id" = k->>1)
+            FROM jsonb_array_elements({keys_parameter}) AS k
+            UNION ALL SELECT jsonb_array_elements_text({ids_parameter})::bigint))"#
+    )
+}
+
+/// The values of [`keys_or_ids_sql`]'s two parameters.
+fn keys_or_ids_values(keys: &[EntityKey], ids: &[i64]) -> [sea_orm::Value; 2] {
+    let keys: Vec<Value> = keys
+        .iter()
+        .map(|(entity_type, gateway_id)| serde_json::json!([entity_type, gateway_id]))
+        .collect();
+    [
+        sea_orm::Value::from(Value::Array(keys)),
+        sea_orm::Value::from(serde_json::json!(ids)),
+    ]
+}
+
+/// Inserts the entities seen for the first time (`ON CONFLICT DO NOTHING`: a concurrent batch
+/// may have inserted one first) and locks and loads them. On PostgreSQL in one statement: the
+/// rows inserted come back from the insert (they are this transaction's own, locked until it
+/// ends); those another transaction inserted are locked by a `FOR UPDATE` part in id order.
+/// That part reads the statement's snapshot, so a row another batch committed after it began
+/// is not found: the caller then runs the transaction again ([`crate::store::retry_on_race`]),
+/// when it is.
+async fn insert_and_lock_entities(
+    txn: &DatabaseTransaction,
+    rows: Vec<tracked_entity::ActiveModel>,
+    keys: &[EntityKey],
+    loaded: &mut Loaded,
+) -> Result<(), StoreError> {
+    let key_columns = [
+        tracked_entity::Column::EntityType,
+        tracked_entity::Column::GatewayId,
+    ];
+    if txn.get_database_backend() != DbBackend::Postgres {
+        bulk::insert_unless_present(txn, rows, &key_columns).await?;
+        return lock_entities(txn, keys, &[], loaded).await;
+    }
+    let (insert, rows_value) = bulk::insert_unless_present_sql(&rows, &key_columns, 1)?;
+    let sql = format!(
+        r#"WITH inserted AS ({insert} RETURNING *),
+        locked AS (SELECT * FROM "tracked_entity" WHERE {condition} ORDER BY "id" FOR UPDATE)
+        SELECT * FROM inserted UNION ALL SELECT * FROM locked"#,
+        condition = keys_or_ids_sql("$2", "$3"),
+    );
+    let [keys_value, ids_value] = keys_or_ids_values(keys, &[]);
+    for entity in tracked_entity::Model::find_by_statement(sea_orm::Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        sql,
+        [rows_value, keys_value, ids_value],
+    ))
+    .all(txn)
+    .await?
+    {
+        remember_entity(loaded, entity);
+    }
+    Ok(())
+}
+
+fn remember_entity(loaded: &mut Loaded, entity: tracked_entity::Model) {
+    loaded.entity_ids.insert(
+        (entity.entity_type.clone(), entity.gateway_id.clone()),
+        entity.id,
+    );
+    loaded.entities.insert(entity.id, entity);
 }
 
 /// Locks (PostgreSQL `FOR UPDATE`, in id order) and loads entities by key and by id.
@@ -252,11 +384,7 @@ async fn lock_entities(
         .all(txn)
         .await?
     {
-        loaded.entity_ids.insert(
-            (entity.entity_type.clone(), entity.gateway_id.clone()),
-            entity.id,
-        );
-        loaded.entities.insert(entity.id, entity);
+        remember_entity(loaded, entity);
     }
     Ok(())
 }

@@ -331,14 +331,7 @@ pub async fn lock_conversations<'a>(
     if ids.is_empty() {
         return Ok(());
     }
-    let function = if exclusive {
-        "pg_advisory_xact_lock"
-    } else {
-        "pg_advisory_xact_lock_shared"
-    };
-    let sql = format!(
-        "SELECT {function}({CONVERSATION_LOCK_NAMESPACE}, hashtext(c)) FROM jsonb_array_elements_text($1) AS c"
-    );
+    let sql = locks_sql(exclusive);
     txn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         sql,
@@ -346,6 +339,25 @@ pub async fn lock_conversations<'a>(
     ))
     .await?;
     Ok(())
+}
+
+/// The statement that takes the locks on `$1`'s conversation ids (a JSON array, sorted), one
+/// after the other in the array's order, and answers how many it took.
+fn locks_sql(exclusive: bool) -> String {
+    let function = if exclusive {
+        "pg_advisory_xact_lock"
+    } else {
+        "pg_advisory_xact_lock_shared"
+    };
+    format!(
+        "SELECT count({function}({CONVERSATION_LOCK_NAMESPACE}, hashtext(c))) AS taken FROM jsonb_array_elements_text($1) AS c"
+    )
+}
+
+/// Intake's shared locks, as a query that another statement can run first (see
+/// `batch::known_kcis_under_conversation_locks`); `$1` the sorted conversation ids.
+pub(super) fn shared_locks_sql() -> String {
+    locks_sql(false)
 }
 
 /// Records registrations in one transaction, their conversation locks taken first, in the order

@@ -149,20 +149,37 @@ where
             .await?;
         return Ok(());
     }
-    let (columns, parameter) = as_json_rows(&rows)?;
-    let table = quoted(A::Entity::default().table_name());
-    let names = column_list(&columns, "");
-    let key = column_list(conflict_columns, "");
+    let (sql, parameter) = insert_unless_present_sql(&rows, conflict_columns, 1)?;
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        format!(
-            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, $1) \
-             ON CONFLICT ({key}) DO NOTHING"
-        ),
+        sql,
         [parameter],
     ))
     .await?;
     Ok(())
+}
+
+/// PostgreSQL: [`insert_unless_present`]'s statement, its rows in parameter `$parameter`, and
+/// that parameter's value: to be part of a larger statement (with `RETURNING`, a `WITH`).
+pub fn insert_unless_present_sql<A>(
+    rows: &[A],
+    conflict_columns: &[<A::Entity as EntityTrait>::Column],
+    parameter: usize,
+) -> Result<(String, Value), DbErr>
+where
+    A: ActiveModelTrait,
+{
+    let (columns, value) = as_json_rows(rows)?;
+    let table = quoted(A::Entity::default().table_name());
+    let names = column_list(&columns, "");
+    let key = column_list(conflict_columns, "");
+    Ok((
+        format!(
+            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, ${parameter}) \
+             ON CONFLICT ({key}) DO NOTHING"
+        ),
+        value,
+    ))
 }
 
 /// Existing rows replaced by `rows` (matched on `id`, every column of the model written), in

@@ -31,6 +31,57 @@ async fn registering_a_conversation_is_idempotent_and_fills_in_what_was_missing(
     assert_eq!(app.count("FROM conversation").await, 1);
 }
 
+/// PostgreSQL: a batch takes its conversations' shared locks before it reads them (in the same
+/// statement as its known KCIs), so a registration of the same conversation in progress (holding
+/// the lock exclusively) is waited for and then seen: the KCI's new entity is matched, never left
+/// UNMATCHED by a read that missed the registration's uncommitted row. Also when no KCI of the
+/// batch is known (the locks must not depend on finding one).
+#[tokio::test]
+async fn a_kci_waits_for_a_registration_of_its_conversation_in_progress_and_is_matched() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = spawn_app(Backend::Postgres).await;
+    let registration = app.db.begin().await.unwrap();
+    // What a registration holds while it writes (intake::conversations, namespace "KCI2").
+    registration
+        .execute_unprepared(
+            "SELECT pg_advisory_xact_lock(x'4b434932'::int, hashtext('conv-in-progress'))",
+        )
+        .await
+        .unwrap();
+    registration
+        .execute_unprepared(
+            "INSERT INTO conversation (conversation_id, operation, source, registered_at) \
+             VALUES ('conv-in-progress', 'POST /service-tests', 'API', now())",
+        )
+        .await
+        .unwrap();
+    let body = kci("SERVICE_TEST", 7100, 1, "IN_PROGRESS", "TEST_STARTED");
+    let answered = std::sync::atomic::AtomicBool::new(false);
+    let posting = async {
+        let status = app
+            .post_kci(&body, "conv-in-progress")
+            .await
+            .status()
+            .as_u16();
+        answered.store(true, std::sync::atomic::Ordering::SeqCst);
+        status
+    };
+    let registering = async {
+        tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+        let waited = !answered.load(std::sync::atomic::Ordering::SeqCst);
+        registration.commit().await.unwrap();
+        waited
+    };
+    let (status, waited) = tokio::join!(posting, registering);
+    assert!(waited, "the KCI waits for the registration's lock");
+    assert_eq!(status, 204);
+    assert_eq!(
+        app.entity("SERVICE_TEST", "7100").await.correlation,
+        Correlation::Matched,
+        "the registration committed meanwhile is seen"
+    );
+}
+
 #[tokio::test]
 async fn a_registration_with_the_gateway_id_matches_the_entity_even_under_another_conversation_id()
 {
