@@ -231,16 +231,18 @@ async fn known_kcis_under_conversation_locks(
         raw_body: Option<String>,
         raw_body_pruned_at: Option<chrono::DateTime<Utc>>,
     }
-    let sql = format!(
-        r#"WITH conversation_locks AS MATERIALIZED ({locks})
-        SELECT k."id", k."kci_id", k."tracked_entity_id", k."raw_body", k."raw_body_pruned_at"
-        FROM conversation_locks LEFT JOIN "kci" AS k
-          ON k."kci_id" = ANY(ARRAY(SELECT jsonb_array_elements_text($2)::uuid))"#,
-        locks = super::conversations::shared_locks_sql(),
-    );
+    static KNOWN_KCIS_UNDER_LOCKS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        format!(
+            r#"WITH conversation_locks AS MATERIALIZED ({locks})
+            SELECT k."id", k."kci_id", k."tracked_entity_id", k."raw_body", k."raw_body_pruned_at"
+            FROM conversation_locks LEFT JOIN "kci" AS k
+              ON k."kci_id" = ANY(ARRAY(SELECT jsonb_array_elements_text($2)::uuid))"#,
+            locks = super::conversations::shared_locks_sql(),
+        )
+    });
     let rows = MaybeStored::find_by_statement(sea_orm::Statement::from_sql_and_values(
         backend,
-        sql,
+        KNOWN_KCIS_UNDER_LOCKS.as_str(),
         [
             sea_orm::Value::from(serde_json::json!(conversation_ids)),
             sea_orm::Value::from(serde_json::json!(
