@@ -237,7 +237,7 @@ async fn known_kcis_under_conversation_locks(
             SELECT k."id", k."kci_id", k."tracked_entity_id", k."raw_body", k."raw_body_pruned_at"
             FROM conversation_locks LEFT JOIN "kci" AS k
               ON k."kci_id" = ANY(ARRAY(SELECT jsonb_array_elements_text($2)::uuid))"#,
-            locks = super::conversations::shared_locks_sql(),
+            locks = super::conversations::locks_sql(false),
         )
     });
     let rows = MaybeStored::find_by_statement(sea_orm::Statement::from_sql_and_values(

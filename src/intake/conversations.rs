@@ -342,8 +342,9 @@ pub async fn lock_conversations<'a>(
 }
 
 /// The statement that takes the locks on `$1`'s conversation ids (a JSON array, sorted), one
-/// after the other in the array's order, and answers how many it took.
-fn locks_sql(exclusive: bool) -> String {
+/// after the other in the array's order, and answers how many it took. Intake runs its shared
+/// ones as the first part of another statement (`batch::known_kcis_under_conversation_locks`).
+pub(super) fn locks_sql(exclusive: bool) -> String {
     let function = if exclusive {
         "pg_advisory_xact_lock"
     } else {
@@ -352,12 +353,6 @@ fn locks_sql(exclusive: bool) -> String {
     format!(
         "SELECT count({function}({CONVERSATION_LOCK_NAMESPACE}, hashtext(c))) AS taken FROM jsonb_array_elements_text($1) AS c"
     )
-}
-
-/// Intake's shared locks, as a query that another statement can run first (see
-/// `batch::known_kcis_under_conversation_locks`); `$1` the sorted conversation ids.
-pub(super) fn shared_locks_sql() -> String {
-    locks_sql(false)
 }
 
 /// Records registrations in one transaction, their conversation locks taken first, in the order
