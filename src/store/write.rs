@@ -11,15 +11,13 @@ use sea_orm::{
 
 use super::StoreError;
 
-/// The connection pool, with the queue of this process's SQLite writers. SQLite has one writer at
-/// a time and its busy handler is not fair: group commit's back-to-back transactions kept the
-/// relay from recording what it had published (publish lag p99 3.8 s in the benchmark). Writers
-/// that share a handle (every clone of it) take their turns in order of arrival. PostgreSQL needs
-/// no queue; readers use [`Database::connection`] (or the handle itself, through `Deref`).
+/// The connection pool, with the queue of this process's SQLite writers ([`WriterTurns`]).
+/// PostgreSQL needs no queue; readers use [`Database::connection`] (or the handle itself, through
+/// `Deref`).
 #[derive(Clone, Debug)]
 pub struct Database {
     connection: DatabaseConnection,
-    writer_turn: Arc<tokio::sync::Mutex<()>>,
+    writer_turns: Arc<WriterTurns>,
     writes: WriteStats,
 }
 
@@ -86,7 +84,7 @@ impl Database {
     pub fn new(connection: DatabaseConnection) -> Database {
         Database {
             connection,
-            writer_turn: Arc::new(tokio::sync::Mutex::new(())),
+            writer_turns: Arc::new(WriterTurns::default()),
             writes: WriteStats::new(),
         }
     }
@@ -106,7 +104,7 @@ impl Database {
     pub async fn begin_write(&self, writer: Writer) -> Result<WriteTransaction, StoreError> {
         let asked = Instant::now();
         let turn = match self.connection.get_database_backend() {
-            sea_orm::DbBackend::Sqlite => Some(self.writer_turn.clone().lock_owned().await),
+            sea_orm::DbBackend::Sqlite => Some(self.writer_turns.take(writer).await),
             _ => None,
         };
         let txn = self
@@ -205,7 +203,7 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 
 pub struct WriteTransaction {
     txn: DatabaseTransaction,
     _held: HeldTimer,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+    _turn: Option<WriterTurn>,
 }
 
 /// Observes how long a write transaction was held when it ends: committed, rolled back, or
@@ -234,6 +232,127 @@ impl std::ops::Deref for WriteTransaction {
 impl WriteTransaction {
     pub async fn commit(self) -> Result<(), sea_orm::DbErr> {
         self.txn.commit().await
+    }
+}
+
+/// How long a writer other than intake may wait for SQLite's writer while intake keeps asking for
+/// it, before it goes first. It bounds the relay's and the registrations' delay behind a busy
+/// intake (the publish lag's share of it) without ever starving them.
+pub const OTHERS_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The turns of this process's writers at SQLite's one writer. SQLite's busy handler is not fair:
+/// group commit's back-to-back transactions once kept the relay from recording what it had
+/// published (publish lag p99 3.8 s in the benchmark), so writers queue here instead, and the
+/// turn passes on when a transaction ends:
+///
+/// - to intake first, since a `POST /kcis` waits for its batch's commit, while the relay's
+///   records and registrations are work nobody is waiting on the wire for;
+/// - to the writer other than intake that has waited longest, when it has waited
+///   [`OTHERS_MAX_WAIT`] or more, or when intake is not waiting;
+/// - in order of arrival among intake's waiters, and among the others.
+///
+/// A waiter that gives up (its task cancelled) never keeps the turn: one handed to it as it went
+/// passes on.
+#[derive(Debug, Default)]
+pub struct WriterTurns {
+    queue: std::sync::Mutex<TurnQueue>,
+}
+
+#[derive(Debug, Default)]
+struct TurnQueue {
+    held: bool,
+    intake: std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>,
+    others: std::collections::VecDeque<(tokio::time::Instant, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl TurnQueue {
+    fn next_waiter(&mut self) -> Option<tokio::sync::oneshot::Sender<()>> {
+        let other_overdue = self
+            .others
+            .front()
+            .is_some_and(|(since, _)| since.elapsed() >= OTHERS_MAX_WAIT);
+        if other_overdue || self.intake.is_empty() {
+            self.others.pop_front().map(|(_, waiter)| waiter)
+        } else {
+            self.intake.pop_front()
+        }
+    }
+}
+
+/// The turn at SQLite's writer, held until dropped.
+#[derive(Debug)]
+pub struct WriterTurn(Arc<WriterTurns>);
+
+impl Drop for WriterTurn {
+    fn drop(&mut self) {
+        self.0.pass_on();
+    }
+}
+
+impl WriterTurns {
+    /// Waits for `writer`'s turn.
+    pub async fn take(self: &Arc<Self>, writer: Writer) -> WriterTurn {
+        let handed = {
+            let mut queue = self.queue.lock().expect("writer turns never poisoned");
+            if !queue.held {
+                queue.held = true;
+                return WriterTurn(self.clone());
+            }
+            let (hand, handed) = tokio::sync::oneshot::channel();
+            if writer == Writer::Intake {
+                queue.intake.push_back(hand);
+            } else {
+                queue.others.push_back((tokio::time::Instant::now(), hand));
+            }
+            handed
+        };
+        let mut waiting = Waiting {
+            turns: self.clone(),
+            handed: Some(handed),
+        };
+        let handed = waiting.handed.as_mut().expect("set above");
+        // The sender is only dropped unsent when the queue itself is, which `self` prevents.
+        let _ = handed.await;
+        waiting.handed = None;
+        WriterTurn(self.clone())
+    }
+
+    /// Hands the turn to the next waiter still waiting, or frees it. (The lock is held only to
+    /// move a sender out of a queue: never across an await, and nothing in it can panic.)
+    fn pass_on(&self) {
+        let mut queue = self.queue.lock().expect("writer turns never poisoned");
+        loop {
+            match queue.next_waiter() {
+                None => {
+                    queue.held = false;
+                    return;
+                }
+                Some(waiter) => {
+                    if waiter.send(()).is_ok() {
+                        return;
+                    }
+                    // It gave up waiting: the next one.
+                }
+            }
+        }
+    }
+}
+
+/// A waiter for a turn; if dropped before it returned (a cancelled task), a turn handed to it
+/// meanwhile passes on.
+struct Waiting {
+    turns: Arc<WriterTurns>,
+    handed: Option<tokio::sync::oneshot::Receiver<()>>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut handed) = self.handed.take() {
+            handed.close();
+            if handed.try_recv().is_ok() {
+                self.turns.pass_on();
+            }
+        }
     }
 }
 
@@ -269,5 +388,92 @@ where
             }
             result => return result,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Holds the turn while `waiters` queue behind it (each followed by `then` of virtual time),
+    /// lets go, and returns the order in which they had their turns.
+    async fn turns_taken(
+        waiters: &[(Writer, &'static str, std::time::Duration)],
+    ) -> Vec<&'static str> {
+        let turns = Arc::new(WriterTurns::default());
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = turns.take(Writer::Intake).await;
+        let mut tasks = Vec::new();
+        for &(writer, name, then) in waiters {
+            let (turns, order) = (turns.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let _turn = turns.take(writer).await;
+                order.lock().unwrap().push(name);
+            }));
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            tokio::time::advance(then).await;
+        }
+        drop(held);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        Arc::try_unwrap(order).unwrap().into_inner().unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn intake_goes_before_other_writers_that_have_not_waited_long() {
+        let order = turns_taken(&[
+            (Writer::Relay, "relay", Duration::ZERO),
+            (Writer::Intake, "intake", Duration::ZERO),
+            (Writer::Registrations, "registrations", Duration::ZERO),
+            (Writer::Intake, "intake again", OTHERS_MAX_WAIT / 2),
+        ])
+        .await;
+        assert_eq!(order, ["intake", "intake again", "relay", "registrations"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_that_waited_the_bound_goes_before_intake() {
+        let order = turns_taken(&[
+            (Writer::Relay, "relay", OTHERS_MAX_WAIT),
+            (Writer::Intake, "intake", Duration::ZERO),
+        ])
+        .await;
+        assert_eq!(order, ["relay", "intake"]);
+    }
+
+    /// Polls `waiting` once, so that it is queued.
+    fn queued(waiting: &mut std::pin::Pin<Box<impl std::future::Future<Output = WriterTurn>>>) {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(waiting.as_mut().poll(&mut context).is_pending());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_never_keeps_the_turn() {
+        let turns = Arc::new(WriterTurns::default());
+        let held = turns.take(Writer::Intake).await;
+        // Gives up before the turn comes.
+        let mut gave_up_early = Box::pin(turns.take(Writer::Intake));
+        queued(&mut gave_up_early);
+        // Handed the turn, then gone before it ran (its task cancelled between the two).
+        let mut gone_when_handed = Box::pin(turns.take(Writer::Relay));
+        queued(&mut gone_when_handed);
+        let mut last = Box::pin(turns.take(Writer::Registrations));
+        queued(&mut last);
+        drop(gave_up_early);
+        drop(held);
+        drop(gone_when_handed);
+        let last = tokio::time::timeout(Duration::from_secs(1), last)
+            .await
+            .expect("the turn reached the last waiter");
+        drop(last);
+        drop(
+            tokio::time::timeout(Duration::from_secs(1), turns.take(Writer::Relay))
+                .await
+                .expect("the turn is free again"),
+        );
     }
 }
