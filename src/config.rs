@@ -289,6 +289,9 @@ pub struct DatabaseSettings {
     /// PostgreSQL: `idle_in_transaction_session_timeout` (a session that holds a transaction
     /// open and idle this long is ended by the server, releasing its locks). 0: none.
     pub idle_in_transaction_timeout_ms: u64,
+    /// PostgreSQL: how often to check whether intake's lookup tables grew enough to analyze them
+    /// ([`crate::store::statistics`]). 0: never (autovacuum alone).
+    pub analyze_interval_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

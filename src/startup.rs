@@ -118,6 +118,11 @@ impl Application {
         if let Some(reconciler) = reconciler.as_ref().filter(|_| settings.reconcile.enabled) {
             reconciler.clone().start(shutdown.child_token());
         }
+        crate::store::statistics::start(
+            db.clone(),
+            Duration::from_secs(settings.database.analyze_interval_seconds),
+            shutdown.child_token(),
+        );
         crate::store::retention::start(
             db.clone(),
             settings.retention.clone(),

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod bulk;
 pub mod retention;
+pub mod statistics;
 pub mod text;
 pub mod write;
 

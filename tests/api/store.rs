@@ -118,3 +118,90 @@ async fn accepted_connections_have_nagle_off() {
         "the service's end of the connection has TCP_NODELAY"
     );
 }
+
+/// With autovacuum off for the lookup tables, the service analyzes them itself once they have
+/// grown by autovacuum's threshold, so that the plans cached for intake's lookups follow them
+/// (`database.analyze_interval_seconds`); a table that has not grown is left alone.
+#[tokio::test]
+async fn lookup_tables_that_grew_are_analyzed_where_autovacuum_is_off() {
+    let database = TestDatabase::create(Backend::Postgres).await;
+    let settings = test_settings(&database.url);
+    let connection = kci_receiver::store::connect(&settings.database)
+        .await
+        .unwrap();
+    kci_receiver::store::migrate(&connection).await.unwrap();
+    let db: kci_receiver::store::Database = connection.into();
+    for table in ["conversation", "tracked_entity"] {
+        db.execute_unprepared(&format!(
+            "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+        ))
+        .await
+        .unwrap();
+    }
+    let last_analyzed = |table: &'static str| {
+        let db = db.clone();
+        async move {
+            db.query_one_raw(Statement::from_string(
+                db.get_database_backend(),
+                format!(
+                    "SELECT (last_analyze IS NOT NULL) AS analyzed FROM pg_stat_user_tables WHERE relname = '{table}'"
+                ),
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<bool>("", "analyzed")
+            .unwrap()
+        }
+    };
+    // 120 new conversations: over 50 rows and 10% since the (empty) table was last analyzed.
+    db.execute_unprepared(
+        "INSERT INTO conversation (conversation_id, operation, source, registered_at) \
+         SELECT 'grown-' || n, 'ProvideEthernetOrder', 'API', now() FROM generate_series(1, 120) n",
+    )
+    .await
+    .unwrap();
+    // PostgreSQL publishes a session's table counters within a second or so of its commit.
+    let mut statistics = kci_receiver::store::statistics::LookupStatistics::default();
+    let mut analyzed = Vec::new();
+    for _ in 0..50 {
+        analyzed = statistics.analyze_grown_tables(&db).await.unwrap();
+        if !analyzed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(analyzed, ["conversation"]);
+    assert!(last_analyzed("conversation").await);
+    assert!(
+        !last_analyzed("tracked_entity").await,
+        "not grown: left alone"
+    );
+    // Analyzed now: nothing more to do until it grows again by the threshold.
+    assert!(
+        statistics
+            .analyze_grown_tables(&db)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    db.execute_unprepared(
+        "INSERT INTO conversation (conversation_id, operation, source, registered_at) \
+         SELECT 'grown-again-' || n, 'ProvideEthernetOrder', 'API', now() FROM generate_series(1, 80) n",
+    )
+    .await
+    .unwrap();
+    let mut analyzed_again = Vec::new();
+    for _ in 0..50 {
+        analyzed_again = statistics.analyze_grown_tables(&db).await.unwrap();
+        if !analyzed_again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        analyzed_again,
+        ["conversation"],
+        "grown again by 80 of 200 rows"
+    );
+}
