@@ -154,23 +154,9 @@ async fn lookup_tables_that_grew_are_analyzed_where_autovacuum_is_off() {
             .unwrap()
         }
     };
-    // 120 new conversations: over 50 rows and 10% since the (empty) table was last analyzed.
-    db.execute_unprepared(
-        "INSERT INTO conversation (conversation_id, operation, source, registered_at) \
-         SELECT 'grown-' || n, 'ProvideEthernetOrder', 'API', now() FROM generate_series(1, 120) n",
-    )
-    .await
-    .unwrap();
-    // PostgreSQL publishes a session's table counters within a second or so of its commit.
     let mut statistics = kci_receiver::store::statistics::LookupStatistics::default();
-    let mut analyzed = Vec::new();
-    for _ in 0..50 {
-        analyzed = statistics.analyze_grown_tables(&db).await.unwrap();
-        if !analyzed.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    // 120 new conversations: over 50 rows and 10% since the (empty) table was last analyzed.
+    let analyzed = add_conversations_then_analyze(&db, &mut statistics, "grown", 120).await;
     assert_eq!(analyzed, ["conversation"]);
     assert!(last_analyzed("conversation").await);
     assert!(
@@ -185,23 +171,36 @@ async fn lookup_tables_that_grew_are_analyzed_where_autovacuum_is_off() {
             .unwrap()
             .is_empty()
     );
-    db.execute_unprepared(
-        "INSERT INTO conversation (conversation_id, operation, source, registered_at) \
-         SELECT 'grown-again-' || n, 'ProvideEthernetOrder', 'API', now() FROM generate_series(1, 80) n",
-    )
-    .await
-    .unwrap();
-    let mut analyzed_again = Vec::new();
-    for _ in 0..50 {
-        analyzed_again = statistics.analyze_grown_tables(&db).await.unwrap();
-        if !analyzed_again.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let analyzed_again =
+        add_conversations_then_analyze(&db, &mut statistics, "grown-again", 80).await;
     assert_eq!(
         analyzed_again,
         ["conversation"],
         "grown again by 80 of 200 rows"
     );
+}
+
+/// Inserts `count` conversations, then runs the statistics check until it analyzes something
+/// (PostgreSQL publishes a session's table counters within a second or so of its commit), at most
+/// ten seconds; returns what it analyzed.
+async fn add_conversations_then_analyze(
+    db: &kci_receiver::store::Database,
+    statistics: &mut kci_receiver::store::statistics::LookupStatistics,
+    prefix: &str,
+    count: u32,
+) -> Vec<&'static str> {
+    db.execute_unprepared(&format!(
+        "INSERT INTO conversation (conversation_id, operation, source, registered_at) \
+         SELECT '{prefix}-' || n, 'ProvideEthernetOrder', 'API', now() FROM generate_series(1, {count}) n"
+    ))
+    .await
+    .unwrap();
+    for _ in 0..50 {
+        let analyzed = statistics.analyze_grown_tables(db).await.unwrap();
+        if !analyzed.is_empty() {
+            return analyzed;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Vec::new()
 }
