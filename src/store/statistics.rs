@@ -54,12 +54,16 @@ pub fn start(db: Database, interval: Duration, shutdown: tokio_util::sync::Cance
                 () = tokio::time::sleep(interval) => {}
             }
             match statistics.analyze_grown_tables(&db).await {
-                Ok(analyzed) if !analyzed.is_empty() => {
-                    tracing::debug!(?analyzed, "planner statistics refreshed");
+                Ok(analyzed) => {
+                    warned = false;
+                    if !analyzed.is_empty() {
+                        tracing::debug!(?analyzed, "planner statistics refreshed");
+                    }
                 }
-                Ok(_) => {}
-                // A role that does not own the tables may not analyze them: said once, then
-                // left to the DBA (the service works the same, with the plans it has).
+                // The database unavailable or slow (the statement timeout bounds a check): said
+                // once until a check succeeds again; the service works the same meanwhile, with
+                // the plans it has. (A role that does not own the tables gets PostgreSQL's own
+                // warning, and the tables are skipped.)
                 Err(error) if !warned => {
                     warned = true;
                     tracing::warn!(%error, "could not refresh the lookup tables' planner statistics (database.analyze_interval_seconds); run ANALYZE on them, or enable autovacuum");

@@ -254,7 +254,7 @@ pub const OTHERS_MAX_WAIT: std::time::Duration = std::time::Duration::from_milli
 /// A waiter that gives up (its task cancelled) never keeps the turn: one handed to it as it went
 /// passes on.
 #[derive(Debug, Default)]
-pub struct WriterTurns {
+struct WriterTurns {
     queue: std::sync::Mutex<TurnQueue>,
 }
 
@@ -281,7 +281,7 @@ impl TurnQueue {
 
 /// The turn at SQLite's writer, held until dropped.
 #[derive(Debug)]
-pub struct WriterTurn(Arc<WriterTurns>);
+struct WriterTurn(Arc<WriterTurns>);
 
 impl Drop for WriterTurn {
     fn drop(&mut self) {
@@ -291,7 +291,7 @@ impl Drop for WriterTurn {
 
 impl WriterTurns {
     /// Waits for `writer`'s turn.
-    pub async fn take(self: &Arc<Self>, writer: Writer) -> WriterTurn {
+    async fn take(self: &Arc<Self>, writer: Writer) -> WriterTurn {
         let handed = {
             let mut queue = self.queue.lock().expect("writer turns never poisoned");
             if !queue.held {
