@@ -128,6 +128,11 @@ async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
     assert!(postgres.accepted > 0);
     assert_eq!(postgres.missing, 0, "acknowledged KCIs missing on RabbitMQ");
     assert_eq!(postgres.order_violations, 0);
+    // The tail's floor ran after the load phases, on warm connections, and committed.
+    assert!(
+        postgres.floor_transactions > 0,
+        "the tail's floor measured nothing"
+    );
 }
 
 /// `kci-tools bench-reads` on a small history: every read endpoint answered 200 under

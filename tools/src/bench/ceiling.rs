@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use hdrhistogram::Histogram;
 use sea_orm::{
     ConnectOptions, ConnectionTrait, Database, DbBackend, Statement, TransactionTrait, Value,
 };
@@ -66,6 +67,100 @@ pub async fn durable_commits_per_second(
     concurrency: usize,
     duration: Duration,
 ) -> anyhow::Result<f64> {
+    let db = open(database_url, rows, concurrency).await?;
+    let committed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let body = Arc::new("x".repeat(800));
+    let workers: Vec<_> = (0..concurrency)
+        .map(|worker| {
+            let (db, committed, body) = (db.clone(), committed.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut n: u64 = worker as u64;
+                while Instant::now() < deadline {
+                    if write_one(&db, rows, next_gateway_id(&mut n), &body)
+                        .await
+                        .is_ok()
+                    {
+                        committed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    clean_up(db, rows).await?;
+    Ok(committed.load(Ordering::Relaxed) as f64 / elapsed)
+}
+
+/// The same transactions offered at a fixed `rate` for `duration` (open loop, like the
+/// benchmark's fixed-rate phases), through a pool of `concurrency` connections. Each
+/// transaction's latency runs from when it was due to its commit, so a wait for a connection
+/// counts, as a KCI's wait for a committer does. This is the floor of the service's tail at
+/// that rate: the same rows by plain SQL, without HTTP, parsing, batching or the relay.
+/// Microseconds, after a [`WARM_UP`]; failed transactions are counted apart.
+pub async fn latency_at_rate(
+    database_url: &str,
+    rows: Rows,
+    concurrency: usize,
+    rate: f64,
+    duration: Duration,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let db = open(database_url, rows, concurrency).await?;
+    // Every connection opened first: the pool opens them as they are needed, one after another,
+    // and the first transactions would otherwise wait for that (hundreds of ms in all).
+    let opened = (0..concurrency).map(|_| db.execute_unprepared("SELECT pg_sleep(0.05)"));
+    let opened: Vec<_> = match db.get_database_backend() {
+        DbBackend::Postgres => futures_util::future::join_all(opened).await,
+        _ => Vec::new(),
+    };
+    if let Some(Err(error)) = opened.into_iter().find(Result::is_err) {
+        return Err(error.into());
+    }
+    let body = Arc::new("x".repeat(800));
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let count = (duration.as_secs_f64() * rate.max(1.0)) as u32;
+    let started = tokio::time::Instant::now();
+    let warm_up = WARM_UP.min(duration / 2);
+    let mut transactions = Vec::with_capacity(count as usize);
+    let mut n: u64 = 0;
+    for i in 0..count {
+        let due = started + interval * i;
+        tokio::time::sleep_until(due).await;
+        let (db, body, gateway_id) = (db.clone(), body.clone(), next_gateway_id(&mut n));
+        let measured = due >= started + warm_up;
+        transactions.push(tokio::spawn(async move {
+            let outcome = write_one(&db, rows, gateway_id, &body).await;
+            outcome.map(|()| measured.then(|| due.elapsed()))
+        }));
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut failed = 0;
+    for transaction in transactions {
+        match transaction.await? {
+            Ok(Some(took)) => latency.saturating_record(took.as_micros() as u64),
+            Ok(None) => {}
+            Err(_) => failed += 1,
+        }
+    }
+    clean_up(db, rows).await?;
+    Ok((latency, failed))
+}
+
+/// The first second of [`latency_at_rate`] (of a phase shorter than 2 s, its first half) is not
+/// measured: each connection prepares its statements on first use, and the service's fixed-rate
+/// phase runs on warm connections too.
+const WARM_UP: Duration = Duration::from_secs(1);
+
+/// A pool of `concurrency` connections, with the tables `rows` writes into.
+async fn open(
+    database_url: &str,
+    rows: Rows,
+    concurrency: usize,
+) -> anyhow::Result<sea_orm::DatabaseConnection> {
     let mut options = ConnectOptions::new(database_url.to_owned());
     options
         .max_connections(concurrency as u32)
@@ -79,10 +174,9 @@ pub async fn durable_commits_per_second(
             .busy_timeout(Duration::from_secs(30))
     });
     let db = Database::connect(options).await?;
-    let backend = db.get_database_backend();
     match rows {
         Rows::Minimal => {
-            let tables = if backend == DbBackend::Postgres {
+            let tables = if db.get_database_backend() == DbBackend::Postgres {
                 POSTGRES_TABLES
             } else {
                 SQLITE_TABLES
@@ -95,52 +189,43 @@ pub async fn durable_commits_per_second(
             kci_receiver::store::migrate(&db).await?;
         }
     }
+    Ok(db)
+}
 
-    let committed = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let deadline = started + duration;
-    let body = "x".repeat(800);
-    let workers: Vec<_> = (0..concurrency)
-        .map(|worker| {
-            let (db, committed, body) = (db.clone(), committed.clone(), body.clone());
-            tokio::spawn(async move {
-                let mut n: u64 = worker as u64;
-                while Instant::now() < deadline {
-                    n = n
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    let gateway_id = (n >> 33) % 10_000;
-                    let outcome = async {
-                        let txn = if backend == DbBackend::Sqlite {
-                            db.begin_with_options(sea_orm::TransactionOptions {
-                                sqlite_transaction_mode: Some(
-                                    sea_orm::SqliteTransactionMode::Immediate,
-                                ),
-                                ..Default::default()
-                            })
-                            .await?
-                        } else {
-                            db.begin().await?
-                        };
-                        match rows {
-                            Rows::Minimal => write_minimal(&txn, gateway_id, &body).await?,
-                            Rows::Schema => write_schema(&txn, gateway_id, &body).await?,
-                        }
-                        txn.commit().await?;
-                        Ok::<_, sea_orm::DbErr>(())
-                    }
-                    .await;
-                    if outcome.is_ok() {
-                        committed.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
+/// The next entity of a client's pseudo-random sequence, one of 10,000.
+fn next_gateway_id(n: &mut u64) -> u64 {
+    *n = n
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*n >> 33) % 10_000
+}
+
+/// One KCI's rows in one durable transaction.
+async fn write_one(
+    db: &sea_orm::DatabaseConnection,
+    rows: Rows,
+    gateway_id: u64,
+    body: &str,
+) -> Result<(), sea_orm::DbErr> {
+    let txn = if db.get_database_backend() == DbBackend::Sqlite {
+        db.begin_with_options(sea_orm::TransactionOptions {
+            sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+            ..Default::default()
         })
-        .collect();
-    for worker in workers {
-        worker.await?;
+        .await?
+    } else {
+        db.begin().await?
+    };
+    match rows {
+        Rows::Minimal => write_minimal(&txn, gateway_id, body).await?,
+        Rows::Schema => write_schema(&txn, gateway_id, body).await?,
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    txn.commit().await
+}
+
+/// Removes what the ceiling wrote: its minimal tables, or every row of kci-receiver's tables
+/// (migrations stay applied: the service starts on them next).
+async fn clean_up(db: sea_orm::DatabaseConnection, rows: Rows) -> anyhow::Result<()> {
     match rows {
         Rows::Minimal => {
             for table in [
@@ -154,9 +239,8 @@ pub async fn durable_commits_per_second(
             }
         }
         Rows::Schema => {
-            // The service starts on these tables next: empty them (migrations stay applied).
             let tables = "outbox_event, state_transition, audit_log, kci, tracked_entity";
-            if backend == DbBackend::Postgres {
+            if db.get_database_backend() == DbBackend::Postgres {
                 db.execute_unprepared(&format!("TRUNCATE {tables} RESTART IDENTITY CASCADE"))
                     .await?;
             } else {
@@ -168,7 +252,7 @@ pub async fn durable_commits_per_second(
         }
     }
     db.close().await?;
-    Ok(committed.load(Ordering::Relaxed) as f64 / elapsed)
+    Ok(())
 }
 
 fn one_row_id(row: Option<sea_orm::QueryResult>) -> Result<i64, sea_orm::DbErr> {

@@ -3,7 +3,8 @@
 //! consumes everything it publishes, and prints the figures: throughput at saturation and at half
 //! of it, POST latency (HDR histogram), publish lag from 204 to consumer, backlog drain after a
 //! broker outage, peak memory, the loss and order check, the durable-commit ceiling of the
-//! same database measured with plain SQL at the same concurrency, and the broker's own
+//! same database measured with plain SQL at the same concurrency (and, as the half-load tail's
+//! floor, the same plain SQL offered at the half phase's rate), and the broker's own
 //! confirmed-publish rate for messages of the relay's size, in the relay's rounds.
 
 pub mod broker_ceiling;
@@ -59,6 +60,9 @@ struct Figures {
     half_stages: Vec<Series>,
     /// `POST /kcis` answered 204 at half of saturation, as the service measured it.
     half_served: Option<Series>,
+    /// The tail's floor: the same-rows ceiling's transactions offered at the half phase's rate
+    /// (latency in microseconds, and how many failed).
+    half_floor: Option<(Histogram<u64>, u64)>,
     /// Write transactions by writer and phase (wait, held) during saturation, and its seconds.
     saturation_writes: Vec<Series>,
     saturation_seconds: f64,
@@ -80,6 +84,8 @@ pub struct StoreFigures {
     pub accepted: usize,
     pub missing: usize,
     pub order_violations: usize,
+    /// Transactions the tail's floor measured and committed (0 when it did not run).
+    pub floor_transactions: u64,
 }
 
 /// Runs the benchmark, prints its figures and returns the loss check of each store.
@@ -110,6 +116,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Vec<StoreFigures>> {
             accepted: figures.accepted_distinct,
             missing: figures.accepted_distinct - figures.arrived_distinct,
             order_violations: figures.order_violations,
+            floor_transactions: figures
+                .half_floor
+                .as_ref()
+                .map_or(0, |(latency, _)| latency.len()),
         });
     }
     Ok(results)
@@ -375,7 +385,9 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     figures.arrived_distinct = check.arrived;
     figures.duplicates = check.duplicates;
     figures.order_violations = check.order_violations;
+    let mut half_rate = None;
     if let Some(load) = load {
+        half_rate = Some(load.half_rate);
         figures.half_stages = load.half_stages;
         figures.half_served = load.half_served;
         figures.saturation_writes = load.saturation_writes;
@@ -385,6 +397,23 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         figures.half = Some(load.half);
         figures.fixed = load.fixed;
         figures.lag = Some(load.lag);
+    }
+    // The tail's floor, last: it writes into the service's tables (now stopped), as full as the
+    // run left them, and empties them.
+    if let Some(half) = &figures.half {
+        let rate = half_rate.unwrap_or(0.0);
+        if rate > 0.0 && !half.latency.is_empty() {
+            figures.half_floor = Some(
+                ceiling::latency_at_rate(
+                    database_url,
+                    ceiling::Rows::Schema,
+                    args.concurrency,
+                    rate,
+                    phase,
+                )
+                .await?,
+            );
+        }
     }
     figures.drain_events = drain_events;
     figures.drain_seconds = drain_seconds;
@@ -401,6 +430,8 @@ struct LoadFigures {
     half_stages: Vec<Series>,
     /// `POST /kcis` answered 204 at half of saturation, as the service measured it.
     half_served: Option<Series>,
+    /// The rate offered in the half phase, KCIs per second.
+    half_rate: f64,
     saturation_writes: Vec<Series>,
     fixed: Vec<(u32, Report)>,
     lag: Histogram<u64>,
@@ -477,6 +508,7 @@ async fn load_phases(
         half,
         half_stages,
         half_served,
+        half_rate: rate,
         saturation_writes,
         fixed,
         lag,
@@ -658,6 +690,17 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
             ms(h, 0.99),
             h.max() as f64 / 1000.0
         );
+        if let Some((floor, failed)) = &figures.half_floor {
+            println!(
+                "| the tail's floor: plain SQL, the same rows at the same rate, open loop, {} connections (due to commit) | p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms, max {:.1} ms; {} failed |",
+                args.concurrency,
+                ms(floor, 0.5),
+                ms(floor, 0.95),
+                ms(floor, 0.99),
+                floor.max() as f64 / 1000.0,
+                failed
+            );
+        }
         if let Some(served) = &figures.half_served {
             // What the load generator sees beyond this is the network and the wait for a core.
             println!(
