@@ -39,6 +39,8 @@ enum Store {
 struct Figures {
     saturation: Option<Report>,
     half: Option<Report>,
+    /// The rate offered in the half phase, KCIs per second (0 when the load did not run).
+    half_rate: f64,
     /// Other fixed rates: percent of saturation, and the run.
     fixed: Vec<(u32, Report)>,
     lag: Option<Histogram<u64>>,
@@ -385,9 +387,8 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     figures.arrived_distinct = check.arrived;
     figures.duplicates = check.duplicates;
     figures.order_violations = check.order_violations;
-    let mut half_rate = None;
     if let Some(load) = load {
-        half_rate = Some(load.half_rate);
+        figures.half_rate = load.half_rate;
         figures.half_stages = load.half_stages;
         figures.half_served = load.half_served;
         figures.saturation_writes = load.saturation_writes;
@@ -400,20 +401,20 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     }
     // The tail's floor, last: it writes into the service's tables (now stopped), as full as the
     // run left them, and empties them.
-    if let Some(half) = &figures.half {
-        let rate = half_rate.unwrap_or(0.0);
-        if rate > 0.0 && !half.latency.is_empty() {
-            figures.half_floor = Some(
-                ceiling::latency_at_rate(
-                    database_url,
-                    ceiling::Rows::Schema,
-                    args.concurrency,
-                    rate,
-                    phase,
-                )
-                .await?,
-            );
-        }
+    if let Some(half) = &figures.half
+        && figures.half_rate > 0.0
+        && !half.latency.is_empty()
+    {
+        figures.half_floor = Some(
+            ceiling::latency_at_rate(
+                database_url,
+                ceiling::Rows::Schema,
+                args.concurrency,
+                figures.half_rate,
+                phase,
+            )
+            .await?,
+        );
     }
     figures.drain_events = drain_events;
     figures.drain_seconds = drain_seconds;
