@@ -613,6 +613,30 @@ fn writers_line(writes: &[Series], seconds: f64) -> Option<String> {
     Some(parts.join("; "))
 }
 
+/// What the machine's cores allow at this CPU per KCI (`all_ms`, every part of the system on
+/// this machine): a rate no build reaches without spending less CPU per KCI, however it batches
+/// or waits. It says whether a throughput target is within reach of tuning at all, and the CPU
+/// per KCI that would make the minimal-table ceiling's rate possible.
+fn print_cpu_bound(all_ms: f64, throughput: f64, minimal_ceiling: f64) {
+    if all_ms <= 0.0 {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    let bound = cores * 1000.0 / all_ms;
+    let minimal = if minimal_ceiling > 0.0 {
+        format!(
+            "; the minimal-table ceiling's rate ({minimal_ceiling:.0}/s) would need <= {:.3} ms of CPU per KCI in all",
+            cores * 1000.0 / minimal_ceiling
+        )
+    } else {
+        String::new()
+    };
+    println!(
+        "| what the cores allow ({cores:.0} cores / CPU per KCI in all) | {bound:.0} KCIs/s; saturation used {:.0}% of it{minimal} |",
+        100.0 * throughput / bound,
+    );
+}
+
 /// From 204 to the consumer, for the KCIs of the fixed-rate phase (microseconds).
 fn publish_lag(arrivals: &[Arrival], accepted: &[Accepted]) -> anyhow::Result<Histogram<u64>> {
     let mut first: HashMap<&str, Instant> = HashMap::new();
@@ -665,6 +689,7 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
                 "| CPU per KCI at saturation (user + system, /proc; compare builds by it) | {}; {all:.3} ms in all |",
                 parts.join(", ")
             );
+            print_cpu_bound(all, saturation.throughput(), figures.minimal_ceiling);
         }
         println!(
             "| durable-commit ceiling (plain SQL, same rows into the same tables, same concurrency) | {:.0} tx/s; kci-receiver = {:.2}x |",
