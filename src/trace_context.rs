@@ -92,8 +92,15 @@ impl fmt::Display for TraceContext {
     }
 }
 
+/// Lower-case hex, written into one string (it runs for every request: no allocation per byte).
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    text
 }
 
 fn decode(text: &str, into: &mut [u8]) -> Option<()> {

@@ -340,7 +340,7 @@ async fn insert_and_lock_entities(
         bulk::insert_unless_present(txn, rows, &key_columns).await?;
         return lock_entities(txn, keys, &[], loaded).await;
     }
-    let (insert, rows_value) = bulk::insert_unless_present_sql(&rows, &key_columns, 1)?;
+    let (insert, rows_value) = bulk::insert_unless_present_sql(rows, &key_columns, 1)?;
     let sql = format!(
         r#"WITH inserted AS ({insert} RETURNING *),
         locked AS (SELECT * FROM "tracked_entity" WHERE {condition} ORDER BY "id" FOR UPDATE)
@@ -377,6 +377,28 @@ async fn lock_entities(
     loaded: &mut Loaded,
 ) -> Result<(), StoreError> {
     if keys.is_empty() && ids.is_empty() {
+        return Ok(());
+    }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        // One text, built once: sea-orm would build this select anew for every batch, a hundred
+        // small allocations or so each time.
+        static LOCK_ENTITIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            format!(
+                r#"SELECT * FROM "tracked_entity" WHERE {} ORDER BY "id" FOR UPDATE"#,
+                keys_or_ids_sql("$1", "$2")
+            )
+        });
+        for entity in
+            tracked_entity::Model::find_by_statement(sea_orm::Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                LOCK_ENTITIES.as_str(),
+                keys_or_ids_values(keys, ids),
+            ))
+            .all(txn)
+            .await?
+        {
+            remember_entity(loaded, entity);
+        }
         return Ok(());
     }
     for entity in tracked_entity::Entity::find()

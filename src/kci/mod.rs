@@ -237,7 +237,7 @@ pub struct EntitySnapshot {
 }
 
 /// A value of an open-ended enum that the docs do not list: kept, and flagged.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct UnknownValue {
     pub path: String,
     pub value: String,

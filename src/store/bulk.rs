@@ -8,12 +8,17 @@
 //! size all the time, so that was most of their statements' cost (docs/benchmarks.md, "Third
 //! round").
 //!
-//! On PostgreSQL, the rows (or the values) therefore travel as one JSONB parameter:
+//! On PostgreSQL, the rows (or the values) therefore travel as one JSON parameter:
 //! - [`insert`]: a JSON array of objects keyed by column name, turned back into rows of the
-//!   table's own type by `jsonb_populate_recordset(NULL::table, $1)`, so every column's type
-//!   and conversion is the table's own;
-//! - [`one_of`]: `col = ANY(ARRAY(SELECT jsonb_array_elements_text($1)::type))`, which the
+//!   table's own type by `jsonb_populate_recordset(NULL::table, $1::jsonb)`, so every column's
+//!   type and conversion is the table's own;
+//! - [`one_of`]: `col = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::type))`, which the
 //!   planner answers with an index scan like an `IN` list (the array is computed once, first).
+//!
+//! The JSON is written as text straight from the rows' values ([`as_json_rows`]), not built as a
+//! `serde_json::Value` tree: sea-orm copies every parameter before binding it, and a tree is
+//! copied node by node (one allocation per string), a text in one piece. Each such parameter
+//! appears once in its statement, so PostgreSQL parses it once (`::jsonb`).
 //!
 //! One text per table and question, prepared once per connection and planned generically.
 //! SQLite prepares statements in-process for next to nothing; it keeps sea-orm's statements.
@@ -24,7 +29,6 @@ use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityName, EntityTrait,
     Iden, Iterable, PrimaryKeyTrait, Statement, Value,
 };
-use serde_json::Value as Json;
 
 /// The rows `rows` inserted in one statement; with `returning_ids`, their ids (`id` column) in
 /// increasing order, which is the order of the rows: both databases hand out the ids of one
@@ -59,7 +63,8 @@ where
         ids.sort_unstable();
         return Ok(ids);
     }
-    let (columns, parameter) = as_json_rows(&rows)?;
+    let count = rows.len();
+    let (columns, parameter) = as_json_rows(rows)?;
     let table = quoted(A::Entity::default().table_name());
     let names = column_list(&columns, "");
     let returning = if returning_ids {
@@ -70,7 +75,7 @@ where
     let statement = Statement::from_sql_and_values(
         DbBackend::Postgres,
         format!(
-            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, $1){returning}"
+            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb){returning}"
         ),
         [parameter],
     );
@@ -78,7 +83,7 @@ where
         db.execute_raw(statement).await?;
         return Ok(Vec::new());
     }
-    let mut ids = Vec::with_capacity(rows.len());
+    let mut ids = Vec::with_capacity(count);
     for row in db.query_all_raw(statement).await? {
         ids.push(row.try_get::<i64>("", "id")?);
     }
@@ -104,17 +109,18 @@ where
     let mut stored = if db.get_database_backend() != DbBackend::Postgres {
         A::Entity::insert_many(rows).exec_with_returning(db).await?
     } else {
-        let (columns, parameter) = as_json_rows(&rows)?;
+        let count = rows.len();
+        let (columns, parameter) = as_json_rows(rows)?;
         let table = quoted(A::Entity::default().table_name());
         let names = column_list(&columns, "");
         let statement = Statement::from_sql_and_values(
             DbBackend::Postgres,
             format!(
-                "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, $1) RETURNING *"
+                "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb) RETURNING *"
             ),
             [parameter],
         );
-        let mut stored = Vec::with_capacity(rows.len());
+        let mut stored = Vec::with_capacity(count);
         for row in db.query_all_raw(statement).await? {
             stored.push(
                 <<A::Entity as EntityTrait>::Model as sea_orm::FromQueryResult>::from_query_result(
@@ -149,7 +155,7 @@ where
             .await?;
         return Ok(());
     }
-    let (sql, parameter) = insert_unless_present_sql(&rows, conflict_columns, 1)?;
+    let (sql, parameter) = insert_unless_present_sql(rows, conflict_columns, 1)?;
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         sql,
@@ -162,7 +168,7 @@ where
 /// PostgreSQL: [`insert_unless_present`]'s statement, its rows in parameter `$parameter`, and
 /// that parameter's value: to be part of a larger statement (with `RETURNING`, a `WITH`).
 pub fn insert_unless_present_sql<A>(
-    rows: &[A],
+    rows: Vec<A>,
     conflict_columns: &[<A::Entity as EntityTrait>::Column],
     parameter: usize,
 ) -> Result<(String, Value), DbErr>
@@ -175,7 +181,7 @@ where
     let key = column_list(conflict_columns, "");
     Ok((
         format!(
-            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, ${parameter}) \
+            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, ${parameter}::jsonb) \
              ON CONFLICT ({key}) DO NOTHING"
         ),
         value,
@@ -208,19 +214,36 @@ where
             .await?;
         return Ok(());
     }
-    let (columns, parameter) = as_json_rows(&rows)?;
+    let ids = ids_of_rows(&rows)?;
+    let (columns, parameter) = as_json_rows(rows)?;
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        update_by_id_sql::<A>(&columns, "$1"),
-        [parameter],
+        update_by_id_sql::<A>(&columns, "$1", "$2"),
+        [parameter, ids],
     ))
     .await?;
     Ok(())
 }
 
-/// `UPDATE` of the rows of the JSON parameter `parameter` (`$n`), matched on `id`: every column
-/// of `columns` but `id` written.
-fn update_by_id_sql<A: ActiveModelTrait>(columns: &Columns<A>, parameter: &str) -> String {
+/// The `id`s of `rows`, as the JSON text [`update_by_id_sql`] looks them up by.
+fn ids_of_rows<A: ActiveModelTrait>(rows: &[A]) -> Result<Value, DbErr> {
+    let id = <A::Entity as EntityTrait>::Column::iter()
+        .find(|column| column.unquoted() == "id")
+        .ok_or_else(|| DbErr::Custom("update_by_id: the table has no id column".to_owned()))?;
+    json_array(
+        rows.iter().map(|row| row.get(id).into_value()).map(|id| {
+            id.ok_or_else(|| DbErr::Custom("update_by_id: a row without its id".to_owned()))
+        }),
+    )
+}
+
+/// `UPDATE` of the rows of the JSON parameter `parameter` (`$n`), matched on `id` (their ids
+/// also in the parameter `ids`, [`ids_of_rows`]): every column of `columns` but `id` written.
+fn update_by_id_sql<A: ActiveModelTrait>(
+    columns: &Columns<A>,
+    parameter: &str,
+    ids: &str,
+) -> String {
     let changed: Vec<_> = columns
         .iter()
         .copied()
@@ -233,9 +256,9 @@ fn update_by_id_sql<A: ActiveModelTrait>(columns: &Columns<A>, parameter: &str) 
     // ms for two rows of a 20,000-row table, `EXPLAIN ANALYZE`); with the array it looks the rows
     // up by their primary key (0.3 ms), however the plan is cached.
     format!(
-        "UPDATE {table} SET ({}) = ROW({}) FROM jsonb_populate_recordset(NULL::{table}, {parameter}) AS row_ \
+        "UPDATE {table} SET ({}) = ROW({}) FROM jsonb_populate_recordset(NULL::{table}, {parameter}::jsonb) AS row_ \
          WHERE {table}.\"id\" = row_.\"id\" AND {table}.\"id\" = \
-         ANY(ARRAY(SELECT (row_->>'id')::bigint FROM jsonb_array_elements({parameter}) AS row_))",
+         ANY(ARRAY(SELECT jsonb_array_elements_text({ids}::jsonb)::bigint))",
         column_list(&changed, ""),
         column_list(&changed, "row_."),
     )
@@ -294,43 +317,50 @@ impl Combined {
                 "combined statement: {table_name} inserted into twice"
             )));
         }
-        let (columns, parameter) = as_json_rows(&rows)?;
+        let count = self.parameter(Value::BigInt(Some(rows.len() as i64)));
+        let (columns, parameter) = as_json_rows(rows)?;
         let parameter = self.parameter(parameter);
         let table = quoted(&table_name);
         let columns: Vec<_> = columns
             .into_iter()
             .filter(|c| c.unquoted() != "id")
             .collect();
-        let mut values = Vec::with_capacity(columns.len());
-        for column in &columns {
-            let value = format!("row_.{}", quoted(column.unquoted()));
+        // Written into one string: a batch builds this for every table, each time.
+        let mut values = String::with_capacity(columns.len() * 32);
+        for (n, column) in columns.iter().enumerate() {
+            if n > 0 {
+                values.push_str(", ");
+            }
+            let mut value = String::with_capacity(column.unquoted().len() + 8);
+            value.push_str("row_.");
+            push_quoted(&mut value, column.unquoted());
             let target = references
                 .iter()
                 .find(|(c, _)| c.unquoted() == column.unquoted())
                 .map(|(_, target)| *target)
                 .filter(|target| self.inserted.iter().any(|t| t == target));
             match target {
-                Some(target) => values.push(format!(
+                Some(target) => values.push_str(&format!(
                     "CASE WHEN {value} < 0 THEN (SELECT ids[(-{value})::int] FROM {}) ELSE {value} END",
                     ids_of(target)
                 )),
                 // No new rows of the target in this statement: every value is an existing row's
                 // id (a stray `new_row` fails the foreign key, loudly).
-                None => values.push(value),
+                None => values.push_str(&value),
             }
         }
         self.parts.push(format!(
             "{ids} AS MATERIALIZED (SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('{table}', 'id')::regclass) \
-             FROM generate_series(1, jsonb_array_length({parameter}))) AS ids)",
+             FROM generate_series(1, {count})) AS ids)",
             ids = ids_of(&table_name),
         ));
         self.parts.push(format!(
             "{} AS (INSERT INTO {table} (\"id\", {}) SELECT (SELECT ids[row_.ordinality::int] FROM {}), {} \
-             FROM jsonb_populate_recordset(NULL::{table}, {parameter}) WITH ORDINALITY AS row_)",
+             FROM jsonb_populate_recordset(NULL::{table}, {parameter}::jsonb) WITH ORDINALITY AS row_)",
             quoted(&format!("insert_{table_name}")),
             column_list(&columns, ""),
             ids_of(&table_name),
-            values.join(", "),
+            values,
         ));
         self.inserted.push(table_name);
         Ok(())
@@ -344,7 +374,9 @@ impl Combined {
         if rows.is_empty() {
             return Ok(());
         }
-        let (columns, parameter) = as_json_rows(&rows)?;
+        let ids = ids_of_rows(&rows)?;
+        let ids = self.parameter(ids);
+        let (columns, parameter) = as_json_rows(rows)?;
         let parameter = self.parameter(parameter);
         let name = quoted(&format!(
             "update_{}_{}",
@@ -353,7 +385,7 @@ impl Combined {
         ));
         self.parts.push(format!(
             "{name} AS ({})",
-            update_by_id_sql::<A>(&columns, &parameter)
+            update_by_id_sql::<A>(&columns, &parameter, &ids)
         ));
         Ok(())
     }
@@ -391,38 +423,54 @@ fn ids_of(table: &str) -> String {
 }
 
 /// The columns the first row sets, and every row as a JSON object keyed by those columns' names,
-/// all in one JSONB array: the single parameter of the statements above.
-fn as_json_rows<A: ActiveModelTrait>(rows: &[A]) -> Result<(Columns<A>, Value), DbErr> {
+/// all in one JSON array, as text: the single parameter of the statements above. The values are
+/// taken out of the rows and written as they are (see the module documentation).
+fn as_json_rows<A: ActiveModelTrait>(rows: Vec<A>) -> Result<(Columns<A>, Value), DbErr> {
     let columns: Columns<A> = <A::Entity as EntityTrait>::Column::iter()
         .filter(|column| rows.first().is_some_and(|row| !row.is_not_set(*column)))
         .collect();
-    let mut array = Vec::with_capacity(rows.len());
-    for row in rows {
-        let mut object = serde_json::Map::with_capacity(columns.len());
-        for column in &columns {
-            let value = row.get(*column).into_value().ok_or_else(|| {
+    let mut text = Vec::with_capacity(rows.len() * 1024);
+    text.push(b'[');
+    for (n, mut row) in rows.into_iter().enumerate() {
+        if n > 0 {
+            text.push(b',');
+        }
+        text.push(b'{');
+        for (c, column) in columns.iter().enumerate() {
+            let value = row.take(*column).into_value().ok_or_else(|| {
                 DbErr::Custom(format!(
                     "bulk statement on {}: column {} set in the first row only",
                     A::Entity::default().table_name(),
                     column.unquoted()
                 ))
             })?;
-            object.insert(column.unquoted().to_owned(), json_of(value)?);
+            if c > 0 {
+                text.push(b',');
+            }
+            write_json(&mut text, &column.unquoted())?;
+            text.push(b':');
+            write_value(&mut text, &value)?;
         }
-        array.push(Json::Object(object));
+        text.push(b'}');
     }
-    Ok((columns, Value::Json(Some(Box::new(Json::Array(array))))))
+    text.push(b']');
+    Ok((columns, json_text(text)?))
 }
 
 type Columns<A> = Vec<<<A as ActiveModelTrait>::Entity as EntityTrait>::Column>;
 
-/// `"a", "b"`, each name after `prefix`.
+/// `"a", "b"`, each name after `prefix`. Written into one string: intake builds these for every
+/// table of every batch (an allocation per column made them a tenth of its allocations).
 fn column_list<C: Iden>(columns: &[C], prefix: &str) -> String {
-    columns
-        .iter()
-        .map(|column| format!("{prefix}{}", quoted(column.unquoted())))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut list = String::with_capacity(columns.len() * (prefix.len() + 24));
+    for (n, column) in columns.iter().enumerate() {
+        if n > 0 {
+            list.push_str(", ");
+        }
+        list.push_str(prefix);
+        push_quoted(&mut list, column.unquoted());
+    }
+    list
 }
 
 /// The element type `one_of` casts its values to on PostgreSQL.
@@ -445,10 +493,14 @@ where
     if backend != DbBackend::Postgres {
         return column.is_in(values);
     }
-    let array: Vec<Json> = values
-        .into_iter()
-        .map(|value| json_of(value).unwrap_or(Json::Null))
-        .collect();
+    let array = match json_array(values.into_iter().map(Ok)) {
+        Ok(array) => array,
+        // A value of a type no caller passes: the condition then matches nothing, loudly.
+        Err(error) => {
+            tracing::error!(%error, "one_of: a value that cannot be written as JSON");
+            Value::String(Some("[]".to_owned()))
+        }
+    };
     let cast = match elements {
         Elements::BigInt => "bigint",
         Elements::Text => "text",
@@ -460,50 +512,116 @@ where
         quoted(column.unquoted())
     );
     Expr::cust_with_values(
-        format!("{name} = ANY(ARRAY(SELECT jsonb_array_elements_text($1)::{cast}))"),
-        [Value::Json(Some(Box::new(Json::Array(array))))],
+        format!("{name} = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::{cast}))"),
+        [array],
     )
+}
+
+/// `values` as the text of one JSON array ([`write_value`] each).
+fn json_array(values: impl Iterator<Item = Result<Value, DbErr>>) -> Result<Value, DbErr> {
+    let mut text = vec![b'['];
+    for (n, value) in values.enumerate() {
+        if n > 0 {
+            text.push(b',');
+        }
+        write_value(&mut text, &value?)?;
+    }
+    text.push(b']');
+    json_text(text)
+}
+
+/// The JSON text written by the functions above, as a text parameter (cast by the statement).
+fn json_text(text: Vec<u8>) -> Result<Value, DbErr> {
+    String::from_utf8(text)
+        .map(|text| Value::String(Some(text)))
+        .map_err(|error| DbErr::Custom(format!("bulk statement: JSON not UTF-8: {error}")))
 }
 
 /// A value as `jsonb_populate_recordset` reads it back into its column's type: timestamps as
 /// RFC 3339 with microseconds (what PostgreSQL keeps, truncated as sqlx's binary encoding does),
-/// UUIDs as text, JSON as itself.
-/// Takes the value: the row's copy of a KCI's body moves into the JSON, not copied again.
-fn json_of(value: Value) -> Result<Json, DbErr> {
-    Ok(match value {
-        Value::Bool(v) => v.map_or(Json::Null, Json::Bool),
-        Value::TinyInt(v) => v.map_or(Json::Null, Json::from),
-        Value::SmallInt(v) => v.map_or(Json::Null, Json::from),
-        Value::Int(v) => v.map_or(Json::Null, Json::from),
-        Value::BigInt(v) => v.map_or(Json::Null, Json::from),
-        Value::TinyUnsigned(v) => v.map_or(Json::Null, Json::from),
-        Value::SmallUnsigned(v) => v.map_or(Json::Null, Json::from),
-        Value::Unsigned(v) => v.map_or(Json::Null, Json::from),
-        Value::BigUnsigned(v) => v.map_or(Json::Null, Json::from),
-        Value::String(v) => v.map_or(Json::Null, Json::String),
-        Value::Json(v) => v.map_or(Json::Null, |json| *json),
-        Value::Uuid(v) => v.map_or(Json::Null, |uuid| Json::String(uuid.to_string())),
-        Value::ChronoDateTimeUtc(v) => v.map_or(Json::Null, |at| {
-            Json::String(at.to_rfc3339_opts(SecondsFormat::Micros, true))
-        }),
-        Value::ChronoDateTimeWithTimeZone(v) => v.map_or(Json::Null, |at| {
-            Json::String(at.to_rfc3339_opts(SecondsFormat::Micros, true))
-        }),
-        other => {
-            return Err(DbErr::Custom(format!(
-                "a value of a type the bulk statements do not carry: {other:?}"
-            )));
-        }
-    })
+/// UUIDs as text, JSON as itself, NULL for none.
+fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), DbErr> {
+    match value {
+        Value::Bool(v) => write_json(out, v),
+        Value::TinyInt(v) => write_json(out, v),
+        Value::SmallInt(v) => write_json(out, v),
+        Value::Int(v) => write_json(out, v),
+        Value::BigInt(v) => write_json(out, v),
+        Value::TinyUnsigned(v) => write_json(out, v),
+        Value::SmallUnsigned(v) => write_json(out, v),
+        Value::Unsigned(v) => write_json(out, v),
+        Value::BigUnsigned(v) => write_json(out, v),
+        Value::String(v) => write_json(out, v),
+        Value::Json(v) => write_json(out, v),
+        Value::Uuid(v) => write_json(out, v),
+        Value::ChronoDateTimeUtc(v) => write_json(
+            out,
+            &v.map(|at| at.to_rfc3339_opts(SecondsFormat::Micros, true)),
+        ),
+        Value::ChronoDateTimeWithTimeZone(v) => write_json(
+            out,
+            &v.map(|at| at.to_rfc3339_opts(SecondsFormat::Micros, true)),
+        ),
+        other => Err(DbErr::Custom(format!(
+            "a value of a type the bulk statements do not carry: {other:?}"
+        ))),
+    }
+}
+
+fn write_json(out: &mut Vec<u8>, value: &impl serde::Serialize) -> Result<(), DbErr> {
+    serde_json::to_writer(out, value)
+        .map_err(|error| DbErr::Custom(format!("bulk statement: a value as JSON: {error}")))
 }
 
 fn quoted(identifier: &str) -> String {
-    format!("\"{}\"", identifier.replace('"', "\"\""))
+    let mut text = String::with_capacity(identifier.len() + 2);
+    push_quoted(&mut text, identifier);
+    text
+}
+
+/// `identifier` as a quoted SQL identifier (`"` doubled inside), after `out`.
+fn push_quoted(out: &mut String, identifier: &str) {
+    out.reserve(identifier.len() + 2);
+    out.push('"');
+    if identifier.contains('"') {
+        out.push_str(&identifier.replace('"', "\"\""));
+    } else {
+        out.push_str(identifier);
+    }
+    out.push('"');
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value as Json;
+
+    /// A value as the bulk statements write it, read back.
+    fn json_of(value: Value) -> Result<Json, DbErr> {
+        let mut text = Vec::new();
+        write_value(&mut text, &value)?;
+        Ok(serde_json::from_slice(&text).expect("valid JSON"))
+    }
+
+    #[test]
+    fn rows_become_one_json_text_of_the_columns_the_first_row_sets() {
+        let rows = vec![kci_row(uuid::Uuid::nil()), kci_row(uuid::Uuid::max())];
+        let (columns, parameter) = as_json_rows(rows).unwrap();
+        let names: Vec<_> = columns.iter().map(|c| c.unquoted()).collect();
+        assert_eq!(names, ["kci_id", "tracked_entity_id"]);
+        let Value::String(Some(text)) = parameter else {
+            panic!("not a text parameter: {parameter:?}")
+        };
+        assert_eq!(
+            serde_json::from_str::<Json>(&text).unwrap(),
+            serde_json::json!([
+                {"kci_id": "00000000-0000-0000-0000-000000000000", "tracked_entity_id": 7},
+                {"kci_id": "ffffffff-ffff-ffff-ffff-ffffffffffff", "tracked_entity_id": 7},
+            ])
+        );
+        let unset_later = vec![kci_row(uuid::Uuid::nil()), Default::default()];
+        assert!(as_json_rows::<entity::kci::ActiveModel>(unset_later).is_err());
+    }
 
     #[test]
     fn timestamps_keep_microseconds_and_truncate_below() {
@@ -552,13 +670,15 @@ mod tests {
             )
             .unwrap();
         let sql = statement.parts.join("\n");
-        assert_eq!(statement.parameters.len(), 2);
+        // Each insert: its row count, then its rows.
+        assert_eq!(statement.parameters.len(), 4);
+        assert!(sql.contains("generate_series(1, $1)"), "{sql}");
         assert!(
-            sql.contains("jsonb_populate_recordset(NULL::\"kci\", $1)"),
+            sql.contains("jsonb_populate_recordset(NULL::\"kci\", $2::jsonb)"),
             "{sql}"
         );
         assert!(
-            sql.contains("jsonb_populate_recordset(NULL::\"outbox_event\", $2)"),
+            sql.contains("jsonb_populate_recordset(NULL::\"outbox_event\", $4::jsonb)"),
             "{sql}"
         );
         assert!(
