@@ -14,7 +14,7 @@ use super::{AppState, audit_record, read_limited};
 use crate::auth::gateway_challenge;
 use crate::error::ApiError;
 use crate::intake::{self, Delivery};
-use crate::kci::parse_kci_with;
+use crate::kci::parse_owned_kci;
 use crate::store::audit::{AuditOutcome, AuditRecord};
 use crate::trace_context::TraceContext;
 
@@ -113,7 +113,7 @@ async fn accept(
     .await?;
     let value: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::Malformed(vec![format!("The body is not valid JSON: {e}")]))?;
-    let kci = parse_kci_with(&value, &state.entity_type_aliases).map_err(|problems| {
+    let kci = parse_owned_kci(value, &state.entity_type_aliases).map_err(|problems| {
         ApiError::Invalid(problems.iter().map(ToString::to_string).collect())
     })?;
     audit.kci_id = Some(kci.id);

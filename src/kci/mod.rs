@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-pub use parse::{FieldProblem, parse_kci, parse_kci_with};
+pub use parse::{FieldProblem, parse_kci, parse_kci_with, parse_owned_kci};
 
 use crate::lifecycle::{self, Lifecycle};
 
