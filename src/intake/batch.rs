@@ -307,6 +307,15 @@ fn keys_or_ids_sql(keys_parameter: &str, ids_parameter: &str) -> String {
     )
 }
 
+/// PostgreSQL: the entities of [`keys_or_ids_sql`]'s keys and ids, locked in id order (so that
+/// concurrent batches queue rather than deadlock).
+fn locked_entities_sql(keys_parameter: &str, ids_parameter: &str) -> String {
+    format!(
+        r#"SELECT * FROM "tracked_entity" WHERE {} ORDER BY "id" FOR UPDATE"#,
+        keys_or_ids_sql(keys_parameter, ids_parameter)
+    )
+}
+
 /// The values of [`keys_or_ids_sql`]'s two parameters.
 fn keys_or_ids_values(keys: &[EntityKey], ids: &[i64]) -> [sea_orm::Value; 2] {
     let keys: Vec<Value> = keys
@@ -343,9 +352,9 @@ async fn insert_and_lock_entities(
     let (insert, rows_value) = bulk::insert_unless_present_sql(rows, &key_columns, 1)?;
     let sql = format!(
         r#"WITH inserted AS ({insert} RETURNING *),
-        locked AS (SELECT * FROM "tracked_entity" WHERE {condition} ORDER BY "id" FOR UPDATE)
+        locked AS ({locked})
         SELECT * FROM inserted UNION ALL SELECT * FROM locked"#,
-        condition = keys_or_ids_sql("$2", "$3"),
+        locked = locked_entities_sql("$2", "$3"),
     );
     let [keys_value, ids_value] = keys_or_ids_values(keys, &[]);
     for entity in tracked_entity::Model::find_by_statement(sea_orm::Statement::from_sql_and_values(
@@ -382,12 +391,8 @@ async fn lock_entities(
     if txn.get_database_backend() == DbBackend::Postgres {
         // One text, built once: sea-orm would build this select anew for every batch, a hundred
         // small allocations or so each time.
-        static LOCK_ENTITIES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            format!(
-                r#"SELECT * FROM "tracked_entity" WHERE {} ORDER BY "id" FOR UPDATE"#,
-                keys_or_ids_sql("$1", "$2")
-            )
-        });
+        static LOCK_ENTITIES: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| locked_entities_sql("$1", "$2"));
         for entity in
             tracked_entity::Model::find_by_statement(sea_orm::Statement::from_sql_and_values(
                 DbBackend::Postgres,
