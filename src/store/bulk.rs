@@ -198,9 +198,7 @@ where
     if rows.is_empty() {
         return Ok(());
     }
-    let id = <A::Entity as EntityTrait>::Column::iter()
-        .find(|column| column.unquoted() == "id")
-        .ok_or_else(|| DbErr::Custom("update_by_id: the table has no id column".to_owned()))?;
+    let id = id_column::<A>()?;
     if db.get_database_backend() != DbBackend::Postgres {
         // An upsert on the primary key updates them all.
         let columns = <A::Entity as EntityTrait>::Column::iter().filter(|c| c.unquoted() != "id");
@@ -225,11 +223,16 @@ where
     Ok(())
 }
 
+/// The table's `id` column, which [`update_by_id`] matches rows on.
+fn id_column<A: ActiveModelTrait>() -> Result<<A::Entity as EntityTrait>::Column, DbErr> {
+    <A::Entity as EntityTrait>::Column::iter()
+        .find(|column| column.unquoted() == "id")
+        .ok_or_else(|| DbErr::Custom("update_by_id: the table has no id column".to_owned()))
+}
+
 /// The `id`s of `rows`, as the JSON text [`update_by_id_sql`] looks them up by.
 fn ids_of_rows<A: ActiveModelTrait>(rows: &[A]) -> Result<Value, DbErr> {
-    let id = <A::Entity as EntityTrait>::Column::iter()
-        .find(|column| column.unquoted() == "id")
-        .ok_or_else(|| DbErr::Custom("update_by_id: the table has no id column".to_owned()))?;
+    let id = id_column::<A>()?;
     json_array(
         rows.iter().map(|row| row.get(id).into_value()).map(|id| {
             id.ok_or_else(|| DbErr::Custom("update_by_id: a row without its id".to_owned()))
