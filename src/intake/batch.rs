@@ -24,8 +24,8 @@ use entity::kci as kci_row;
 use entity::tracked_entity;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityName,
-    EntityTrait, ExprTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Set,
+    Condition, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityName, EntityTrait,
+    FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -272,24 +272,18 @@ pub(super) fn entities_by_key_or_id(
     keys: &[EntityKey],
     ids: &[i64],
 ) -> Condition {
-    if backend == DbBackend::Postgres {
-        return Condition::all().add(Expr::cust_with_values(
-            keys_or_ids_sql("$1", "$2"),
-            keys_or_ids_values(keys, ids),
-        ));
-    }
-    let mut wanted = Condition::any();
-    if !ids.is_empty() {
-        wanted = wanted.add(tracked_entity::Column::Id.is_in(ids.iter().copied()));
-    }
-    for (entity_type, gateway_id) in keys {
-        wanted = wanted.add(
-            Condition::all()
-                .add(tracked_entity::Column::EntityType.eq(entity_type.as_str()))
-                .add(tracked_entity::Column::GatewayId.eq(gateway_id.as_str())),
-        );
-    }
-    wanted
+    let sql = if backend == DbBackend::Postgres {
+        keys_or_ids_sql("$1", "$2")
+    } else {
+        // SQLite: the same question, one text as well (`store::bulk`); each key found through
+        // the unique index of (entity_type, gateway_id).
+        r#""tracked_entity"."id" IN (
+            SELECT e."id" FROM json_each(?) AS k JOIN "tracked_entity" AS e
+              ON e."entity_type" = k.value ->> 0 AND e."gateway_id" = k.value ->> 1
+            UNION ALL SELECT value FROM json_each(?))"#
+            .to_owned()
+    };
+    Condition::all().add(Expr::cust_with_values(sql, keys_or_ids_values(keys, ids)))
 }
 
 /// PostgreSQL: the condition of [`entities_by_key_or_id`], its keys and ids in the parameters
@@ -349,7 +343,8 @@ async fn insert_and_lock_entities(
         bulk::insert_unless_present(txn, rows, &key_columns).await?;
         return lock_entities(txn, keys, &[], loaded).await;
     }
-    let (insert, rows_value) = bulk::insert_unless_present_sql(rows, &key_columns, 1)?;
+    let (insert, rows_value) =
+        bulk::insert_unless_present_sql(DbBackend::Postgres, rows, &key_columns, 1)?;
     let sql = format!(
         r#"WITH inserted AS ({insert} RETURNING *),
         locked AS ({locked})
@@ -418,18 +413,6 @@ async fn lock_entities(
     Ok(())
 }
 
-async fn write(
-    txn: &DatabaseTransaction,
-    deliveries: &[&Delivery],
-    plan: plan::Plan,
-) -> Result<Vec<Recorded>, StoreError> {
-    if txn.get_database_backend() == DbBackend::Postgres {
-        write_in_one_statement(txn, deliveries, plan).await
-    } else {
-        write_statement_by_statement(txn, deliveries, plan).await
-    }
-}
-
 /// Each delivery's audit record, with what recording it did.
 fn audit_rows<'a>(
     deliveries: &'a [&Delivery],
@@ -443,22 +426,23 @@ fn audit_rows<'a>(
     })
 }
 
-/// PostgreSQL: every table in one statement, one round trip ([`bulk::Combined`]); the
-/// history and the outbox refer to the batch's new KCIs and audit records by their position.
-async fn write_in_one_statement(
+/// Every table in one round trip ([`bulk::Combined`]): the history and the outbox refer to the
+/// batch's new KCIs and audit records by their position.
+async fn write(
     txn: &DatabaseTransaction,
     deliveries: &[&Delivery],
     plan: plan::Plan,
 ) -> Result<Vec<Recorded>, StoreError> {
     use entity::{audit_log, outbox_event, state_transition};
+    let backend = txn.get_database_backend();
     let new_row = bulk::Combined::new_row;
-    let mut statement = bulk::Combined::default();
+    let mut statement = bulk::Combined::new(backend);
     statement.insert(plan.kcis, &[])?;
     statement.insert(audit_rows(deliveries, &plan.recorded).collect(), &[])?;
     if !plan.counters.is_empty() {
         statement.statement(
             vec![redelivery_counters(&plan.counters), Utc::now().into()],
-            |p| count_redeliveries_sql(&p[0], &p[1]),
+            |p| count_redeliveries_sql(backend, &p[0], &p[1]),
         );
     }
     statement.insert(
@@ -485,35 +469,6 @@ async fn write_in_one_statement(
         &[(outbox_event::Column::KciRef, kci_row::Entity.table_name())],
     )?;
     statement.execute(txn).await?;
-    Ok(plan.recorded)
-}
-
-/// SQLite: one statement per table, each new row's id read back for the rows that refer to it
-/// (statements cost next to nothing in-process).
-async fn write_statement_by_statement(
-    txn: &DatabaseTransaction,
-    deliveries: &[&Delivery],
-    plan: plan::Plan,
-) -> Result<Vec<Recorded>, StoreError> {
-    let kci_ids = bulk::insert(txn, plan.kcis, true).await?;
-    let audit_ids =
-        bulk::insert(txn, audit_rows(deliveries, &plan.recorded).collect(), true).await?;
-    count_redeliveries(txn, &plan.counters).await?;
-    bulk::insert(
-        txn,
-        history_rows(plan.transitions, |n| kci_ids[n], |d| audit_ids[d]),
-        false,
-    )
-    .await?;
-    bulk::update_by_id(
-        txn,
-        plan.entities
-            .into_iter()
-            .map(tracked_entity::ActiveModel::from)
-            .collect(),
-    )
-    .await?;
-    bulk::insert(txn, outbox_rows(plan.events, |n| kci_ids[n]), false).await?;
     Ok(plan.recorded)
 }
 
@@ -551,8 +506,8 @@ fn outbox_rows(
         .collect()
 }
 
-/// Redeliveries of KCIs recorded before the batch, on PostgreSQL: `[row id, redeliveries,
-/// anomalies]` each, one JSON array, for [`count_redeliveries_sql`].
+/// Redeliveries of KCIs recorded before the batch: `[row id, redeliveries, anomalies]` each, one
+/// JSON array, for [`count_redeliveries_sql`].
 fn redelivery_counters(counters: &[(i64, i32, i32)]) -> sea_orm::Value {
     let rows: Vec<Value> = counters
         .iter()
@@ -563,7 +518,16 @@ fn redelivery_counters(counters: &[(i64, i32, i32)]) -> sea_orm::Value {
 
 /// Adds the counters of `counters` (JSON, [`redelivery_counters`]) to their KCIs and sets the
 /// time of the last redelivery to `now`: one text whatever their number (`store::bulk`).
-fn count_redeliveries_sql(counters: &str, now: &str) -> String {
+fn count_redeliveries_sql(backend: DbBackend, counters: &str, now: &str) -> String {
+    if backend != DbBackend::Postgres {
+        // The counters first: on SQLite the placeholders are taken in their order of appearance.
+        return format!(
+            r#"WITH c AS (SELECT value FROM json_each({counters}))
+               UPDATE "kci" SET "redelivery_count" = "kci"."redelivery_count" + (c.value ->> 1),
+                "anomaly_count" = "kci"."anomaly_count" + (c.value ->> 2), "last_redelivered_at" = {now}
+               FROM c WHERE "kci"."id" = c.value ->> 0"#
+        );
+    }
     format!(
         r#"UPDATE "kci" SET "redelivery_count" = "kci"."redelivery_count" + (c->>1)::integer,
             "anomaly_count" = "kci"."anomaly_count" + (c->>2)::integer, "last_redelivered_at" = {now}
@@ -572,28 +536,107 @@ fn count_redeliveries_sql(counters: &str, now: &str) -> String {
     )
 }
 
-/// Redeliveries of KCIs recorded before the batch: their counters and the time of the last one.
-/// SQLite, where statements cost next to nothing to prepare: one per KCI (redeliveries are
-/// rare). PostgreSQL counts them in the batch's one statement ([`count_redeliveries_sql`]).
-async fn count_redeliveries(
-    txn: &DatabaseTransaction,
-    counters: &[(i64, i32, i32)],
-) -> Result<(), StoreError> {
-    let now = Utc::now();
-    for (id, redeliveries, anomalies) in counters {
-        kci_row::Entity::update_many()
-            .col_expr(
-                kci_row::Column::RedeliveryCount,
-                Expr::col(kci_row::Column::RedeliveryCount).add(*redeliveries),
-            )
-            .col_expr(
-                kci_row::Column::AnomalyCount,
-                Expr::col(kci_row::Column::AnomalyCount).add(*anomalies),
-            )
-            .col_expr(kci_row::Column::LastRedeliveredAt, Expr::value(now))
-            .filter(kci_row::Column::Id.eq(*id))
-            .exec(txn)
-            .await?;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration::MigratorTrait;
+    use sea_orm::{QueryTrait, Statement};
+
+    fn entity_row(n: usize) -> tracked_entity::ActiveModel {
+        let now = Utc::now();
+        tracked_entity::ActiveModel {
+            id: sea_orm::ActiveValue::NotSet,
+            entity_type: Set(["PROVIDE_ORDER", "SERVICE_TEST"][n % 2].to_owned()),
+            gateway_id: Set(format!("{}", 1000 + n / 2)),
+            supplier: Set("OPENSERVE".to_owned()),
+            supplier_reference: Set(None),
+            status: Set("ACKNOWLEDGED".to_owned()),
+            snapshot: Set(serde_json::json!({"n": n})),
+            last_sequence_number: Set(1),
+            last_kci_id: Set(Uuid::new_v4()),
+            last_update_type: Set("INFORMATION".to_owned()),
+            last_reason: Set("ACKNOWLEDGED".to_owned()),
+            conversation_id: Set(format!("conversation-{n}")),
+            correlation: Set(tracked_entity::Correlation::Unmatched),
+            conversation_ref: Set(None),
+            flag_illegal: Set(false),
+            flag_stale: Set(false),
+            flag_gap: Set(false),
+            flag_anomaly: Set(false),
+            flag_unknown_value: Set(false),
+            kci_count: Set(1),
+            missing_sequences: Set(None),
+            gap_open_since: Set(None),
+            reconcile_status: Set(None),
+            reconciled_at: Set(None),
+            reconcile_attempts: Set(0),
+            reconcile_next_at: Set(None),
+            first_seen_at: Set(now),
+            last_kci_at: Set(now),
+            updated_at: Set(now),
+        }
     }
-    Ok(())
+
+    /// SQLite's plan of `select`, one line per step.
+    async fn plan_of(db: &sea_orm::DatabaseConnection, select: Statement) -> Vec<String> {
+        let explain = Statement::from_sql_and_values(
+            DbBackend::Sqlite,
+            format!("EXPLAIN QUERY PLAN {}", select.sql),
+            select.values.map(|values| values.0).unwrap_or_default(),
+        );
+        db.query_all_raw(explain)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get::<String>("", "detail").unwrap())
+            .collect()
+    }
+
+    /// The entity lookup's one SQLite text (whatever the number of keys) finds the entities by
+    /// key and by id through indexes: a batch's lookup must not read the whole table.
+    #[tokio::test]
+    async fn on_sqlite_entities_are_found_by_key_and_id_through_indexes() {
+        let db = sea_orm::Database::connect("sqlite::memory:").await.unwrap();
+        migration::Migrator::up(&db, None).await.unwrap();
+        let ids = bulk::insert(&db, (0..400).map(entity_row).collect(), true)
+            .await
+            .unwrap();
+        db.execute_unprepared("ANALYZE").await.unwrap();
+        let keys: Vec<EntityKey> = vec![
+            ("PROVIDE_ORDER".to_owned(), "1000".to_owned()),
+            ("SERVICE_TEST".to_owned(), "1199".to_owned()),
+            ("SERVICE_TEST".to_owned(), "no such entity".to_owned()),
+        ];
+        let select = |keys: &[EntityKey], ids: &[i64]| {
+            tracked_entity::Entity::find()
+                .filter(entities_by_key_or_id(DbBackend::Sqlite, keys, ids))
+                .order_by_asc(tracked_entity::Column::Id)
+        };
+        let found: Vec<i64> = select(&keys, &ids[100..102])
+            .all(&db)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|entity| entity.id)
+            .collect();
+        assert_eq!(found, [ids[0], ids[100], ids[101], ids[399]]);
+        assert_eq!(
+            select(&keys[..1], &[]).build(DbBackend::Sqlite).sql,
+            select(&keys, &ids).build(DbBackend::Sqlite).sql,
+            "one text whatever the numbers of keys and ids"
+        );
+        let plan = plan_of(&db, select(&keys, &ids[100..102]).build(DbBackend::Sqlite)).await;
+        assert!(
+            plan.iter()
+                .any(|step| step.starts_with("SEARCH e")
+                    && step.contains("INDEX ux_tracked_entity_key")),
+            "{plan:?}"
+        );
+        assert!(
+            !plan
+                .iter()
+                .any(|step| step.starts_with("SCAN tracked_entity") || step.starts_with("SCAN e")),
+            "the table is read whole: {plan:?}"
+        );
+    }
 }

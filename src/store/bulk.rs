@@ -21,10 +21,20 @@
 //! appears once in its statement, so PostgreSQL parses it once (`::jsonb`).
 //!
 //! One text per table and question, prepared once per connection and planned generically.
-//! SQLite prepares statements in-process for next to nothing; it keeps sea-orm's statements.
+//!
+//! SQLite takes the same JSON parameter, read by its own JSON functions (3.45 or later, bundled):
+//! - rows: `INSERT ... SELECT row_.value ->> 'column', ... FROM jsonb_each(?) AS row_`, each
+//!   value written as sqlx would bind it (timestamps in sqlx's RFC 3339 text, JSON as its text,
+//!   UUIDs as hex that `unhex` turns into sqlx's 16-byte blob), so that what is stored is byte for
+//!   byte what sea-orm's own insert stores;
+//! - values: `column IN (SELECT value FROM json_each(?))`, answered through the column's index.
+//!
+//! Preparing is in-process there, but not free: with sea-orm's texts, one per row count, SQLite's
+//! parser was the largest part of intake's writes, and each connection's cache of compiled
+//! statements held a copy of every size (docs/benchmarks.md, "Eleventh round").
 
 use chrono::SecondsFormat;
-use sea_orm::sea_query::{Expr, SimpleExpr};
+use sea_orm::sea_query::{ColumnType, Expr, SimpleExpr};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DbBackend, DbErr, EntityName, EntityTrait,
     Iden, Iterable, PrimaryKeyTrait, Statement, Value,
@@ -47,35 +57,19 @@ where
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    if db.get_database_backend() != DbBackend::Postgres {
-        // SQLite: sea-orm's multi-row `INSERT ... VALUES`.
-        let insert = A::Entity::insert_many(rows);
-        if !returning_ids {
-            insert.exec_without_returning(db).await?;
-            return Ok(Vec::new());
-        }
-        let mut ids: Vec<i64> = insert
-            .exec_with_returning_keys(db)
-            .await?
-            .into_iter()
-            .map(Into::into)
-            .collect();
-        ids.sort_unstable();
-        return Ok(ids);
-    }
+    let backend = db.get_database_backend();
     let count = rows.len();
-    let (columns, parameter) = as_json_rows(rows)?;
-    let table = quoted(A::Entity::default().table_name());
-    let names = column_list(&columns, "");
+    let (columns, parameter) = as_json_rows(rows, backend)?;
     let returning = if returning_ids {
         " RETURNING \"id\""
     } else {
         ""
     };
     let statement = Statement::from_sql_and_values(
-        DbBackend::Postgres,
+        backend,
         format!(
-            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb){returning}"
+            "{}{returning}",
+            insert_sql::<A>(backend, &columns, &placeholder(backend, 1))
         ),
         [parameter],
     );
@@ -89,6 +83,69 @@ where
     }
     ids.sort_unstable();
     Ok(ids)
+}
+
+/// The placeholder of parameter number `n` in a statement of its own.
+fn placeholder(backend: DbBackend, n: usize) -> String {
+    match backend {
+        DbBackend::Postgres => format!("${n}"),
+        _ => format!("?{n}"),
+    }
+}
+
+/// `INSERT INTO table (columns) SELECT ...` of the rows in the JSON parameter `parameter` (its
+/// placeholder; [`as_json_rows`]), in the order of the rows.
+fn insert_sql<A: ActiveModelTrait>(
+    backend: DbBackend,
+    columns: &Columns<A>,
+    parameter: &str,
+) -> String {
+    let table = quoted(A::Entity::default().table_name());
+    let names = column_list(columns, "");
+    if backend == DbBackend::Postgres {
+        format!(
+            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, {parameter}::jsonb)"
+        )
+    } else {
+        sqlite_insert_sql(
+            &table,
+            &names,
+            &sqlite_row_values(columns, sqlite_row_value),
+            parameter,
+        )
+    }
+}
+
+/// SQLite: `INSERT INTO table (names) SELECT values` of the rows of `jsonb_each` (`row_`) over
+/// the JSON parameter `parameter` (its placeholder), in the order of the array.
+fn sqlite_insert_sql(table: &str, names: &str, values: &str, parameter: &str) -> String {
+    // `WHERE true`: an upsert clause may follow (SQLite's parser would take its `ON` for a
+    // join's).
+    format!(
+        "INSERT INTO {table} ({names}) SELECT {values} FROM jsonb_each({parameter}) AS row_ WHERE true ORDER BY row_.key"
+    )
+}
+
+/// SQLite: `value` of each column, separated by commas.
+fn sqlite_row_values<C: Copy>(columns: &[C], value: impl Fn(C) -> String) -> String {
+    let mut values = String::with_capacity(columns.len() * 40);
+    for (n, column) in columns.iter().enumerate() {
+        if n > 0 {
+            values.push_str(", ");
+        }
+        values.push_str(&value(*column));
+    }
+    values
+}
+
+/// SQLite: a column's value in a row of `jsonb_each` (`row_`), as sqlx would have bound it
+/// ([`write_value`] writes UUIDs as hex for `unhex`).
+fn sqlite_row_value<C: ColumnTrait>(column: C) -> String {
+    let value = format!("row_.value ->> '{}'", column.unquoted().replace('\'', "''"));
+    match column.def().get_column_type() {
+        ColumnType::Uuid => format!("unhex({value})"),
+        _ => value,
+    }
 }
 
 /// The rows `rows` inserted in one statement, and read back as stored (defaults applied, JSON
@@ -106,30 +163,25 @@ where
     if rows.is_empty() {
         return Ok(Vec::new());
     }
-    let mut stored = if db.get_database_backend() != DbBackend::Postgres {
-        A::Entity::insert_many(rows).exec_with_returning(db).await?
-    } else {
-        let count = rows.len();
-        let (columns, parameter) = as_json_rows(rows)?;
-        let table = quoted(A::Entity::default().table_name());
-        let names = column_list(&columns, "");
-        let statement = Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!(
-                "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, $1::jsonb) RETURNING *"
-            ),
-            [parameter],
+    let backend = db.get_database_backend();
+    let count = rows.len();
+    let (columns, parameter) = as_json_rows(rows, backend)?;
+    let statement = Statement::from_sql_and_values(
+        backend,
+        format!(
+            "{} RETURNING *",
+            insert_sql::<A>(backend, &columns, &placeholder(backend, 1))
+        ),
+        [parameter],
+    );
+    let mut stored = Vec::with_capacity(count);
+    for row in db.query_all_raw(statement).await? {
+        stored.push(
+            <<A::Entity as EntityTrait>::Model as sea_orm::FromQueryResult>::from_query_result(
+                &row, "",
+            )?,
         );
-        let mut stored = Vec::with_capacity(count);
-        for row in db.query_all_raw(statement).await? {
-            stored.push(
-                <<A::Entity as EntityTrait>::Model as sea_orm::FromQueryResult>::from_query_result(
-                    &row, "",
-                )?,
-            );
-        }
-        stored
-    };
+    }
     stored.sort_by_key(|model| id_of(model));
     Ok(stored)
 }
@@ -148,26 +200,18 @@ where
     if rows.is_empty() {
         return Ok(());
     }
-    if db.get_database_backend() != DbBackend::Postgres {
-        A::Entity::insert_many(rows)
-            .on_conflict_do_nothing_on(conflict_columns.iter().copied())
-            .exec_without_returning(db)
-            .await?;
-        return Ok(());
-    }
-    let (sql, parameter) = insert_unless_present_sql(rows, conflict_columns, 1)?;
-    db.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        sql,
-        [parameter],
-    ))
-    .await?;
+    let backend = db.get_database_backend();
+    let (sql, parameter) = insert_unless_present_sql(backend, rows, conflict_columns, 1)?;
+    db.execute_raw(Statement::from_sql_and_values(backend, sql, [parameter]))
+        .await?;
     Ok(())
 }
 
-/// PostgreSQL: [`insert_unless_present`]'s statement, its rows in parameter `$parameter`, and
-/// that parameter's value: to be part of a larger statement (with `RETURNING`, a `WITH`).
+/// [`insert_unless_present`]'s statement, its rows in parameter number `parameter`, and that
+/// parameter's value: on PostgreSQL, to be part of a larger statement (with `RETURNING`, a
+/// `WITH`).
 pub fn insert_unless_present_sql<A>(
+    backend: DbBackend,
     rows: Vec<A>,
     conflict_columns: &[<A::Entity as EntityTrait>::Column],
     parameter: usize,
@@ -175,14 +219,12 @@ pub fn insert_unless_present_sql<A>(
 where
     A: ActiveModelTrait,
 {
-    let (columns, value) = as_json_rows(rows)?;
-    let table = quoted(A::Entity::default().table_name());
-    let names = column_list(&columns, "");
+    let (columns, value) = as_json_rows(rows, backend)?;
     let key = column_list(conflict_columns, "");
     Ok((
         format!(
-            "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, ${parameter}::jsonb) \
-             ON CONFLICT ({key}) DO NOTHING"
+            "{} ON CONFLICT ({key}) DO NOTHING",
+            insert_sql::<A>(backend, &columns, &placeholder(backend, parameter))
         ),
         value,
     ))
@@ -198,22 +240,19 @@ where
     if rows.is_empty() {
         return Ok(());
     }
-    let id = id_column::<A>()?;
-    if db.get_database_backend() != DbBackend::Postgres {
-        // An upsert on the primary key updates them all.
-        let columns = <A::Entity as EntityTrait>::Column::iter().filter(|c| c.unquoted() != "id");
-        A::Entity::insert_many(rows)
-            .on_conflict(
-                sea_orm::sea_query::OnConflict::column(id)
-                    .update_columns(columns)
-                    .to_owned(),
-            )
-            .exec_without_returning(db)
-            .await?;
+    let backend = db.get_database_backend();
+    if backend != DbBackend::Postgres {
+        let (columns, parameter) = as_json_rows(rows, backend)?;
+        db.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sqlite_upsert_by_id_sql::<A>(&columns, "?1")?,
+            [parameter],
+        ))
+        .await?;
         return Ok(());
     }
     let ids = ids_of_rows(&rows)?;
-    let (columns, parameter) = as_json_rows(rows)?;
+    let (columns, parameter) = as_json_rows(rows, backend)?;
     db.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
         update_by_id_sql::<A>(&columns, "$1", "$2"),
@@ -221,6 +260,29 @@ where
     ))
     .await?;
     Ok(())
+}
+
+/// SQLite: [`update_by_id`]'s statement, the rows in JSON parameter number `parameter`: an
+/// upsert on the primary key, which updates them all.
+fn sqlite_upsert_by_id_sql<A: ActiveModelTrait>(
+    columns: &Columns<A>,
+    parameter: &str,
+) -> Result<String, DbErr> {
+    let id = id_column::<A>()?;
+    let mut sql = insert_sql::<A>(DbBackend::Sqlite, columns, parameter);
+    sql.push_str(" ON CONFLICT (");
+    push_quoted(&mut sql, id.unquoted());
+    sql.push_str(") DO UPDATE SET ");
+    let changed = columns.iter().filter(|c| c.unquoted() != id.unquoted());
+    for (n, column) in changed.enumerate() {
+        if n > 0 {
+            sql.push_str(", ");
+        }
+        push_quoted(&mut sql, column.unquoted());
+        sql.push_str(" = excluded.");
+        push_quoted(&mut sql, column.unquoted());
+    }
+    Ok(sql)
 }
 
 /// The table's `id` column, which [`update_by_id`] matches rows on.
@@ -237,6 +299,7 @@ fn ids_of_rows<A: ActiveModelTrait>(rows: &[A]) -> Result<Value, DbErr> {
         rows.iter().map(|row| row.get(id).into_value()).map(|id| {
             id.ok_or_else(|| DbErr::Custom("update_by_id: a row without its id".to_owned()))
         }),
+        DbBackend::Postgres,
     )
 }
 
@@ -267,26 +330,40 @@ fn update_by_id_sql<A: ActiveModelTrait>(
     )
 }
 
-/// PostgreSQL: several writes to several tables as one statement, one round trip, each write a
-/// data-modifying part of its `WITH` (intake's batch: six statements became one; see
-/// docs/benchmarks.md, "Sixth round").
+/// Several writes to several tables sent as one, one round trip (intake's batch: six statements
+/// became one; see docs/benchmarks.md, "Sixth round" and "Eleventh round"). A row can refer to a
+/// row inserted by an earlier part through [`Combined::new_row`] instead of waiting for its id to
+/// come back. Each table may be inserted into once; parts without rows are left out.
 ///
-/// Rows inserted here get their ids before the statement writes them: each table's ids are
-/// drawn from its own sequence, in the order of its rows, into an array computed once. So the
-/// ids follow the order of the rows by construction (the order of a history, and of an entity's
-/// outbox events, is the order of their ids), and a row can refer to a row inserted by an
-/// earlier part of the same statement through [`Combined::new_row`] instead of waiting for its
-/// id to come back. Foreign keys are checked at the end of the statement, when every part has
-/// written. Each table may be inserted into once per statement; parts without rows are left out.
-#[derive(Default)]
+/// - PostgreSQL: one statement, each write a data-modifying part of its `WITH`. Rows inserted
+///   get their ids before the statement writes them: each table's ids are drawn from its own
+///   sequence, in the order of its rows, into an array computed once. So the ids follow the order
+///   of the rows by construction (the order of a history, and of an entity's outbox events, is
+///   the order of their ids). Foreign keys are checked at the end of the statement, when every
+///   part has written.
+/// - SQLite: one text of several statements, run by the connection's worker in one go (each
+///   statement a turn of its thread otherwise). The transaction holds SQLite's one write lock,
+///   so a table's new rows are its newest, numbered in the order of their rows from one past the
+///   largest id before them: the `n`th of `count` is the table's largest id, less `count`, plus
+///   `n` + 1, read by the parts that refer to it after it was written.
 pub struct Combined {
+    backend: DbBackend,
     parts: Vec<String>,
     parameters: Vec<Value>,
-    /// Tables inserted into so far: what a later part may refer to.
-    inserted: Vec<String>,
+    /// Tables inserted into so far, and how many rows: what a later part may refer to.
+    inserted: Vec<(String, usize)>,
 }
 
 impl Combined {
+    pub fn new(backend: DbBackend) -> Combined {
+        Combined {
+            backend,
+            parts: Vec::new(),
+            parameters: Vec::new(),
+            inserted: Vec::new(),
+        }
+    }
+
     /// The value that stands, in a reference column listed in [`Combined::insert`]'s
     /// `references`, for the `n`th row (from 0) of the table inserted earlier in this statement.
     /// Negative: no row of ours has a negative id.
@@ -294,15 +371,22 @@ impl Combined {
         -i64::try_from(n).unwrap_or(i64::MAX - 1) - 1
     }
 
+    /// The placeholder of a new parameter. On SQLite a plain `?`, taken in order: the driver
+    /// binds a text of several statements one statement after the other, and a numbered `?N`
+    /// would make it bind the numbers below N that the statement does not use too, running out
+    /// of values before the statements after it (their parameters were then NULL: no rows).
+    /// Each part uses its parameters once, in the order they were added.
     fn parameter(&mut self, value: Value) -> String {
         self.parameters.push(value);
-        format!("${}", self.parameters.len())
+        match self.backend {
+            DbBackend::Postgres => format!("${}", self.parameters.len()),
+            _ => "?".to_owned(),
+        }
     }
 
-    /// Inserts `rows`, with ids drawn from the table's sequence in their order. In each column of
-    /// `references`, a value made by [`Combined::new_row`] becomes the id of that row of the
-    /// table named beside it, which an earlier part of this statement inserts; other values
-    /// stay as they are.
+    /// Inserts `rows`, with ids in their order. In each column of `references`, a value made by
+    /// [`Combined::new_row`] becomes the id of that row of the table named beside it, which an
+    /// earlier part of this statement inserts; other values stay as they are.
     pub fn insert<A>(
         &mut self,
         rows: Vec<A>,
@@ -315,13 +399,42 @@ impl Combined {
             return Ok(());
         }
         let table_name = A::Entity::default().table_name().to_owned();
-        if self.inserted.contains(&table_name) {
+        if self.inserted.iter().any(|(t, _)| *t == table_name) {
             return Err(DbErr::Custom(format!(
                 "combined statement: {table_name} inserted into twice"
             )));
         }
-        let count = self.parameter(Value::BigInt(Some(rows.len() as i64)));
-        let (columns, parameter) = as_json_rows(rows)?;
+        let row_count = rows.len();
+        if self.backend != DbBackend::Postgres {
+            let (columns, parameter) = as_json_rows(rows, self.backend)?;
+            let parameter = self.parameter(parameter);
+            let values = sqlite_row_values(&columns, |column| {
+                let value = sqlite_row_value(column);
+                let target = references
+                    .iter()
+                    .find(|(c, _)| c.unquoted() == column.unquoted())
+                    .and_then(|(_, target)| Some((*target, self.rows_inserted_into(target)?)));
+                match target {
+                    // The nth new row of `count`: see the type's documentation.
+                    Some((target, count)) => format!(
+                        "CASE WHEN {value} < 0 THEN (SELECT max(\"id\") FROM {}) - {count} - ({value}) ELSE {value} END",
+                        quoted(target)
+                    ),
+                    // No new rows of the target here: every value is an existing row's id.
+                    None => value,
+                }
+            });
+            self.parts.push(sqlite_insert_sql(
+                &quoted(&table_name),
+                &column_list(&columns, ""),
+                &values,
+                &parameter,
+            ));
+            self.inserted.push((table_name, row_count));
+            return Ok(());
+        }
+        let count = self.parameter(Value::BigInt(Some(row_count as i64)));
+        let (columns, parameter) = as_json_rows(rows, DbBackend::Postgres)?;
         let parameter = self.parameter(parameter);
         let table = quoted(&table_name);
         let columns: Vec<_> = columns
@@ -341,7 +454,7 @@ impl Combined {
                 .iter()
                 .find(|(c, _)| c.unquoted() == column.unquoted())
                 .map(|(_, target)| *target)
-                .filter(|target| self.inserted.iter().any(|t| t == target));
+                .filter(|target| self.rows_inserted_into(target).is_some());
             match target {
                 Some(target) => values.push_str(&format!(
                     "CASE WHEN {value} < 0 THEN (SELECT ids[(-{value})::int] FROM {}) ELSE {value} END",
@@ -365,8 +478,16 @@ impl Combined {
             ids_of(&table_name),
             values,
         ));
-        self.inserted.push(table_name);
+        self.inserted.push((table_name, row_count));
         Ok(())
+    }
+
+    /// How many rows an earlier part of this statement inserts into `table`, if it does.
+    fn rows_inserted_into(&self, table: &str) -> Option<usize> {
+        self.inserted
+            .iter()
+            .find(|(t, _)| t == table)
+            .map(|(_, count)| *count)
     }
 
     /// Existing rows replaced by `rows`, as [`update_by_id`].
@@ -377,9 +498,16 @@ impl Combined {
         if rows.is_empty() {
             return Ok(());
         }
+        if self.backend != DbBackend::Postgres {
+            let (columns, parameter) = as_json_rows(rows, self.backend)?;
+            let parameter = self.parameter(parameter);
+            self.parts
+                .push(sqlite_upsert_by_id_sql::<A>(&columns, &parameter)?);
+            return Ok(());
+        }
         let ids = ids_of_rows(&rows)?;
         let ids = self.parameter(ids);
-        let (columns, parameter) = as_json_rows(rows)?;
+        let (columns, parameter) = as_json_rows(rows, DbBackend::Postgres)?;
         let parameter = self.parameter(parameter);
         let name = quoted(&format!(
             "update_{}_{}",
@@ -394,25 +522,34 @@ impl Combined {
     }
 
     /// A data-modifying statement of the caller's: `sql` is given the placeholders of
-    /// `parameters`, in their order.
+    /// `parameters`, in their order (on SQLite each to be used once, in that order:
+    /// [`Combined::parameter`]).
     pub fn statement(&mut self, parameters: Vec<Value>, sql: impl FnOnce(&[String]) -> String) {
         let placeholders: Vec<String> = parameters
             .into_iter()
             .map(|value| self.parameter(value))
             .collect();
+        let sql = sql(&placeholders);
+        if self.backend != DbBackend::Postgres {
+            self.parts.push(sql);
+            return;
+        }
         let name = format!("\"statement_{}\"", self.parts.len());
-        self.parts
-            .push(format!("{name} AS ({})", sql(&placeholders)));
+        self.parts.push(format!("{name} AS ({sql})"));
     }
 
-    /// Runs every part, in one statement (nothing when there is none).
+    /// Runs every part, in one round trip (nothing when there is none).
     pub async fn execute(self, db: &impl ConnectionTrait) -> Result<(), DbErr> {
         if self.parts.is_empty() {
             return Ok(());
         }
+        let sql = match self.backend {
+            DbBackend::Postgres => format!("WITH {} SELECT 1", self.parts.join(",\n")),
+            _ => self.parts.join(";\n"),
+        };
         db.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            format!("WITH {} SELECT 1", self.parts.join(",\n")),
+            self.backend,
+            sql,
             self.parameters,
         ))
         .await?;
@@ -427,8 +564,11 @@ fn ids_of(table: &str) -> String {
 
 /// The columns the first row sets, and every row as a JSON object keyed by those columns' names,
 /// all in one JSON array, as text: the single parameter of the statements above. The values are
-/// taken out of the rows and written as they are (see the module documentation).
-fn as_json_rows<A: ActiveModelTrait>(rows: Vec<A>) -> Result<(Columns<A>, Value), DbErr> {
+/// taken out of the rows and written as `backend` reads them back ([`write_value`]).
+fn as_json_rows<A: ActiveModelTrait>(
+    rows: Vec<A>,
+    backend: DbBackend,
+) -> Result<(Columns<A>, Value), DbErr> {
     let columns: Columns<A> = <A::Entity as EntityTrait>::Column::iter()
         .filter(|column| rows.first().is_some_and(|row| !row.is_not_set(*column)))
         .collect();
@@ -452,7 +592,7 @@ fn as_json_rows<A: ActiveModelTrait>(rows: Vec<A>) -> Result<(Columns<A>, Value)
             }
             write_json(&mut text, &column.unquoted())?;
             text.push(b':');
-            write_value(&mut text, &value)?;
+            write_value(&mut text, &value, backend)?;
         }
         text.push(b'}');
     }
@@ -484,19 +624,15 @@ pub enum Elements {
     Uuid,
 }
 
-/// `column IN (values)`, written on PostgreSQL as one fixed text whatever the number of values
-/// (see the module documentation). `column` is the column's name as the query refers to it.
+/// `column IN (values)`, written as one fixed text whatever the number of values (see the module
+/// documentation).
 pub fn one_of<C, V>(backend: DbBackend, column: C, elements: Elements, values: V) -> SimpleExpr
 where
     C: ColumnTrait,
     V: IntoIterator,
     V::Item: Into<Value>,
 {
-    let values: Vec<Value> = values.into_iter().map(Into::into).collect();
-    if backend != DbBackend::Postgres {
-        return column.is_in(values);
-    }
-    let array = match json_array(values.into_iter().map(Ok)) {
+    let array = match json_array(values.into_iter().map(Into::into).map(Ok), backend) {
         Ok(array) => array,
         // A value of a type no caller passes: the condition then matches nothing, loudly.
         Err(error) => {
@@ -504,16 +640,26 @@ where
             Value::String(Some("[]".to_owned()))
         }
     };
-    let cast = match elements {
-        Elements::BigInt => "bigint",
-        Elements::Text => "text",
-        Elements::Uuid => "uuid",
-    };
     let name = format!(
         "{}.{}",
         quoted(C::EntityName::default().table_name()),
         quoted(column.unquoted())
     );
+    if backend != DbBackend::Postgres {
+        let element = match elements {
+            Elements::Uuid => "unhex(value)",
+            Elements::BigInt | Elements::Text => "value",
+        };
+        return Expr::cust_with_values(
+            format!("{name} IN (SELECT {element} FROM json_each(?))"),
+            [array],
+        );
+    }
+    let cast = match elements {
+        Elements::BigInt => "bigint",
+        Elements::Text => "text",
+        Elements::Uuid => "uuid",
+    };
     Expr::cust_with_values(
         format!("{name} = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::{cast}))"),
         [array],
@@ -521,13 +667,16 @@ where
 }
 
 /// `values` as the text of one JSON array ([`write_value`] each).
-fn json_array(values: impl Iterator<Item = Result<Value, DbErr>>) -> Result<Value, DbErr> {
+fn json_array(
+    values: impl Iterator<Item = Result<Value, DbErr>>,
+    backend: DbBackend,
+) -> Result<Value, DbErr> {
     let mut text = vec![b'['];
     for (n, value) in values.enumerate() {
         if n > 0 {
             text.push(b',');
         }
-        write_value(&mut text, &value?)?;
+        write_value(&mut text, &value?, backend)?;
     }
     text.push(b']');
     json_text(text)
@@ -540,10 +689,51 @@ fn json_text(text: Vec<u8>) -> Result<Value, DbErr> {
         .map_err(|error| DbErr::Custom(format!("bulk statement: JSON not UTF-8: {error}")))
 }
 
-/// A value as `jsonb_populate_recordset` reads it back into its column's type: timestamps as
-/// RFC 3339 with microseconds (what PostgreSQL keeps, truncated as sqlx's binary encoding does),
-/// UUIDs as text, JSON as itself, NULL for none.
-fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), DbErr> {
+/// A value as the statements above read it back into its column:
+/// - PostgreSQL (`jsonb_populate_recordset`, casts): timestamps as RFC 3339 with microseconds
+///   (what PostgreSQL keeps, truncated as sqlx's binary encoding does), UUIDs as text, JSON as
+///   itself;
+/// - SQLite (`->>`, which gives a JSON string as text, a number as a number, `true` as 1): what
+///   sqlx binds, so that the same bytes are stored: timestamps as sqlx's text
+///   (`to_rfc3339_opts(AutoSi, false)`), JSON as the text of the document, UUIDs as 32 hex
+///   digits for `unhex` (sqlx binds the 16 bytes).
+///
+/// NULL for none.
+fn write_value(out: &mut Vec<u8>, value: &Value, backend: DbBackend) -> Result<(), DbErr> {
+    if backend != DbBackend::Postgres {
+        match value {
+            Value::Uuid(v) => {
+                let mut hex = [0u8; 32];
+                return write_json(
+                    out,
+                    &v.as_ref().map(|id| &*id.simple().encode_lower(&mut hex)),
+                );
+            }
+            Value::ChronoDateTimeUtc(v) => {
+                return write_json(
+                    out,
+                    &v.map(|at| at.to_rfc3339_opts(SecondsFormat::AutoSi, false)),
+                );
+            }
+            Value::ChronoDateTimeWithTimeZone(v) => {
+                return write_json(
+                    out,
+                    &v.map(|at| at.to_rfc3339_opts(SecondsFormat::AutoSi, false)),
+                );
+            }
+            Value::Json(v) => {
+                let text = v
+                    .as_deref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|error| {
+                        DbErr::Custom(format!("bulk statement: a JSON value as text: {error}"))
+                    })?;
+                return write_json(out, &text);
+            }
+            _ => {}
+        }
+    }
     match value {
         Value::Bool(v) => write_json(out, v),
         Value::TinyInt(v) => write_json(out, v),
@@ -602,14 +792,14 @@ mod tests {
     /// A value as the bulk statements write it, read back.
     fn json_of(value: Value) -> Result<Json, DbErr> {
         let mut text = Vec::new();
-        write_value(&mut text, &value)?;
+        write_value(&mut text, &value, DbBackend::Postgres)?;
         Ok(serde_json::from_slice(&text).expect("valid JSON"))
     }
 
     #[test]
     fn rows_become_one_json_text_of_the_columns_the_first_row_sets() {
         let rows = vec![kci_row(uuid::Uuid::nil()), kci_row(uuid::Uuid::max())];
-        let (columns, parameter) = as_json_rows(rows).unwrap();
+        let (columns, parameter) = as_json_rows(rows, DbBackend::Postgres).unwrap();
         let names: Vec<_> = columns.iter().map(|c| c.unquoted()).collect();
         assert_eq!(names, ["kci_id", "tracked_entity_id"]);
         let Value::String(Some(text)) = parameter else {
@@ -623,7 +813,9 @@ mod tests {
             ])
         );
         let unset_later = vec![kci_row(uuid::Uuid::nil()), Default::default()];
-        assert!(as_json_rows::<entity::kci::ActiveModel>(unset_later).is_err());
+        assert!(
+            as_json_rows::<entity::kci::ActiveModel>(unset_later, DbBackend::Postgres).is_err()
+        );
     }
 
     #[test]
@@ -662,7 +854,7 @@ mod tests {
 
     #[test]
     fn a_combined_statement_numbers_its_parameters_in_order_and_resolves_references_to_new_rows() {
-        let mut statement = Combined::default();
+        let mut statement = Combined::new(DbBackend::Postgres);
         statement
             .insert(vec![kci_row(uuid::Uuid::nil())], &[])
             .unwrap();
@@ -695,7 +887,7 @@ mod tests {
     #[test]
     fn a_combined_statement_refuses_a_table_twice_and_leaves_references_to_tables_it_does_not_insert()
      {
-        let mut statement = Combined::default();
+        let mut statement = Combined::new(DbBackend::Postgres);
         statement
             .insert(
                 vec![event_row(41)],
