@@ -283,6 +283,10 @@ pub struct DatabaseSettings {
     /// SQLite only: each connection's page cache, in KiB (`PRAGMA cache_size`). The process holds
     /// up to `max_connections` of them.
     pub sqlite_cache_kib: u32,
+    /// SQLite only: how often a task checkpoints the write-ahead log beside the writer
+    /// ([`crate::store::checkpoints`]). 0: no task; the writer checkpoints in its own commits
+    /// once the log holds 10,000 pages.
+    pub sqlite_checkpoint_interval_ms: u64,
     /// PostgreSQL: `statement_timeout` of every connection (a statement that runs longer is
     /// cancelled by the server). 0: none.
     pub statement_timeout_ms: u64,

@@ -123,6 +123,11 @@ impl Application {
             Duration::from_secs(settings.database.analyze_interval_seconds),
             shutdown.child_token(),
         );
+        crate::store::checkpoints::start(
+            db.clone(),
+            Duration::from_millis(settings.database.sqlite_checkpoint_interval_ms),
+            shutdown.child_token(),
+        );
         crate::store::retention::start(
             db.clone(),
             settings.retention.clone(),
@@ -269,6 +274,11 @@ impl Application {
 pub async fn run_relay(settings: Settings) -> anyhow::Result<()> {
     let db = open_database(&settings).await?;
     let shutdown = CancellationToken::new();
+    crate::store::checkpoints::start(
+        db.clone(),
+        Duration::from_millis(settings.database.sqlite_checkpoint_interval_ms),
+        shutdown.child_token(),
+    );
     let health = RelayHealth::default();
     let relay = Relay::new(
         db.clone(),

@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod bulk;
+pub mod checkpoints;
 pub mod retention;
 pub mod statistics;
 pub mod text;

@@ -17,6 +17,14 @@ use super::StoreError;
 #[derive(Clone, Debug)]
 pub struct Database {
     connection: DatabaseConnection,
+    /// SQLite: the one connection every write transaction of [`Database::begin_write`] runs on
+    /// (a pool of one, opened on first use with the pool's own options). SQLite empties a
+    /// connection's whole page cache when it finds that another connection wrote since its last
+    /// transaction, so writes taking turns over the pool's connections each began cold: every
+    /// B-tree page of every index they touched read again through `pread`, every statement
+    /// prepared again in that connection's cache. On one connection, what a write touched last
+    /// time is still in its cache (docs/benchmarks.md, "Eleventh round").
+    sqlite_writer: Option<DatabaseConnection>,
     writer_turns: Arc<WriterTurns>,
     writes: WriteStats,
 }
@@ -82,8 +90,31 @@ impl WriteStats {
 
 impl Database {
     pub fn new(connection: DatabaseConnection) -> Database {
+        let sqlite_writer =
+            (connection.get_database_backend() == sea_orm::DbBackend::Sqlite).then(|| {
+                let pool = connection.get_sqlite_connection_pool();
+                let writer = pool
+                    .options()
+                    .clone()
+                    .max_connections(1)
+                    .min_connections(0)
+                    .connect_lazy_with(
+                        (*pool.connect_options())
+                            .clone()
+                            // Every statement of every writer runs here, each one text whatever
+                            // the number of rows (`store::bulk`): room for all of them.
+                            .statement_cache_capacity(64)
+                            // Its checkpoints are left to `store::checkpoints`.
+                            .pragma(
+                                "wal_autocheckpoint",
+                                super::checkpoints::WRITER_AUTOCHECKPOINT_PAGES.to_string(),
+                            ),
+                    );
+                sea_orm::SqlxSqliteConnector::from_sqlx_sqlite_pool(writer)
+            });
         Database {
             connection,
+            sqlite_writer,
             writer_turns: Arc::new(WriterTurns::default()),
             writes: WriteStats::new(),
         }
@@ -108,7 +139,9 @@ impl Database {
             _ => None,
         };
         let txn = self
-            .connection
+            .sqlite_writer
+            .as_ref()
+            .unwrap_or(&self.connection)
             .begin_with_options(TransactionOptions {
                 sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
                 ..Default::default()

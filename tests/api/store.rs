@@ -204,3 +204,84 @@ async fn add_conversations_then_analyze(
     }
     Vec::new()
 }
+
+/// The size of the SQLite database's write-ahead log file, in pages of 4 KiB. SQLite reuses the
+/// file from its start once a checkpoint copied all of it, so the file only grows while nobody
+/// checkpoints.
+fn wal_pages(database: &TestDatabase) -> u64 {
+    let path = database
+        .url
+        .trim_start_matches("sqlite://")
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    std::fs::metadata(format!("{path}-wal"))
+        .map(|m| m.len() / 4096)
+        .unwrap_or(0)
+}
+
+/// Twenty write transactions of about 100 pages each, through the writer.
+async fn write_pages(db: &kci_receiver::store::Database) {
+    for _ in 0..20 {
+        let txn = db
+            .begin_write(kci_receiver::store::Writer::Retention)
+            .await
+            .unwrap();
+        txn.execute_unprepared(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100) \
+             INSERT INTO scratch (b) SELECT randomblob(3900) FROM n",
+        )
+        .await
+        .unwrap();
+        txn.commit().await.unwrap();
+    }
+}
+
+/// SQLite's automatic checkpoint ran inside the commits of intake's writer, in its turn at the
+/// one writer (`store::checkpoints`): the writer now leaves them to a task of their own, beside
+/// it, and only checkpoints itself as a backstop once the log holds 10,000 pages.
+#[tokio::test]
+async fn on_sqlite_the_log_is_checkpointed_beside_the_writer_not_in_its_commits() {
+    use kci_receiver::store::checkpoints;
+
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let settings = test_settings(&database.url);
+    let db = kci_receiver::store::Database::new(
+        kci_receiver::store::connect(&settings.database)
+            .await
+            .unwrap(),
+    );
+    db.execute_unprepared("CREATE TABLE scratch (b BLOB)")
+        .await
+        .unwrap();
+    // SQLite's default would checkpoint at 1,000 pages and start the log over there.
+    write_pages(&db).await;
+    let grown = wal_pages(&database);
+    assert!(
+        grown > 1_800,
+        "the writer checkpointed in its commits: {grown} pages"
+    );
+    let checkpoint = checkpoints::checkpoint_once(&db).await.unwrap().unwrap();
+    assert!(checkpoint.log_frames > 1_800, "{checkpoint:?}");
+    assert_eq!(checkpoint.checkpointed_frames, checkpoint.log_frames);
+
+    // With the task running, the log is copied as it is written; the writer starts it over at
+    // its first transaction after everything was copied (here after a pause of the writes), so
+    // the file stops growing. Without the task it would grow by the same again.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    checkpoints::start(
+        db.clone(),
+        std::time::Duration::from_millis(10),
+        shutdown.clone(),
+    );
+    write_pages(&db).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    write_pages(&db).await;
+    shutdown.cancel();
+    let after = wal_pages(&database);
+    assert!(
+        after < grown + 200,
+        "the log kept growing: {grown} pages, then {after}"
+    );
+}
