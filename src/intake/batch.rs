@@ -24,8 +24,8 @@ use entity::kci as kci_row;
 use entity::tracked_entity;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    Condition, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityName, EntityTrait,
-    FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Set,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, DbErr, EntityName,
+    EntityTrait, ExprTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 use serde_json::Value;
 use uuid::Uuid;
@@ -413,6 +413,18 @@ async fn lock_entities(
     Ok(())
 }
 
+async fn write(
+    txn: &DatabaseTransaction,
+    deliveries: &[&Delivery],
+    plan: plan::Plan,
+) -> Result<Vec<Recorded>, StoreError> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        write_in_one_statement(txn, deliveries, plan).await
+    } else {
+        write_statement_by_statement(txn, deliveries, plan).await
+    }
+}
+
 /// Each delivery's audit record, with what recording it did.
 fn audit_rows<'a>(
     deliveries: &'a [&Delivery],
@@ -426,23 +438,22 @@ fn audit_rows<'a>(
     })
 }
 
-/// Every table in one round trip ([`bulk::Combined`]): the history and the outbox refer to the
-/// batch's new KCIs and audit records by their position.
-async fn write(
+/// PostgreSQL: every table in one statement, one round trip ([`bulk::Combined`]); the
+/// history and the outbox refer to the batch's new KCIs and audit records by their position.
+async fn write_in_one_statement(
     txn: &DatabaseTransaction,
     deliveries: &[&Delivery],
     plan: plan::Plan,
 ) -> Result<Vec<Recorded>, StoreError> {
     use entity::{audit_log, outbox_event, state_transition};
-    let backend = txn.get_database_backend();
     let new_row = bulk::Combined::new_row;
-    let mut statement = bulk::Combined::new(backend);
+    let mut statement = bulk::Combined::default();
     statement.insert(plan.kcis, &[])?;
     statement.insert(audit_rows(deliveries, &plan.recorded).collect(), &[])?;
     if !plan.counters.is_empty() {
         statement.statement(
             vec![redelivery_counters(&plan.counters), Utc::now().into()],
-            |p| count_redeliveries_sql(backend, &p[0], &p[1]),
+            |p| count_redeliveries_sql(&p[0], &p[1]),
         );
     }
     statement.insert(
@@ -469,6 +480,36 @@ async fn write(
         &[(outbox_event::Column::KciRef, kci_row::Entity.table_name())],
     )?;
     statement.execute(txn).await?;
+    Ok(plan.recorded)
+}
+
+/// SQLite: one statement per table, each new row's id read back for the rows that refer to it.
+/// All of them sent as one text of several statements was measured no faster, with a larger
+/// peak RSS (docs/benchmarks.md, "Eleventh round"): in-process, a statement's call is cheap.
+async fn write_statement_by_statement(
+    txn: &DatabaseTransaction,
+    deliveries: &[&Delivery],
+    plan: plan::Plan,
+) -> Result<Vec<Recorded>, StoreError> {
+    let kci_ids = bulk::insert(txn, plan.kcis, true).await?;
+    let audit_ids =
+        bulk::insert(txn, audit_rows(deliveries, &plan.recorded).collect(), true).await?;
+    count_redeliveries(txn, &plan.counters).await?;
+    bulk::insert(
+        txn,
+        history_rows(plan.transitions, |n| kci_ids[n], |d| audit_ids[d]),
+        false,
+    )
+    .await?;
+    bulk::update_by_id(
+        txn,
+        plan.entities
+            .into_iter()
+            .map(tracked_entity::ActiveModel::from)
+            .collect(),
+    )
+    .await?;
+    bulk::insert(txn, outbox_rows(plan.events, |n| kci_ids[n]), false).await?;
     Ok(plan.recorded)
 }
 
@@ -506,8 +547,8 @@ fn outbox_rows(
         .collect()
 }
 
-/// Redeliveries of KCIs recorded before the batch: `[row id, redeliveries, anomalies]` each, one
-/// JSON array, for [`count_redeliveries_sql`].
+/// Redeliveries of KCIs recorded before the batch, on PostgreSQL: `[row id, redeliveries,
+/// anomalies]` each, one JSON array, for [`count_redeliveries_sql`].
 fn redelivery_counters(counters: &[(i64, i32, i32)]) -> sea_orm::Value {
     let rows: Vec<Value> = counters
         .iter()
@@ -518,22 +559,39 @@ fn redelivery_counters(counters: &[(i64, i32, i32)]) -> sea_orm::Value {
 
 /// Adds the counters of `counters` (JSON, [`redelivery_counters`]) to their KCIs and sets the
 /// time of the last redelivery to `now`: one text whatever their number (`store::bulk`).
-fn count_redeliveries_sql(backend: DbBackend, counters: &str, now: &str) -> String {
-    if backend != DbBackend::Postgres {
-        // The counters first: on SQLite the placeholders are taken in their order of appearance.
-        return format!(
-            r#"WITH c AS (SELECT value FROM json_each({counters}))
-               UPDATE "kci" SET "redelivery_count" = "kci"."redelivery_count" + (c.value ->> 1),
-                "anomaly_count" = "kci"."anomaly_count" + (c.value ->> 2), "last_redelivered_at" = {now}
-               FROM c WHERE "kci"."id" = c.value ->> 0"#
-        );
-    }
+fn count_redeliveries_sql(counters: &str, now: &str) -> String {
     format!(
         r#"UPDATE "kci" SET "redelivery_count" = "kci"."redelivery_count" + (c->>1)::integer,
             "anomaly_count" = "kci"."anomaly_count" + (c->>2)::integer, "last_redelivered_at" = {now}
            FROM jsonb_array_elements({counters}) AS c WHERE "kci"."id" = (c->>0)::bigint
            AND "kci"."id" = ANY(ARRAY(SELECT (c->>0)::bigint FROM jsonb_array_elements({counters}) AS c))"#
     )
+}
+
+/// Redeliveries of KCIs recorded before the batch: their counters and the time of the last one.
+/// SQLite, where statements cost next to nothing to prepare: one per KCI (redeliveries are
+/// rare). PostgreSQL counts them in the batch's one statement ([`count_redeliveries_sql`]).
+async fn count_redeliveries(
+    txn: &DatabaseTransaction,
+    counters: &[(i64, i32, i32)],
+) -> Result<(), StoreError> {
+    let now = Utc::now();
+    for (id, redeliveries, anomalies) in counters {
+        kci_row::Entity::update_many()
+            .col_expr(
+                kci_row::Column::RedeliveryCount,
+                Expr::col(kci_row::Column::RedeliveryCount).add(*redeliveries),
+            )
+            .col_expr(
+                kci_row::Column::AnomalyCount,
+                Expr::col(kci_row::Column::AnomalyCount).add(*anomalies),
+            )
+            .col_expr(kci_row::Column::LastRedeliveredAt, Expr::value(now))
+            .filter(kci_row::Column::Id.eq(*id))
+            .exec(txn)
+            .await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -107,35 +107,19 @@ fn insert_sql<A: ActiveModelTrait>(
             "INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, {parameter}::jsonb)"
         )
     } else {
-        sqlite_insert_sql(
-            &table,
-            &names,
-            &sqlite_row_values(columns, sqlite_row_value),
-            parameter,
+        let mut values = String::with_capacity(columns.len() * 40);
+        for (n, column) in columns.iter().enumerate() {
+            if n > 0 {
+                values.push_str(", ");
+            }
+            values.push_str(&sqlite_row_value(*column));
+        }
+        // `WHERE true`: an upsert clause may follow (SQLite's parser would take its `ON` for a
+        // join's).
+        format!(
+            "INSERT INTO {table} ({names}) SELECT {values} FROM jsonb_each({parameter}) AS row_ WHERE true ORDER BY row_.key"
         )
     }
-}
-
-/// SQLite: `INSERT INTO table (names) SELECT values` of the rows of `jsonb_each` (`row_`) over
-/// the JSON parameter `parameter` (its placeholder), in the order of the array.
-fn sqlite_insert_sql(table: &str, names: &str, values: &str, parameter: &str) -> String {
-    // `WHERE true`: an upsert clause may follow (SQLite's parser would take its `ON` for a
-    // join's).
-    format!(
-        "INSERT INTO {table} ({names}) SELECT {values} FROM jsonb_each({parameter}) AS row_ WHERE true ORDER BY row_.key"
-    )
-}
-
-/// SQLite: `value` of each column, separated by commas.
-fn sqlite_row_values<C: Copy>(columns: &[C], value: impl Fn(C) -> String) -> String {
-    let mut values = String::with_capacity(columns.len() * 40);
-    for (n, column) in columns.iter().enumerate() {
-        if n > 0 {
-            values.push_str(", ");
-        }
-        values.push_str(&value(*column));
-    }
-    values
 }
 
 /// SQLite: a column's value in a row of `jsonb_each` (`row_`), as sqlx would have bound it
@@ -330,40 +314,26 @@ fn update_by_id_sql<A: ActiveModelTrait>(
     )
 }
 
-/// Several writes to several tables sent as one, one round trip (intake's batch: six statements
-/// became one; see docs/benchmarks.md, "Sixth round" and "Eleventh round"). A row can refer to a
-/// row inserted by an earlier part through [`Combined::new_row`] instead of waiting for its id to
-/// come back. Each table may be inserted into once; parts without rows are left out.
+/// PostgreSQL: several writes to several tables as one statement, one round trip, each write a
+/// data-modifying part of its `WITH` (intake's batch: six statements became one; see
+/// docs/benchmarks.md, "Sixth round").
 ///
-/// - PostgreSQL: one statement, each write a data-modifying part of its `WITH`. Rows inserted
-///   get their ids before the statement writes them: each table's ids are drawn from its own
-///   sequence, in the order of its rows, into an array computed once. So the ids follow the order
-///   of the rows by construction (the order of a history, and of an entity's outbox events, is
-///   the order of their ids). Foreign keys are checked at the end of the statement, when every
-///   part has written.
-/// - SQLite: one text of several statements, run by the connection's worker in one go (each
-///   statement a turn of its thread otherwise). The transaction holds SQLite's one write lock,
-///   so a table's new rows are its newest, numbered in the order of their rows from one past the
-///   largest id before them: the `n`th of `count` is the table's largest id, less `count`, plus
-///   `n` + 1, read by the parts that refer to it after it was written.
+/// Rows inserted here get their ids before the statement writes them: each table's ids are
+/// drawn from its own sequence, in the order of its rows, into an array computed once. So the
+/// ids follow the order of the rows by construction (the order of a history, and of an entity's
+/// outbox events, is the order of their ids), and a row can refer to a row inserted by an
+/// earlier part of the same statement through [`Combined::new_row`] instead of waiting for its
+/// id to come back. Foreign keys are checked at the end of the statement, when every part has
+/// written. Each table may be inserted into once per statement; parts without rows are left out.
+#[derive(Default)]
 pub struct Combined {
-    backend: DbBackend,
     parts: Vec<String>,
     parameters: Vec<Value>,
-    /// Tables inserted into so far, and how many rows: what a later part may refer to.
-    inserted: Vec<(String, usize)>,
+    /// Tables inserted into so far: what a later part may refer to.
+    inserted: Vec<String>,
 }
 
 impl Combined {
-    pub fn new(backend: DbBackend) -> Combined {
-        Combined {
-            backend,
-            parts: Vec::new(),
-            parameters: Vec::new(),
-            inserted: Vec::new(),
-        }
-    }
-
     /// The value that stands, in a reference column listed in [`Combined::insert`]'s
     /// `references`, for the `n`th row (from 0) of the table inserted earlier in this statement.
     /// Negative: no row of ours has a negative id.
@@ -371,22 +341,15 @@ impl Combined {
         -i64::try_from(n).unwrap_or(i64::MAX - 1) - 1
     }
 
-    /// The placeholder of a new parameter. On SQLite a plain `?`, taken in order: the driver
-    /// binds a text of several statements one statement after the other, and a numbered `?N`
-    /// would make it bind the numbers below N that the statement does not use too, running out
-    /// of values before the statements after it (their parameters were then NULL: no rows).
-    /// Each part uses its parameters once, in the order they were added.
     fn parameter(&mut self, value: Value) -> String {
         self.parameters.push(value);
-        match self.backend {
-            DbBackend::Postgres => format!("${}", self.parameters.len()),
-            _ => "?".to_owned(),
-        }
+        format!("${}", self.parameters.len())
     }
 
-    /// Inserts `rows`, with ids in their order. In each column of `references`, a value made by
-    /// [`Combined::new_row`] becomes the id of that row of the table named beside it, which an
-    /// earlier part of this statement inserts; other values stay as they are.
+    /// Inserts `rows`, with ids drawn from the table's sequence in their order. In each column of
+    /// `references`, a value made by [`Combined::new_row`] becomes the id of that row of the
+    /// table named beside it, which an earlier part of this statement inserts; other values
+    /// stay as they are.
     pub fn insert<A>(
         &mut self,
         rows: Vec<A>,
@@ -399,41 +362,12 @@ impl Combined {
             return Ok(());
         }
         let table_name = A::Entity::default().table_name().to_owned();
-        if self.inserted.iter().any(|(t, _)| *t == table_name) {
+        if self.inserted.contains(&table_name) {
             return Err(DbErr::Custom(format!(
                 "combined statement: {table_name} inserted into twice"
             )));
         }
-        let row_count = rows.len();
-        if self.backend != DbBackend::Postgres {
-            let (columns, parameter) = as_json_rows(rows, self.backend)?;
-            let parameter = self.parameter(parameter);
-            let values = sqlite_row_values(&columns, |column| {
-                let value = sqlite_row_value(column);
-                let target = references
-                    .iter()
-                    .find(|(c, _)| c.unquoted() == column.unquoted())
-                    .and_then(|(_, target)| Some((*target, self.rows_inserted_into(target)?)));
-                match target {
-                    // The nth new row of `count`: see the type's documentation.
-                    Some((target, count)) => format!(
-                        "CASE WHEN {value} < 0 THEN (SELECT max(\"id\") FROM {}) - {count} - ({value}) ELSE {value} END",
-                        quoted(target)
-                    ),
-                    // No new rows of the target here: every value is an existing row's id.
-                    None => value,
-                }
-            });
-            self.parts.push(sqlite_insert_sql(
-                &quoted(&table_name),
-                &column_list(&columns, ""),
-                &values,
-                &parameter,
-            ));
-            self.inserted.push((table_name, row_count));
-            return Ok(());
-        }
-        let count = self.parameter(Value::BigInt(Some(row_count as i64)));
+        let count = self.parameter(Value::BigInt(Some(rows.len() as i64)));
         let (columns, parameter) = as_json_rows(rows, DbBackend::Postgres)?;
         let parameter = self.parameter(parameter);
         let table = quoted(&table_name);
@@ -454,7 +388,7 @@ impl Combined {
                 .iter()
                 .find(|(c, _)| c.unquoted() == column.unquoted())
                 .map(|(_, target)| *target)
-                .filter(|target| self.rows_inserted_into(target).is_some());
+                .filter(|target| self.inserted.iter().any(|t| t == target));
             match target {
                 Some(target) => values.push_str(&format!(
                     "CASE WHEN {value} < 0 THEN (SELECT ids[(-{value})::int] FROM {}) ELSE {value} END",
@@ -478,16 +412,8 @@ impl Combined {
             ids_of(&table_name),
             values,
         ));
-        self.inserted.push((table_name, row_count));
+        self.inserted.push(table_name);
         Ok(())
-    }
-
-    /// How many rows an earlier part of this statement inserts into `table`, if it does.
-    fn rows_inserted_into(&self, table: &str) -> Option<usize> {
-        self.inserted
-            .iter()
-            .find(|(t, _)| t == table)
-            .map(|(_, count)| *count)
     }
 
     /// Existing rows replaced by `rows`, as [`update_by_id`].
@@ -496,13 +422,6 @@ impl Combined {
         A: ActiveModelTrait,
     {
         if rows.is_empty() {
-            return Ok(());
-        }
-        if self.backend != DbBackend::Postgres {
-            let (columns, parameter) = as_json_rows(rows, self.backend)?;
-            let parameter = self.parameter(parameter);
-            self.parts
-                .push(sqlite_upsert_by_id_sql::<A>(&columns, &parameter)?);
             return Ok(());
         }
         let ids = ids_of_rows(&rows)?;
@@ -522,34 +441,25 @@ impl Combined {
     }
 
     /// A data-modifying statement of the caller's: `sql` is given the placeholders of
-    /// `parameters`, in their order (on SQLite each to be used once, in that order:
-    /// [`Combined::parameter`]).
+    /// `parameters`, in their order.
     pub fn statement(&mut self, parameters: Vec<Value>, sql: impl FnOnce(&[String]) -> String) {
         let placeholders: Vec<String> = parameters
             .into_iter()
             .map(|value| self.parameter(value))
             .collect();
-        let sql = sql(&placeholders);
-        if self.backend != DbBackend::Postgres {
-            self.parts.push(sql);
-            return;
-        }
         let name = format!("\"statement_{}\"", self.parts.len());
-        self.parts.push(format!("{name} AS ({sql})"));
+        self.parts
+            .push(format!("{name} AS ({})", sql(&placeholders)));
     }
 
-    /// Runs every part, in one round trip (nothing when there is none).
+    /// Runs every part, in one statement (nothing when there is none).
     pub async fn execute(self, db: &impl ConnectionTrait) -> Result<(), DbErr> {
         if self.parts.is_empty() {
             return Ok(());
         }
-        let sql = match self.backend {
-            DbBackend::Postgres => format!("WITH {} SELECT 1", self.parts.join(",\n")),
-            _ => self.parts.join(";\n"),
-        };
         db.execute_raw(Statement::from_sql_and_values(
-            self.backend,
-            sql,
+            DbBackend::Postgres,
+            format!("WITH {} SELECT 1", self.parts.join(",\n")),
             self.parameters,
         ))
         .await?;
@@ -854,7 +764,7 @@ mod tests {
 
     #[test]
     fn a_combined_statement_numbers_its_parameters_in_order_and_resolves_references_to_new_rows() {
-        let mut statement = Combined::new(DbBackend::Postgres);
+        let mut statement = Combined::default();
         statement
             .insert(vec![kci_row(uuid::Uuid::nil())], &[])
             .unwrap();
@@ -887,7 +797,7 @@ mod tests {
     #[test]
     fn a_combined_statement_refuses_a_table_twice_and_leaves_references_to_tables_it_does_not_insert()
      {
-        let mut statement = Combined::new(DbBackend::Postgres);
+        let mut statement = Combined::default();
         statement
             .insert(
                 vec![event_row(41)],
