@@ -611,6 +611,169 @@ async fn events_the_broker_refuses_become_dead_and_are_published_once_retried() 
     );
 }
 
+/// A connection that lets another session commit `between` right after the first statement it
+/// answers: the worst moment for a reader that looks at the database twice.
+struct Interleaved<'a> {
+    db: &'a sea_orm::DatabaseConnection,
+    between: std::sync::Mutex<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>>>,
+}
+
+impl Interleaved<'_> {
+    async fn after_a_statement(&self) {
+        let between = self.between.lock().unwrap().take();
+        if let Some(between) = between {
+            between.await;
+        }
+    }
+}
+
+type Answer<'a, T> = std::pin::Pin<Box<dyn Future<Output = Result<T, sea_orm::DbErr>> + Send + 'a>>;
+
+impl sea_orm::ConnectionTrait for Interleaved<'_> {
+    fn get_database_backend(&self) -> sea_orm::DbBackend {
+        self.db.get_database_backend()
+    }
+
+    fn execute_raw<'s, 'f>(
+        &'s self,
+        statement: sea_orm::Statement,
+    ) -> Answer<'f, sea_orm::ExecResult>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let answer = self.db.execute_raw(statement).await;
+            self.after_a_statement().await;
+            answer
+        })
+    }
+
+    fn execute_unprepared<'s, 'q, 'f>(&'s self, sql: &'q str) -> Answer<'f, sea_orm::ExecResult>
+    where
+        's: 'f,
+        'q: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let answer = self.db.execute_unprepared(sql).await;
+            self.after_a_statement().await;
+            answer
+        })
+    }
+
+    fn query_one_raw<'s, 'f>(
+        &'s self,
+        statement: sea_orm::Statement,
+    ) -> Answer<'f, Option<sea_orm::QueryResult>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let answer = self.db.query_one_raw(statement).await;
+            self.after_a_statement().await;
+            answer
+        })
+    }
+
+    fn query_all_raw<'s, 'f>(
+        &'s self,
+        statement: sea_orm::Statement,
+    ) -> Answer<'f, Vec<sea_orm::QueryResult>>
+    where
+        's: 'f,
+        Self: 'f,
+    {
+        Box::pin(async move {
+            let answer = self.db.query_all_raw(statement).await;
+            self.after_a_statement().await;
+            answer
+        })
+    }
+}
+
+/// An operator retries an entity's dead event while the relay reads what is due: whenever the
+/// retry commits, the event that waited behind the dead one is never due before it (per-entity
+/// order). The relay once read its window of pending events and which entities a dead event
+/// holds in two statements: a retry committed between them made the entity look free while its
+/// retried event was not in the window, and the later event went first (seen once in CI).
+#[tokio::test]
+async fn a_retry_committed_while_the_relay_reads_never_lets_a_later_event_go_first() {
+    use kci_receiver::outbox::store::{self, Selection};
+    use sea_orm::ConnectionTrait;
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let app = spawn_app_with(backend, |settings| settings.relay.enabled = false).await;
+        for sequence in [1, 2] {
+            let body = kci("SERVICE_TEST", 901, sequence, "IN_PROGRESS", "UPDATE");
+            assert_eq!(
+                app.post_kci(&body, "conv-race").await.status().as_u16(),
+                204
+            );
+        }
+        let events = app
+            .rows("SELECT id, event_id FROM outbox_event ORDER BY id")
+            .await;
+        let (head, later) = (
+            events[0]["id"].as_i64().unwrap(),
+            events[1]["id"].as_i64().unwrap(),
+        );
+        let head_event: uuid::Uuid = events[0]["event_id"].as_str().unwrap().parse().unwrap();
+        app.db
+            .execute_unprepared(&format!(
+                "UPDATE outbox_event SET status = 'DEAD', attempts = 3 WHERE id = {head}"
+            ))
+            .await
+            .unwrap();
+
+        let connection = app.db.connection();
+        let retry = async move {
+            let retried = store::requeue(connection, &Selection::DeadEvent(head_event))
+                .await
+                .unwrap();
+            assert_eq!(retried, 1);
+        };
+        let interleaved = Interleaved {
+            db: connection,
+            between: std::sync::Mutex::new(Some(Box::pin(retry))),
+        };
+        let due = store::due_events(
+            &interleaved,
+            chrono::Utc::now() + chrono::Duration::seconds(1),
+            100,
+            16,
+            u64::MAX,
+            &HashSet::new(),
+        )
+        .await
+        .unwrap();
+        let ids: Vec<i64> = due.iter().map(|event| event.id).collect();
+        if let Some(later_at) = ids.iter().position(|id| *id == later) {
+            let head_at = ids.iter().position(|id| *id == head);
+            assert!(
+                head_at.is_some_and(|head_at| head_at < later_at),
+                "{backend:?}: the later event is due before its retried head: {ids:?} (head {head}, later {later})"
+            );
+        }
+        // Once the retry is seen, the head goes first.
+        let due = store::due_events(
+            connection,
+            chrono::Utc::now() + chrono::Duration::seconds(1),
+            100,
+            16,
+            u64::MAX,
+            &HashSet::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            due.iter().map(|event| event.id).collect::<Vec<_>>(),
+            [head, later],
+            "{backend:?}"
+        );
+    }
+}
+
 /// Several events of one entity go in one round (`relay.events_per_entity`), each only after the
 /// broker confirmed the one before: when the broker refuses the second (nack), the third is not
 /// sent at all; it waits, never attempted, behind the refused one, which dies after
