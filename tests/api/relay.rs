@@ -619,11 +619,17 @@ struct Interleaved<'a> {
 }
 
 impl Interleaved<'_> {
-    async fn after_a_statement(&self) {
+    /// `answer`, then `between` if it has not run yet.
+    async fn answered<T>(
+        &self,
+        answer: impl Future<Output = Result<T, sea_orm::DbErr>>,
+    ) -> Result<T, sea_orm::DbErr> {
+        let answer = answer.await;
         let between = self.between.lock().unwrap().take();
         if let Some(between) = between {
             between.await;
         }
+        answer
     }
 }
 
@@ -642,11 +648,7 @@ impl sea_orm::ConnectionTrait for Interleaved<'_> {
         's: 'f,
         Self: 'f,
     {
-        Box::pin(async move {
-            let answer = self.db.execute_raw(statement).await;
-            self.after_a_statement().await;
-            answer
-        })
+        Box::pin(self.answered(self.db.execute_raw(statement)))
     }
 
     fn execute_unprepared<'s, 'q, 'f>(&'s self, sql: &'q str) -> Answer<'f, sea_orm::ExecResult>
@@ -655,11 +657,7 @@ impl sea_orm::ConnectionTrait for Interleaved<'_> {
         'q: 'f,
         Self: 'f,
     {
-        Box::pin(async move {
-            let answer = self.db.execute_unprepared(sql).await;
-            self.after_a_statement().await;
-            answer
-        })
+        Box::pin(self.answered(self.db.execute_unprepared(sql)))
     }
 
     fn query_one_raw<'s, 'f>(
@@ -670,11 +668,7 @@ impl sea_orm::ConnectionTrait for Interleaved<'_> {
         's: 'f,
         Self: 'f,
     {
-        Box::pin(async move {
-            let answer = self.db.query_one_raw(statement).await;
-            self.after_a_statement().await;
-            answer
-        })
+        Box::pin(self.answered(self.db.query_one_raw(statement)))
     }
 
     fn query_all_raw<'s, 'f>(
@@ -685,11 +679,7 @@ impl sea_orm::ConnectionTrait for Interleaved<'_> {
         's: 'f,
         Self: 'f,
     {
-        Box::pin(async move {
-            let answer = self.db.query_all_raw(statement).await;
-            self.after_a_statement().await;
-            answer
-        })
+        Box::pin(self.answered(self.db.query_all_raw(statement)))
     }
 }
 
