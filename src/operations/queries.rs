@@ -347,8 +347,8 @@ pub async fn history(
         .collect())
 }
 
-/// A KCI without its raw text (which is big): for lists.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+/// A KCI without its raw text (which is big): for lists, read with [`KciSummary::select`].
+#[derive(Debug, Clone, Serialize, ToSchema, FromQueryResult)]
 #[serde(rename_all = "camelCase")]
 pub struct KciSummary {
     pub kci_id: uuid::Uuid,
@@ -361,18 +361,26 @@ pub struct KciSummary {
     pub received_at: DateTime<Utc>,
 }
 
-impl From<kci::Model> for KciSummary {
-    fn from(k: kci::Model) -> Self {
-        KciSummary {
-            kci_id: k.kci_id,
-            request_id: k.request_id,
-            entity_type: k.entity_type,
-            update_type: k.update_type,
-            reason: k.reason,
-            sequence_number: k.sequence_number,
-            outcome: k.outcome,
-            received_at: k.received_at,
-        }
+impl KciSummary {
+    /// The KCIs `query` finds, only the columns of a summary: a list of a conversation's KCIs
+    /// (up to 1,000) then never reads their bodies.
+    pub fn select(
+        query: sea_orm::Select<kci::Entity>,
+    ) -> sea_orm::Selector<sea_orm::SelectModel<KciSummary>> {
+        use kci::Column as C;
+        query
+            .select_only()
+            .columns([
+                C::KciId,
+                C::RequestId,
+                C::EntityType,
+                C::UpdateType,
+                C::Reason,
+                C::SequenceNumber,
+                C::Outcome,
+                C::ReceivedAt,
+            ])
+            .into_model::<KciSummary>()
     }
 }
 
@@ -404,15 +412,14 @@ pub async fn conversation_view(
         .order_by_asc(tracked_entity::Column::Id)
         .all(db)
         .await?;
-    let kcis: Vec<KciSummary> = kci::Entity::find()
-        .filter(kci::Column::ConversationId.eq(conversation_id))
-        .order_by_asc(kci::Column::Id)
-        .limit(1000)
-        .all(db)
-        .await?
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let kcis: Vec<KciSummary> = KciSummary::select(
+        kci::Entity::find()
+            .filter(kci::Column::ConversationId.eq(conversation_id))
+            .order_by_asc(kci::Column::Id)
+            .limit(1000),
+    )
+    .all(db)
+    .await?;
     if original_request.is_none() && entities.is_empty() && kcis.is_empty() {
         return Ok(None);
     }
@@ -444,28 +451,26 @@ pub async fn kci_view(
     db: &impl ConnectionTrait,
     kci_id: uuid::Uuid,
 ) -> Result<Option<KciView>, StoreError> {
-    let Some(row) = kci::Entity::find()
-        .filter(kci::Column::KciId.eq(kci_id))
-        .one(db)
+    // Three statements, not five: the KCI, its entity and its outbox event in one (each read
+    // through an index: `kci.kci_id` is unique, the entity by its key, the event through
+    // `(tracked_entity_id, ...)`), then its history entries and its deliveries. Under many
+    // readers a call's cost is mostly per statement (a round trip, its plan, its rows).
+    let Some(row) = db
+        .query_one_raw(kci_with_entity_and_event(db.get_database_backend(), kci_id))
         .await?
     else {
         return Ok(None);
     };
-    let entity = tracked_entity::Entity::find_by_id(row.tracked_entity_id)
-        .one(db)
-        .await?;
+    let kci_row = kci::Model::from_query_result(&row, KCI_PREFIX)?;
+    let entity = tracked_entity::Model::from_query_result_optional(&row, ENTITY_PREFIX)?;
+    let outbox_event = outbox_event::Model::from_query_result_optional(&row, EVENT_PREFIX)?;
     // Through the entity: `(tracked_entity_id, id)` indexes both tables, and an entity has few
     // rows, so no index on `kci_ref` is needed (each index costs every intake transaction).
     let transitions = state_transition::Entity::find()
-        .filter(state_transition::Column::TrackedEntityId.eq(row.tracked_entity_id))
-        .filter(state_transition::Column::KciRef.eq(row.id))
+        .filter(state_transition::Column::TrackedEntityId.eq(kci_row.tracked_entity_id))
+        .filter(state_transition::Column::KciRef.eq(kci_row.id))
         .order_by_asc(state_transition::Column::Id)
         .all(db)
-        .await?;
-    let outbox_event = outbox_event::Entity::find()
-        .filter(outbox_event::Column::TrackedEntityId.eq(row.tracked_entity_id))
-        .filter(outbox_event::Column::KciRef.eq(row.id))
-        .one(db)
         .await?;
     // `ix_audit_log_kci_id` (migration 9).
     let deliveries = audit_log::Entity::find()
@@ -473,15 +478,67 @@ pub async fn kci_view(
         .order_by_asc(audit_log::Column::Id)
         .all(db)
         .await?;
-    let body = serde_json::from_str(&row.raw_body).unwrap_or(serde_json::Value::Null);
+    let body = serde_json::from_str(&kci_row.raw_body).unwrap_or(serde_json::Value::Null);
     Ok(Some(KciView {
-        kci: row,
+        kci: kci_row,
         body,
         entity,
         transitions,
         outbox_event,
         deliveries,
     }))
+}
+
+/// Column prefixes of [`kci_with_entity_and_event`]'s row: each table's columns under its own.
+const KCI_PREFIX: &str = "k_";
+const ENTITY_PREFIX: &str = "e_";
+const EVENT_PREFIX: &str = "o_";
+
+/// `kci LEFT JOIN tracked_entity LEFT JOIN outbox_event` for one KCI id, every column of the
+/// three under its table's prefix.
+fn kci_with_entity_and_event(
+    backend: sea_orm::DbBackend,
+    kci_id: uuid::Uuid,
+) -> sea_orm::Statement {
+    use sea_orm::sea_query::{Alias, ExprTrait, Query};
+    use sea_orm::{IdenStatic, Iterable};
+    fn columns<E: EntityTrait>(query: &mut sea_orm::sea_query::SelectStatement, prefix: &str)
+    where
+        E::Column: Iterable,
+    {
+        for column in E::Column::iter() {
+            query.expr_as(
+                Expr::col((E::default(), column)),
+                Alias::new(format!("{prefix}{}", column.as_str())),
+            );
+        }
+    }
+    let mut query = Query::select();
+    columns::<kci::Entity>(&mut query, KCI_PREFIX);
+    columns::<tracked_entity::Entity>(&mut query, ENTITY_PREFIX);
+    columns::<outbox_event::Entity>(&mut query, EVENT_PREFIX);
+    query
+        .from(kci::Entity)
+        .left_join(
+            tracked_entity::Entity,
+            Expr::col((tracked_entity::Entity, tracked_entity::Column::Id))
+                .equals((kci::Entity, kci::Column::TrackedEntityId)),
+        )
+        .left_join(
+            outbox_event::Entity,
+            Condition::all()
+                .add(
+                    Expr::col((outbox_event::Entity, outbox_event::Column::TrackedEntityId))
+                        .equals((kci::Entity, kci::Column::TrackedEntityId)),
+                )
+                .add(
+                    Expr::col((outbox_event::Entity, outbox_event::Column::KciRef))
+                        .equals((kci::Entity, kci::Column::Id)),
+                ),
+        )
+        .and_where(Expr::col((kci::Entity, kci::Column::KciId)).eq(kci_id))
+        .limit(1);
+    backend.build(&query)
 }
 
 /// Audit records of one `X-Request-ID` (normally one), oldest first.
@@ -766,13 +823,9 @@ pub async fn search(db: &impl ConnectionTrait, query: &str) -> Result<SearchResu
                     .all(db)
                     .await?,
             );
-            kci::Entity::find()
-                .filter(kci::Column::KciId.eq(id))
+            KciSummary::select(kci::Entity::find().filter(kci::Column::KciId.eq(id)))
                 .all(db)
                 .await?
-                .into_iter()
-                .map(Into::into)
-                .collect()
         }
         Err(_) => Vec::new(),
     };

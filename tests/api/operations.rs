@@ -373,6 +373,104 @@ async fn conversations_kcis_and_search_find_everything_by_any_id() {
     }
 }
 
+/// `GET /api/v1/kcis/{kciId}` reads the KCI, its entity and its outbox event in one joined
+/// statement: on both databases each equals sea-orm's own read of its table, every column, and
+/// a KCI whose event is gone (published and purged by retention) shows without one. The KCI
+/// summaries of a conversation and of a search, read without the bodies, say what the row says.
+#[tokio::test]
+async fn a_kcis_view_joins_its_entity_and_event_exactly_as_their_own_reads_give_them() {
+    use entity::{kci as kci_table, outbox_event, tracked_entity};
+    use kci_receiver::operations::queries::{conversation_view, kci_view, search};
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+    for backend in BACKENDS {
+        let app = spawn_app(backend).await;
+        // Another entity first, so that the KCI's row, its entity's and its event's ids differ.
+        let other = kci("SERVICE_PROBLEM", 9, 1, "IN_PROGRESS", "UPDATE");
+        assert_eq!(
+            app.post_kci_as(&other, "conv-9", "req-9")
+                .await
+                .status()
+                .as_u16(),
+            204
+        );
+        let body = kci("SERVICE_TEST", 8, 1, "IN_PROGRESS", "UPDATE");
+        assert_eq!(
+            app.post_kci_as(&body, "conv-8", "req-8")
+                .await
+                .status()
+                .as_u16(),
+            204
+        );
+        let kci_id = uuid::Uuid::parse_str(body["id"].as_str().unwrap()).unwrap();
+
+        let row = kci_table::Entity::find()
+            .filter(kci_table::Column::KciId.eq(kci_id))
+            .one(&app.db)
+            .await
+            .unwrap()
+            .expect("the KCI is stored");
+        let entity = tracked_entity::Entity::find_by_id(row.tracked_entity_id)
+            .one(&app.db)
+            .await
+            .unwrap();
+        let event = outbox_event::Entity::find()
+            .filter(outbox_event::Column::KciRef.eq(row.id))
+            .one(&app.db)
+            .await
+            .unwrap();
+        assert!(entity.is_some() && event.is_some(), "{backend:?}");
+
+        let view = kci_view(&app.db, kci_id).await.unwrap().expect("found");
+        assert_eq!(view.kci, row, "{backend:?}");
+        assert_eq!(view.entity, entity, "{backend:?}");
+        assert_eq!(view.outbox_event, event, "{backend:?}");
+        assert_eq!(view.body, body, "{backend:?}");
+        assert_eq!(view.transitions.len(), 1, "{backend:?}");
+        assert_eq!(view.deliveries.len(), 1, "{backend:?}");
+
+        // The lists' summaries read only their columns, each as the full row has it.
+        let summary = serde_json::json!({
+            "kciId": row.kci_id,
+            "requestId": row.request_id,
+            "entityType": row.entity_type,
+            "updateType": row.update_type,
+            "reason": row.reason,
+            "sequenceNumber": row.sequence_number,
+            "outcome": row.outcome,
+            "receivedAt": row.received_at,
+        });
+        let conversation = conversation_view(&app.db, "conv-8").await.unwrap().unwrap();
+        assert_eq!(
+            serde_json::to_value(&conversation.kcis).unwrap(),
+            json!([summary]),
+            "{backend:?}"
+        );
+        let found = search(&app.db, &kci_id.to_string()).await.unwrap();
+        assert_eq!(
+            serde_json::to_value(&found.kcis).unwrap(),
+            json!([summary]),
+            "{backend:?}"
+        );
+
+        outbox_event::Entity::delete_many()
+            .filter(outbox_event::Column::KciRef.eq(row.id))
+            .exec(&app.db)
+            .await
+            .unwrap();
+        let view = kci_view(&app.db, kci_id).await.unwrap().expect("found");
+        assert_eq!(view.outbox_event, None, "{backend:?}");
+        assert_eq!((view.kci, view.entity), (row, entity), "{backend:?}");
+
+        assert!(
+            kci_view(&app.db, uuid::Uuid::new_v4())
+                .await
+                .unwrap()
+                .is_none(),
+            "{backend:?}: an unknown id is not found"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_audit_record_and_support_text_cover_accepted_and_rejected_requests() {
     let app = spawn_app(Backend::Sqlite).await;

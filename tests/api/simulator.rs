@@ -136,7 +136,7 @@ async fn the_benchmark_runs_end_to_end_and_loses_nothing() {
 }
 
 /// `kci-tools bench-reads` on a small history: every read endpoint answered 200 under
-/// concurrent readers while intake ran, and the single-entity queries' plans use indexes.
+/// concurrent readers without pause and at a fixed rate while intake ran, and the single-entity queries' plans use indexes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_benchmark_runs_end_to_end_on_a_bulk_loaded_history() {
     use clap::Parser;
@@ -163,10 +163,13 @@ async fn the_read_benchmark_runs_end_to_end_on_a_bulk_loaded_history() {
     let report = kci_tools::bench::reads::run(args)
         .await
         .expect("the read benchmark runs");
-    assert_eq!(report.endpoints.len(), 16, "{report:?}");
-    for (endpoint, calls, not_ok) in &report.endpoints {
-        assert!(*calls > 0, "{endpoint} was read");
-        assert_eq!(*not_ok, 0, "{endpoint}: every answer 200");
+    // Both phases: readers without pause, then reads at a fixed rate.
+    for endpoints in [&report.endpoints, &report.paced_endpoints] {
+        assert_eq!(endpoints.len(), 16, "{report:?}");
+        for (endpoint, calls, not_ok) in endpoints {
+            assert!(*calls > 0, "{endpoint} was read");
+            assert_eq!(*not_ok, 0, "{endpoint}: every answer 200");
+        }
     }
     assert!(
         report.plans_without_index.is_empty(),

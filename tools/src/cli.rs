@@ -189,6 +189,10 @@ pub struct BenchReadsArgs {
     /// KCIs per second posted while the readers read.
     #[arg(long, default_value_t = 100.0)]
     pub intake_rate: f64,
+    /// Calls per second of the second phase, reads at a fixed rate (default: half of what the
+    /// readers without pause managed in the first).
+    #[arg(long)]
+    pub read_rate: Option<f64>,
     /// Keep the database afterwards (for EXPLAIN by hand).
     #[arg(long)]
     pub keep_database: bool,
