@@ -18,6 +18,11 @@ mod m20261124_000008_retention;
 mod m20261124_000009_kci_deliveries_index;
 mod m20261124_000010_attention_indexes;
 mod m20261125_000011_index_diet;
+mod m20261207_000012_in_flight_index;
+
+/// What migration 12's index of the entities in flight is defined by (the queries must say the
+/// same).
+pub use m20261207_000012_in_flight_index::IN_FLIGHT_ROWS;
 
 pub struct Migrator;
 
@@ -36,6 +41,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000009_kci_deliveries_index::Migration),
             Box::new(m20261124_000010_attention_indexes::Migration),
             Box::new(m20261125_000011_index_diet::Migration),
+            Box::new(m20261207_000012_in_flight_index::Migration),
         ]
     }
 }

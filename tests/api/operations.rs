@@ -180,6 +180,161 @@ async fn lists_mirror_the_tenant_api_paths_and_filter_by_every_criterion() {
     }
 }
 
+/// "Stuck" is answered from the index of entities in flight (migration 12): on both databases,
+/// for every entity type and every status final in some lifecycle (and some that are not),
+/// the stuck list, page by page and by family, and attention's stuck list hold exactly the
+/// entities silent since the cutoff whose status is not final in their own lifecycle; and the
+/// text the queries say lets each database use that index.
+#[tokio::test]
+async fn stuck_entities_are_found_among_those_in_flight_for_every_lifecycle() {
+    use entity::tracked_entity;
+    use kci_receiver::kci::EntityType;
+    use kci_receiver::operations::queries::in_flight_rows;
+    use sea_orm::sea_query::Expr;
+    use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, TransactionTrait};
+    const STATUSES: [&str; 9] = [
+        "COMPLETED",
+        "CANCELLED",
+        "REJECTED",
+        "FAILED",
+        "FAILED_TO_SEND",
+        "PARTIAL",
+        "RESOLVED",
+        "IN_PROGRESS",
+        "ACKNOWLEDGED",
+    ];
+    for backend in BACKENDS {
+        let app = spawn_app(backend).await;
+        let old = chrono::Utc::now() - chrono::Duration::days(2);
+        let mut expected = HashSet::new();
+        let mut gateway_id = 0;
+        for entity_type in EntityType::ALL {
+            for (n, status) in STATUSES.iter().enumerate() {
+                gateway_id += 1;
+                let body = kci(entity_type.as_str(), gateway_id, 1, "IN_PROGRESS", "UPDATE");
+                assert_eq!(
+                    app.post_kci(&body, "conv-stuck").await.status().as_u16(),
+                    204
+                );
+                // Every other one silent for two days; then the status, set as it stands.
+                let silent = n % 2 == 0 || *status == "RESOLVED";
+                let mut update = tracked_entity::Entity::update_many()
+                    .col_expr(tracked_entity::Column::Status, Expr::value(*status))
+                    .filter(tracked_entity::Column::EntityType.eq(entity_type.as_str()))
+                    .filter(tracked_entity::Column::GatewayId.eq(gateway_id.to_string()));
+                if silent {
+                    update = update.col_expr(tracked_entity::Column::LastKciAt, Expr::value(old));
+                }
+                update.exec(&app.db).await.unwrap();
+                if silent && !entity_type.lifecycle().is_terminal(status) {
+                    expected.insert(format!("{}:{gateway_id}", entity_type.as_str()));
+                }
+            }
+        }
+        assert!(expected.len() >= 10, "{backend:?}: {expected:?}");
+
+        // The list, page by page (newest first, each id once).
+        let mut listed = Vec::new();
+        let mut path = "/api/v1/entities?stuckFor=P1D&limit=4".to_owned();
+        loop {
+            let page = read_json(&app, &path).await;
+            listed.extend(ids(&page));
+            match page["nextCursor"].as_str() {
+                Some(cursor) => {
+                    path = format!("/api/v1/entities?stuckFor=P1D&limit=4&cursor={cursor}")
+                }
+                None => break,
+            }
+        }
+        assert_eq!(
+            listed.iter().cloned().collect::<HashSet<_>>(),
+            expected,
+            "{backend:?}"
+        );
+        assert_eq!(listed.len(), expected.len(), "{backend:?}: each once");
+        let gateway_ids: Vec<u64> = listed
+            .iter()
+            .map(|e| e.split(':').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert!(
+            gateway_ids.windows(2).all(|w| w[0] > w[1]),
+            "{backend:?}: newest first"
+        );
+        // By family, with another filter beside it.
+        let tests = ids(&read_json(&app, "/api/v1/service-tests?stuckFor=P1D").await);
+        let expected_tests: HashSet<String> = expected
+            .iter()
+            .filter(|e| e.starts_with("SERVICE_TEST:"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            tests.into_iter().collect::<HashSet<_>>(),
+            expected_tests,
+            "{backend:?}"
+        );
+        let problems = ids(&read_json(
+            &app,
+            "/api/v1/service-problems?stuckFor=P1D&status=RESOLVED",
+        )
+        .await);
+        assert_eq!(
+            problems.len(),
+            1,
+            "{backend:?}: RESOLVED is not final for a problem"
+        );
+
+        // Attention's stuck list: the same entities.
+        let attention = read_json(&app, "/api/v1/attention?stuckFor=P1D&limit=100").await;
+        let stuck: HashSet<String> = ids(&attention["stuck"]).into_iter().collect();
+        assert_eq!(stuck, expected, "{backend:?}");
+        assert_eq!(attention["stuck"]["total"], expected.len(), "{backend:?}");
+
+        // The index applies to the text the queries say.
+        let sql = format!(
+            "SELECT * FROM tracked_entity WHERE last_kci_at < '2999-01-01' AND {} ORDER BY id DESC LIMIT 5",
+            in_flight_rows()
+        );
+        let txn = app.db.begin().await.unwrap();
+        let explain = match backend {
+            // Naming the index is an error if it cannot answer the text.
+            Backend::Sqlite => format!(
+                "EXPLAIN QUERY PLAN {}",
+                sql.replace(
+                    "FROM tracked_entity",
+                    "FROM tracked_entity INDEXED BY ix_tracked_entity_in_flight"
+                )
+            ),
+            Backend::Postgres => {
+                // A few rows: without this PostgreSQL would rightly read the table instead.
+                txn.execute_unprepared("SET LOCAL enable_seqscan = off")
+                    .await
+                    .unwrap();
+                format!("EXPLAIN {sql}")
+            }
+        };
+        let plan: Vec<String> = txn
+            .query_all_raw(sea_orm::Statement::from_string(
+                txn.get_database_backend(),
+                explain,
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| {
+                row.try_get_by_index::<String>(0)
+                    .or_else(|_| row.try_get_by_index::<String>(3))
+                    .unwrap_or_default()
+            })
+            .collect();
+        txn.rollback().await.unwrap();
+        assert!(
+            plan.iter()
+                .any(|line| line.contains("ix_tracked_entity_in_flight")),
+            "{backend:?}: {plan:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn pages_follow_their_cursor_to_the_end_and_bad_parameters_are_400() {
     let app = spawn_app(Backend::Postgres).await;

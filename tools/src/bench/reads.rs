@@ -453,6 +453,14 @@ async fn measure(
             ),
         ),
         (
+            "the stuck list (stuckFor=P7D), as the handler says it",
+            format!(
+                "SELECT * FROM tracked_entity WHERE last_kci_at < now() - interval '7 days' AND {} \
+                 ORDER BY id DESC LIMIT 51",
+                kci_receiver::operations::queries::in_flight_rows()
+            ),
+        ),
+        (
             "its history entries",
             format!(
                 "SELECT * FROM state_transition WHERE tracked_entity_id = (SELECT tracked_entity_id FROM kci WHERE kci_id = '{0}') AND kci_ref = (SELECT id FROM kci WHERE kci_id = '{0}') ORDER BY id",
