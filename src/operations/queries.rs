@@ -716,7 +716,7 @@ pub async fn attention(
         let items = query.limit(limit).all(db).await?;
         Ok::<_, StoreError>(Counted { total, items })
     };
-    // The conditions a partial index of migration 10 is defined by are written as SQL text with
+    // The conditions a partial index of migration 10 or 12 is defined by are written as SQL text with
     // literals, exactly as the index says them: the planner (PostgreSQL's, also for a generic
     // plan, and SQLite's) can then prove the index applies.
     let action_required = counted(entities(
