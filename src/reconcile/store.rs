@@ -16,7 +16,7 @@ use sea_orm::{
 
 use crate::intake::missing::Missing;
 use crate::kci::EntityType;
-use crate::operations::queries::{Family, not_terminal};
+use crate::operations::queries::{Family, in_flight_rows};
 use crate::reconcile::Target;
 use crate::store::text::{NOTE_MAX, bounded};
 use crate::store::{Database, StoreError, Writer};
@@ -221,9 +221,11 @@ pub async fn candidates(
     let room = limit.saturating_sub(due.len() as u64);
     if room > 0 {
         let quiet_since = now - stuck_after;
+        // In flight, said as the index of the entities in flight says it (migration 12): each
+        // round reads the work in progress, not the history.
         let stuck = tracked_entity::Entity::find()
             .filter(C::LastKciAt.lt(quiet_since))
-            .filter(not_terminal(&EntityType::ALL))
+            .filter(Expr::cust(in_flight_rows()))
             .filter(C::GapOpenSince.is_null())
             .filter(
                 Condition::any()
