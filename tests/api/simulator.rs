@@ -466,7 +466,7 @@ fn the_index_cost_script_prints_figures_for_every_configuration() {
         .collect();
     assert_eq!(runs.len(), 2, "{stdout}");
     for run in runs {
-        assert_eq!(run.matches(" tx/s, ").count(), 3, "{stdout}");
-        assert_eq!(run.matches(" ms CPU/tx |").count(), 3, "{stdout}");
+        assert_eq!(run.matches(" tx/s, ").count(), 4, "{stdout}");
+        assert_eq!(run.matches(" ms CPU/tx |").count(), 4, "{stdout}");
     }
 }
