@@ -148,7 +148,7 @@ pub struct EntityFilter {
 /// OR ...`. Migration 12's partial index `ix_tracked_entity_in_flight` is defined by exactly this
 /// text, so a query that says it can be answered from the entities in flight alone, however
 /// many have finished (a unit test keeps the two equal: a lifecycle that changes needs a
-/// migration that redefines the index). The same rows as [`not_terminal`] of every type.
+/// migration that redefines the index).
 pub fn in_flight_rows() -> &'static str {
     static IN_FLIGHT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
         let quoted = |text: &str| {
@@ -179,7 +179,15 @@ pub fn in_flight_rows() -> &'static str {
     &IN_FLIGHT
 }
 
-/// `status NOT IN terminal` for each entity type, combined: "still in flight".
+/// [`in_flight_rows`] as a condition, for queries of `tracked_entity` alone (its columns are not
+/// qualified by the table: in a join, where another table has an `entity_type` too, use
+/// [`not_terminal`]).
+pub(crate) fn in_flight() -> Condition {
+    Condition::all().add(Expr::cust(in_flight_rows()))
+}
+
+/// `status NOT IN terminal` for each entity type, combined: "still in flight", with columns
+/// qualified by their table (for joins; the same rows as [`in_flight`]).
 pub(crate) fn not_terminal(types: &[EntityType]) -> Condition {
     types.iter().fold(Condition::any(), |any, entity_type| {
         any.add(
@@ -226,7 +234,7 @@ impl EntityFilter {
             // condition above already keeps to them.
             condition = condition
                 .add(C::LastKciAt.lt(now - stuck_for))
-                .add(Expr::cust(in_flight_rows()));
+                .add(in_flight());
         }
         condition
     }
@@ -702,7 +710,6 @@ pub async fn attention(
     limit: u64,
 ) -> Result<Attention, StoreError> {
     use tracked_entity::Column as C;
-    let in_flight = not_terminal(&EntityType::ALL);
     let entities = |condition: Condition, oldest_first: bool| {
         let query = tracked_entity::Entity::find().filter(condition);
         if oldest_first {
@@ -722,7 +729,7 @@ pub async fn attention(
     let action_required = counted(entities(
         Condition::all()
             .add(Expr::cust(ACTION_REQUIRED_ROWS))
-            .add(in_flight),
+            .add(in_flight()),
         true,
     ))
     .await?;
@@ -734,7 +741,7 @@ pub async fn attention(
     let stuck = counted(entities(
         Condition::all()
             .add(C::LastKciAt.lt(Utc::now() - stuck_for))
-            .add(Expr::cust(in_flight_rows())),
+            .add(in_flight()),
         true,
     ))
     .await?;

@@ -16,7 +16,7 @@ use sea_orm::{
 
 use crate::intake::missing::Missing;
 use crate::kci::EntityType;
-use crate::operations::queries::{Family, in_flight_rows};
+use crate::operations::queries::{Family, in_flight};
 use crate::reconcile::Target;
 use crate::store::text::{NOTE_MAX, bounded};
 use crate::store::{Database, StoreError, Writer};
@@ -225,7 +225,7 @@ pub async fn candidates(
         // round reads the work in progress, not the history.
         let stuck = tracked_entity::Entity::find()
             .filter(C::LastKciAt.lt(quiet_since))
-            .filter(Expr::cust(in_flight_rows()))
+            .filter(in_flight())
             .filter(C::GapOpenSince.is_null())
             .filter(
                 Condition::any()
