@@ -82,15 +82,12 @@ pub async fn due_events(
     if !busy.is_empty() {
         // In SQL, not after: the busy entities' events are the oldest pending ones, and would
         // otherwise fill the window.
-        window = window.filter(
-            bulk::one_of(
-                backend,
-                outbox_event::Column::TrackedEntityId,
-                Elements::BigInt,
-                busy.iter().copied(),
-            )
-            .not(),
-        );
+        window = window.filter(bulk::none_of(
+            backend,
+            outbox_event::Column::TrackedEntityId,
+            Elements::BigInt,
+            busy.iter().copied(),
+        ));
     }
     let window = window
         .order_by_asc(outbox_event::Column::Id)

@@ -542,11 +542,42 @@ where
     V: IntoIterator,
     V::Item: Into<Value>,
 {
+    membership(backend, column, elements, values, true)
+}
+
+/// `column NOT IN (values)`, one fixed text likewise, for a column that is never NULL. Not
+/// `one_of(..).not()`: on PostgreSQL that is `NOT (column = ANY(array))`, which compares each row
+/// with every element in turn, while `NOT IN (SELECT ...)` is looked up in a hash of the values
+/// (the relay's window passing over 2,000 busy entities: 65 ms against 6.5 ms).
+pub fn none_of<C, V>(backend: DbBackend, column: C, elements: Elements, values: V) -> SimpleExpr
+where
+    C: ColumnTrait,
+    V: IntoIterator,
+    V::Item: Into<Value>,
+{
+    membership(backend, column, elements, values, false)
+}
+
+fn membership<C, V>(
+    backend: DbBackend,
+    column: C,
+    elements: Elements,
+    values: V,
+    member: bool,
+) -> SimpleExpr
+where
+    C: ColumnTrait,
+    V: IntoIterator,
+    V::Item: Into<Value>,
+{
     let array = match json_array(values.into_iter().map(Into::into).map(Ok), backend) {
         Ok(array) => array,
         // A value of a type no caller passes: the condition then matches nothing, loudly.
         Err(error) => {
             tracing::error!(%error, "one_of: a value that cannot be written as JSON");
+            if !member {
+                return Expr::cust("FALSE");
+            }
             Value::String(Some("[]".to_owned()))
         }
     };
@@ -560,8 +591,9 @@ where
             Elements::Uuid => "unhex(value)",
             Elements::BigInt | Elements::Text => "value",
         };
+        let operator = if member { "IN" } else { "NOT IN" };
         return Expr::cust_with_values(
-            format!("{name} IN (SELECT {element} FROM json_each(?))"),
+            format!("{name} {operator} (SELECT {element} FROM json_each(?))"),
             [array],
         );
     }
@@ -570,10 +602,12 @@ where
         Elements::Text => "text",
         Elements::Uuid => "uuid",
     };
-    Expr::cust_with_values(
-        format!("{name} = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::{cast}))"),
-        [array],
-    )
+    let sql = if member {
+        format!("{name} = ANY(ARRAY(SELECT jsonb_array_elements_text($1::jsonb)::{cast}))")
+    } else {
+        format!("{name} NOT IN (SELECT jsonb_array_elements_text($1::jsonb)::{cast})")
+    };
+    Expr::cust_with_values(sql, [array])
 }
 
 /// `values` as the text of one JSON array ([`write_value`] each).
