@@ -293,6 +293,10 @@ struct ClaimedRound {
     /// on PostgreSQL no other relay, by their advisory locks).
     entities: Vec<i64>,
     started: std::time::Instant,
+    /// How long choosing its events (and, on PostgreSQL, claiming their entities) took, and
+    /// reading them and claiming in all (the debug log of each round's stages).
+    chosen_in: Duration,
+    claimed_in: Duration,
 }
 
 /// How a round in flight ended: its entities, and what it handled; an error when its task
@@ -582,9 +586,9 @@ impl Relay {
                         let full = round.events.len() >= relay.settings.batch_size as usize;
                         let (status, channel) = (connection.status().clone(), channel.clone());
                         let publishing = self.clone();
-                        rounds.start(round.entities, async move {
+                        rounds.start(round.entities.clone(), async move {
                             publishing
-                                .publish_and_record(&status, &channel, round.events, round.started)
+                                .publish_and_record(&status, &channel, round)
                                 .await
                         });
                         if full {
@@ -653,6 +657,7 @@ impl Relay {
             let locked: HashSet<i64> = locks.lock(&entities).await?.into_iter().collect();
             entities.retain(|entity| locked.contains(entity));
         }
+        let chosen_in = started.elapsed();
         let ids: Vec<i64> = due
             .iter()
             .filter(|event| entities.binary_search(&event.entity).is_ok())
@@ -663,6 +668,8 @@ impl Relay {
                 events,
                 entities,
                 started,
+                chosen_in,
+                claimed_in: started.elapsed(),
             })),
             read => {
                 if let Some(locks) = locks {
@@ -678,15 +685,34 @@ impl Relay {
         &self,
         connection: &ConnectionStatus,
         channel: &Channel,
-        events: Vec<outbox_event::Model>,
-        started: std::time::Instant,
+        round: ClaimedRound,
     ) -> Result<usize, RoundError> {
         let relay = &self.0;
+        let ClaimedRound {
+            mut events,
+            entities,
+            started,
+            chosen_in,
+            claimed_in,
+        } = round;
         let _timer = RoundTimer(&relay.health.0.round_duration, started);
-        let outcomes = self.publish(connection, channel, &events).await;
+        let publishing = std::time::Instant::now();
+        let outcomes = self.publish(connection, channel, &mut events).await;
+        let recording = std::time::Instant::now();
         let txn = relay.db.begin_write(Writer::Relay).await?;
         let handled = self.record(&*txn, &events, &outcomes).await?;
         txn.commit().await?;
+        // Where a round's time goes (what bounds a drain): reading and claiming, the broker's
+        // confirms, the write transaction (its wait for the writer included).
+        tracing::debug!(
+            events = events.len(),
+            entities = entities.len(),
+            choose_ms = chosen_in.as_secs_f64() * 1e3,
+            claim_ms = claimed_in.as_secs_f64() * 1e3,
+            publish_ms = (recording - publishing).as_secs_f64() * 1e3,
+            record_ms = recording.elapsed().as_secs_f64() * 1e3,
+            "relay round"
+        );
         broken_channel(channel, &outcomes)?;
         Ok(handled)
     }
@@ -695,12 +721,17 @@ impl Relay {
     /// `confirm_timeout_ms`, not counting the time the broker blocks the connection (what was
     /// sent is confirmed once it lets go: waiting is cheaper than publishing it all again). An
     /// event that cannot be encoded is refused without being sent.
+    ///
+    /// Each event's body and headers are let go as soon as it is sent (recording its outcome
+    /// needs neither; an event that goes out again is read again): a round's memory shrinks as
+    /// its chains advance, and the rounds in flight together hold less than their full size.
     async fn publish(
         &self,
         connection: &ConnectionStatus,
         channel: &Channel,
-        events: &[outbox_event::Model],
+        events: &mut [outbox_event::Model],
     ) -> Vec<Outcome> {
+        let count = events.len();
         let relay = &self.0;
         let cloudevents = relay
             .amqp
@@ -712,9 +743,9 @@ impl Relay {
         // its entity's (they stay pending, behind its retry). The chains run side by side:
         // entities have no order among them. Each message is encoded just before it is sent, so
         // a round holds the AMQP properties of its chains' current messages, not of all of them.
-        let mut chains: Vec<Vec<(usize, &outbox_event::Model)>> = Vec::new();
+        let mut chains: Vec<Vec<(usize, &mut outbox_event::Model)>> = Vec::new();
         let mut chain_of: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
-        for (index, event) in events.iter().enumerate() {
+        for (index, event) in events.iter_mut().enumerate() {
             let chain = *chain_of.entry(event.tracked_entity_id).or_insert_with(|| {
                 chains.push(Vec::new());
                 chains.len() - 1
@@ -725,7 +756,7 @@ impl Relay {
             let sends = chains.into_iter().map(|chain| async move {
                 let mut results = Vec::with_capacity(chain.len());
                 for (index, event) in chain {
-                    let (routing_key, properties) = match encode(event, cloudevents) {
+                    let (routing_key, properties) = match encode(&*event, cloudevents) {
                         Ok(message) => message,
                         Err(reason) => {
                             results.push((index, Outcome::Refused(reason)));
@@ -744,6 +775,9 @@ impl Relay {
                             properties,
                         )
                         .await;
+                    // Sent, or not at all: this round needs its body no more.
+                    event.payload = String::new();
+                    event.headers = Value::Null;
                     let outcome = outcome_of(match published {
                         Ok(confirm) => confirm.await,
                         Err(error) => Err(error),
@@ -771,7 +805,7 @@ impl Relay {
                 Err(_) => break None,
             }
         };
-        let mut outcomes: Vec<Outcome> = events.iter().map(|_| Outcome::NotSent).collect();
+        let mut outcomes: Vec<Outcome> = (0..count).map(|_| Outcome::NotSent).collect();
         match results {
             Some(results) => {
                 for (index, outcome) in results {
