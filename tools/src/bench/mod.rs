@@ -58,6 +58,12 @@ struct Figures {
     chained_broker_rate: f64,
     backlog_entities: usize,
     longest_chain: usize,
+    /// Milliseconds of CPU per event of each part during the drain (the broker's return to the
+    /// last arrival), and per message while the plain publisher measured `broker_rate` (the
+    /// load generator's share is then the plain publisher and the consumer): what a drain at the
+    /// broker's rate would have to fit in, on cores that the broker and the consumer share.
+    drain_cpu: Vec<(&'static str, f64)>,
+    broker_cpu: Vec<(&'static str, f64)>,
     /// Intake's stages during the half-rate phase (from `/metrics`, before and after it).
     half_stages: Vec<Series>,
     /// `POST /kcis` answered 204 at half of saturation, as the service measured it.
@@ -282,6 +288,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         }
     }
 
+    let mut drain_cpu = Vec::new();
     let outcome = async {
         let mut accepted: HashMap<String, Instant> = HashMap::new();
         let load = if args.drain_only {
@@ -316,9 +323,12 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
             accepted.entry(a.kci_id.clone()).or_insert(a.at);
         }
         let before = consumer.distinct();
+        let drain_pids: Vec<u32> = service.pid().into_iter().collect();
+        let cpu_before_drain = cpu::sample(&drain_pids);
         let restored = Instant::now();
         proxy.restore();
         let drained = consumer.wait_for(&accepted, Duration::from_secs(300)).await;
+        let cpu_after_drain = cpu::sample(&drain_pids);
         // The relay may be in its reconnect backoff when the broker returns: the wait for the
         // first message is reported apart from the drain itself.
         let (first, last) = consumer.with_arrivals(|a| {
@@ -327,6 +337,7 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
         });
         let (first, last) = (first.unwrap_or(restored), last.unwrap_or(restored));
         let drain_events = consumer.distinct().saturating_sub(before);
+        drain_cpu = cpu::per_kci(&cpu_before_drain, &cpu_after_drain, drain_events);
         let backlog_chains = chain_lengths(database_url, before_backlog).await?;
         if !drained {
             eprintln!(
@@ -355,16 +366,21 @@ async fn measure(args: &BenchArgs, binary: &Path, database_url: &str) -> anyhow:
     .copied();
     figures.message_bytes = average.unwrap_or(1500).max(64) as usize;
     if let Ok((_, (_, chains), ..)) = &outcome {
+        let pids: Vec<u32> = service.pid().into_iter().collect();
+        let cpu_before = cpu::sample(&pids);
+        let messages = args.backlog.max(5000) as usize;
         figures.broker_rate = broker_ceiling::confirmed_publishes_per_second(
             &args.amqp_url,
             &format!("{prefix}.ceiling"),
             figures.message_bytes,
             broker_ceiling::Shape::Rounds {
                 window: 1000,
-                messages: args.backlog.max(5000) as usize,
+                messages,
             },
         )
         .await?;
+        figures.broker_cpu = cpu::per_kci(&cpu_before, &cpu::sample(&pids), messages);
+        figures.drain_cpu = std::mem::take(&mut drain_cpu);
         figures.chained_broker_rate = broker_ceiling::confirmed_publishes_per_second(
             &args.amqp_url,
             &format!("{prefix}.chains"),
@@ -637,6 +653,35 @@ fn print_cpu_bound(all_ms: f64, throughput: f64, minimal_ceiling: f64) {
     );
 }
 
+/// CPU per event in the drain beside CPU per message while the plain publisher measured the
+/// broker's own rate. The broker and the consumer run on the same cores as the relay and its
+/// database: a drain at 0.9x of the broker's rate needs everything spent per event, by every
+/// part, within 1/0.9 of what the plain publisher's run spent per message.
+fn print_drain_cpu(figures: &Figures) {
+    if figures.drain_cpu.is_empty() || figures.broker_cpu.is_empty() {
+        return;
+    }
+    let line = |cpu: &[(&str, f64)]| -> (String, f64) {
+        let parts: Vec<String> = cpu
+            .iter()
+            .map(|(part, ms)| format!("{part} {:.0} us", ms * 1000.0))
+            .collect();
+        (
+            parts.join(", "),
+            cpu.iter().map(|(_, ms)| ms * 1000.0).sum(),
+        )
+    };
+    let (drain, drain_all) = line(&figures.drain_cpu);
+    let (broker, broker_all) = line(&figures.broker_cpu);
+    println!(
+        "| CPU per event in the drain (user + system, /proc; from the broker's return to the last arrival) | {drain}; {drain_all:.0} us in all |"
+    );
+    println!(
+        "| CPU per message at the broker's own rate in rounds (the load generator's share: the plain publisher and the consumer) | {broker}; {broker_all:.0} us in all; a drain at 0.9x of that rate on these cores needs <= {:.0} us per event in all |",
+        broker_all / 0.9
+    );
+}
+
 /// From 204 to the consumer, for the KCIs of the fixed-rate phase (microseconds).
 fn publish_lag(arrivals: &[Arrival], accepted: &[Accepted]) -> anyhow::Result<Histogram<u64>> {
     let mut first: HashMap<&str, Instant> = HashMap::new();
@@ -807,6 +852,7 @@ fn print_figures(store: Store, args: &BenchArgs, figures: &Figures) {
         figures.chained_broker_rate,
         drain_rate / figures.chained_broker_rate.max(1e-9)
     );
+    print_drain_cpu(figures);
     println!(
         "| peak RSS of kci-receiver | {:.1} MB |",
         figures.peak_rss_kib as f64 / 1024.0
