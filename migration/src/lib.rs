@@ -19,10 +19,14 @@ mod m20261124_000009_kci_deliveries_index;
 mod m20261124_000010_attention_indexes;
 mod m20261125_000011_index_diet;
 mod m20261207_000012_in_flight_index;
+mod m20261207_000013_lz4_bodies;
 
 /// What migration 12's index of the entities in flight is defined by (the queries must say the
 /// same).
 pub use m20261207_000012_in_flight_index::IN_FLIGHT_ROWS;
+
+/// The columns migration 13 compresses with LZ4 on PostgreSQL: (table, column).
+pub use m20261207_000013_lz4_bodies::BODY_COLUMNS;
 
 pub struct Migrator;
 
@@ -42,6 +46,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261124_000010_attention_indexes::Migration),
             Box::new(m20261125_000011_index_diet::Migration),
             Box::new(m20261207_000012_in_flight_index::Migration),
+            Box::new(m20261207_000013_lz4_bodies::Migration),
         ]
     }
 }
