@@ -39,6 +39,31 @@ fn check_config_applies_environment_overrides_and_redacts_secrets() {
     );
 }
 
+/// The binary allocates with jemalloc, its options as src/main.rs sets them: jemalloc's own
+/// report at exit (`stats_print`) lists them, and with `abort_conf` an option it cannot read
+/// (a typo would otherwise be a warning and a default) aborts the process.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_binary_allocates_with_jemalloc_and_its_options() {
+    let output = kci_receiver()
+        .arg("--version")
+        .env("MALLOC_CONF", "abort_conf:true,stats_print:true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("Begin jemalloc statistics"), "{stderr}");
+    for option in [
+        "opt.narenas: 2",
+        "opt.background_thread: true",
+        "opt.dirty_decay_ms: 500",
+        "opt.muzzy_decay_ms: 0",
+        "opt.tcache_max: 4096",
+    ] {
+        assert!(stderr.contains(option), "{option} in:\n{stderr}");
+    }
+}
+
 #[test]
 fn a_missing_gateway_password_stops_start_up_with_a_clear_message() {
     let output = kci_receiver().args(["check-config"]).output().unwrap();
