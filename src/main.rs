@@ -8,7 +8,8 @@ use kci_receiver::cli::{Cli, run};
 /// takes the owning arena's lock on every free and consolidates its free lists on every large
 /// allocation: in a profile of the backlog drain, a quarter of kci-receiver's CPU was in glibc's
 /// `malloc`/`free`. Measured with `scripts/bench/alternate` (docs/benchmarks.md, "Fourteenth
-/// round"): 7-16% more KCIs/s at saturation, 15-20% less CPU per KCI, on both databases.
+/// round"): at saturation 14-19% more KCIs/s on SQLite and 4-12% on PostgreSQL, 15-21% less CPU
+/// per KCI.
 #[cfg(target_os = "linux")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -21,7 +22,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// - `tcache_max:4096`: per-thread caches for the small sizes only.
 ///
 /// With jemalloc's defaults the peak RSS of a 20,000-KCI backlog drain on SQLite was 115.5 MB
-/// (100 MB is the target); with these, 88.4 MB (glibc's: 84-87 MB).
+/// (100 MB is the target); with these, 88.4-89.5 MB (glibc's: 84-88 MB).
 #[cfg(target_os = "linux")]
 #[unsafe(export_name = "malloc_conf")]
 pub static MALLOC_CONF: Option<&'static std::ffi::c_char> = Some(unsafe {
