@@ -11,6 +11,8 @@
 # so PostgreSQL deployments get none they do not want.
 #
 # Build arguments: RUST_IMAGE and RUNTIME_IMAGE (the bases; a registry mirror, or a local base).
+# The build stage needs a C compiler and make besides Rust (jemalloc, the service's allocator, is
+# built from source): the rust:*-bookworm images have both, the rust:*-slim ones do not.
 # `--target runtime-prebuilt` packages a binary built elsewhere instead of compiling it here (read
 # from prebuilt/kci-receiver in the build context; scripts/container-proof does that).
 ARG RUST_IMAGE=docker.io/library/rust:1.95-bookworm
