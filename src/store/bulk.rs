@@ -574,7 +574,7 @@ where
         Ok(array) => array,
         // A value of a type no caller passes: the condition then matches nothing, loudly.
         Err(error) => {
-            tracing::error!(%error, "one_of: a value that cannot be written as JSON");
+            tracing::error!(%error, "one_of/none_of: a value that cannot be written as JSON");
             if !member {
                 return Expr::cust("FALSE");
             }
